@@ -1,0 +1,238 @@
+/* nbdkit-qcow2: backing files and the external data file.
+ * Copyright (C) 2026 the nbdkit-qcow2 authors.  BSD-3-Clause, see LICENSE.
+ *
+ * A backing file is opened read-only, either as another struct
+ * qcow2_image (so chains of any depth work the same way) or as a raw
+ * file.  The format comes from the backing format extension when the
+ * image has one, otherwise from the file's magic, as qemu-img does.
+ * Relative names are resolved against the directory of the image that
+ * names them, not the server's working directory.
+ *
+ * Loops (an image that is its own backing file, directly or further
+ * down) are caught by comparing device and inode with every image
+ * further up the chain; MAX_BACKING_DEPTH bounds the chain anyway.
+ *
+ * A backing file shorter than the image reads as zeros past its end.
+ *
+ * Locking: opening happens before the image is shared; backing_read
+ * needs no lock (the backing image has its own).
+ */
+
+#ifdef HAVE_CONFIG_H
+#include <config.h>
+#endif
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <errno.h>
+#include <inttypes.h>
+#include <sys/stat.h>
+
+#include "internal.h"
+
+/* Resolve 'name' relative to 'dir' (which may be NULL). */
+static char *
+resolve (const char *dir, const char *name)
+{
+  char *path;
+
+  if (name[0] == '/' || dir == NULL)
+    return strdup (name);
+  if (asprintf (&path, "%s/%s", dir, name) == -1)
+    return NULL;
+  return path;
+}
+
+static char *
+dir_of (const char *path)
+{
+  const char *slash = strrchr (path, '/');
+
+  if (slash == NULL)
+    return strdup (".");
+  if (slash == path)
+    return strdup ("/");
+  return strndup (path, slash - path);
+}
+
+/* Is the file behind fd already open further up the chain? */
+static bool
+in_chain (const struct qcow2_image *child, int fd)
+{
+  struct stat st, st2;
+
+  if (fd == -1 || fstat (fd, &st) == -1)
+    return false;
+  for (; child; child = child->child) {
+    if (child->io->fd != -1 && fstat (child->io->fd, &st2) == 0 &&
+        st.st_dev == st2.st_dev && st.st_ino == st2.st_ino)
+      return true;
+  }
+  return false;
+}
+
+int
+backing_open (struct qcow2_image *img)
+{
+  struct qcow2_io *io;
+  char *path = NULL, *bdir = NULL;
+  uint32_t magic = 0;
+  bool is_qcow2;
+  int64_t size;
+  int r = -1;
+
+  if (img->backing_name == NULL)
+    return 0;
+  if (img->dir == NULL) {
+    nbdkit_error ("%s: image has a backing file (%s) but no directory to "
+                  "find it in", img->name, img->backing_name);
+    errno = ENOENT;
+    return -1;
+  }
+  if (img->depth + 1 >= MAX_BACKING_DEPTH) {
+    nbdkit_error ("%s: backing chain is too deep (more than %d files)",
+                  img->name, MAX_BACKING_DEPTH);
+    errno = ELOOP;
+    return -1;
+  }
+  path = resolve (img->dir, img->backing_name);
+  if (path == NULL)
+    return -1;
+  io = qcow2_io_open_file (path, true);
+  if (io == NULL) {
+    nbdkit_error ("%s: cannot open backing file %s: %m", img->name, path);
+    goto out;
+  }
+  if (in_chain (img, io->fd)) {
+    nbdkit_error ("%s: backing file %s is already in the backing chain "
+                  "(a loop)", img->name, path);
+    io_close (io);
+    errno = ELOOP;
+    goto out;
+  }
+
+  if (img->backing_format) {
+    if (strcmp (img->backing_format, "qcow2") == 0)
+      is_qcow2 = true;
+    else if (strcmp (img->backing_format, "raw") == 0 ||
+             strcmp (img->backing_format, "file") == 0)
+      is_qcow2 = false;
+    else {
+      nbdkit_error ("%s: backing file format '%s' is not supported (only "
+                    "qcow2 and raw)", img->name, img->backing_format);
+      io_close (io);
+      errno = ENOTSUP;
+      goto out;
+    }
+  }
+  else {
+    if (io_pread (io, &magic, 4, 0) == -1) {
+      nbdkit_error ("%s: reading backing file %s: %m", img->name, path);
+      io_close (io);
+      goto out;
+    }
+    is_qcow2 = be32toh (magic) == QCOW2_MAGIC;
+  }
+
+  if (is_qcow2) {
+    struct qcow2_config cfg = img->cfg;
+    cfg.readonly = true;
+    bdir = dir_of (path);
+    if (bdir == NULL) {
+      io_close (io);
+      goto out;
+    }
+    img->backing = image_open (io, path, bdir, &cfg, img);
+    if (img->backing == NULL)
+      goto out;
+    img->backing_size = img->backing->size;
+  }
+  else {
+    size = io_size (io);
+    if (size == -1) {
+      nbdkit_error ("%s: backing file %s: %m", img->name, path);
+      io_close (io);
+      goto out;
+    }
+    img->backing_raw = io;
+    img->backing_size = size;
+  }
+  nbdkit_debug ("%s: backing file %s (%s, %" PRIu64 " bytes)", img->name,
+                path, is_qcow2 ? "qcow2" : "raw", img->backing_size);
+  r = 0;
+ out:
+  free (path);
+  free (bdir);
+  return r;
+}
+
+int
+backing_open_data_file (struct qcow2_image *img)
+{
+  char *path;
+
+  if (img->data_file_name == NULL) {
+    img->data_io = img->io;
+    return 0;
+  }
+  if (img->dir == NULL) {
+    nbdkit_error ("%s: image has an external data file (%s) but no "
+                  "directory to find it in", img->name, img->data_file_name);
+    errno = ENOENT;
+    return -1;
+  }
+  path = resolve (img->dir, img->data_file_name);
+  if (path == NULL)
+    return -1;
+  img->data_io = qcow2_io_open_file (path, img->readonly);
+  if (img->data_io == NULL) {
+    nbdkit_error ("%s: cannot open external data file %s: %m",
+                  img->name, path);
+    free (path);
+    return -1;
+  }
+  free (path);
+  return 0;
+}
+
+void
+backing_close (struct qcow2_image *img)
+{
+  if (img->backing) {
+    qcow2_close (img->backing);
+    img->backing = NULL;
+  }
+  io_close (img->backing_raw);
+  img->backing_raw = NULL;
+  if (img->data_io && img->data_io != img->io)
+    io_close (img->data_io);
+  img->data_io = NULL;
+}
+
+/* Read guest [offset, offset+count) from the backing file, zeroes past
+ * its end or when there is none.
+ */
+int
+backing_read (struct qcow2_image *img, void *buf, uint64_t count,
+              uint64_t offset)
+{
+  uint64_t n = 0;
+
+  if (offset < img->backing_size)
+    n = min_u64 (count, img->backing_size - offset);
+  if (n > 0) {
+    int r;
+    if (img->backing)
+      r = qcow2_pread (img->backing, buf, n, offset);
+    else {
+      r = io_pread (img->backing_raw, buf, n, offset);
+      if (r == -1)
+        nbdkit_error ("%s: reading backing file: %m", img->name);
+    }
+    if (r == -1)
+      return -1;
+  }
+  memset ((char *) buf + n, 0, count - n);
+  return 0;
+}

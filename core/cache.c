@@ -1,0 +1,341 @@
+/* nbdkit-qcow2: the table cache.
+ * Copyright (C) 2026 the nbdkit-qcow2 authors.  BSD-3-Clause, see LICENSE.
+ *
+ * A cache of fixed-size slices of on-disk tables (L2 tables, refcount
+ * blocks), keyed by the slice's host offset.  The image has one instance
+ * per table type so that each can be written back in its own order.
+ *
+ * Slices, not whole tables: with 64 KiB clusters an L2 table maps 512
+ * MiB, and loading all 64 KiB of it to serve one random 4 KiB read is
+ * what made an early L2 cache (kvmtool, 2011) slower than no cache.  A
+ * 4 KiB slice maps 32 MiB with one small read.
+ *
+ *   hash[(off >> slice_bits) * golden >> shift] -> entry -> entry ...
+ *   lru: head <-> most recent ... least recent <-> head
+ *
+ * Lookup is O(1) through the hash; eviction takes the least recently
+ * used unpinned entry (entries in use by a caller are pinned).  Dirty
+ * entries are written back when evicted and on cache_flush; before any
+ * dirty slice is written, the writeback hook runs, which is how the
+ * image orders refcount blocks before the L2 slices that depend on them
+ * (see cluster.c).  Every write-back goes through the overlap check.
+ *
+ * Slice buffers are allocated on first use, so a large cache costs
+ * memory only as it fills and never more than its configured size.
+ *
+ * Locking: all functions are called with img->lock held.
+ */
+
+#ifdef HAVE_CONFIG_H
+#include <config.h>
+#endif
+
+#include <stdlib.h>
+#include <string.h>
+#include <errno.h>
+#include <inttypes.h>
+
+#include "internal.h"
+#include "overlap.h"
+
+struct cache_entry {
+  uint64_t offset;              /* host offset of the slice */
+  struct cache_entry *hnext;    /* hash chain */
+  struct cache_entry *prev, *next;   /* LRU list */
+  uint32_t pins;
+  bool dirty;
+  bool valid;                   /* in the hash */
+  void *data;
+};
+
+struct cache {
+  struct qcow2_image *img;
+  enum cache_type type;
+  uint32_t slice_bits;
+  uint32_t nr;                  /* capacity in entries */
+  uint32_t used;                /* entries[0..used) have buffers */
+  struct cache_entry *entries;
+  struct cache_entry **hash;
+  uint32_t hash_bits;
+  struct cache_entry lru;       /* sentinel: next = most recent */
+  uint32_t ndirty;
+  int (*hook) (struct qcow2_image *img);
+  uint64_t hits, misses;
+};
+
+static uint32_t
+hash_off (const struct cache *c, uint64_t off)
+{
+  return (uint32_t) (((off >> c->slice_bits) * UINT64_C(0x9e3779b97f4a7c15))
+                     >> (64 - c->hash_bits));
+}
+
+static void
+lru_unlink (struct cache_entry *e)
+{
+  e->prev->next = e->next;
+  e->next->prev = e->prev;
+}
+
+static void
+lru_push_front (struct cache *c, struct cache_entry *e)
+{
+  e->next = c->lru.next;
+  e->prev = &c->lru;
+  c->lru.next->prev = e;
+  c->lru.next = e;
+}
+
+struct cache *
+cache_create (struct qcow2_image *img, enum cache_type type,
+              uint32_t slice_bits, uint64_t bytes)
+{
+  struct cache *c = calloc (1, sizeof *c);
+  uint64_t nr = bytes >> slice_bits;
+
+  if (c == NULL)
+    return NULL;
+  if (nr < 16)                  /* enough for every pin one request holds */
+    nr = 16;
+  if (nr > (UINT32_C(1) << 24))
+    nr = UINT32_C(1) << 24;
+  c->img = img;
+  c->type = type;
+  c->slice_bits = slice_bits;
+  c->nr = nr;
+  c->hash_bits = 1;
+  while ((UINT64_C(1) << c->hash_bits) < 2 * nr)
+    c->hash_bits++;
+  c->entries = calloc (nr, sizeof *c->entries);
+  c->hash = calloc (UINT64_C(1) << c->hash_bits, sizeof *c->hash);
+  if (!c->entries || !c->hash) {
+    cache_destroy (c);
+    return NULL;
+  }
+  c->lru.next = c->lru.prev = &c->lru;
+  return c;
+}
+
+void
+cache_destroy (struct cache *c)
+{
+  uint32_t i;
+
+  if (c == NULL)
+    return;
+  for (i = 0; i < c->used; i++)
+    free (c->entries[i].data);
+  free (c->entries);
+  free (c->hash);
+  free (c);
+}
+
+static struct cache_entry *
+lookup (struct cache *c, uint64_t off)
+{
+  struct cache_entry *e;
+
+  for (e = c->hash[hash_off (c, off)]; e; e = e->hnext)
+    if (e->offset == off)
+      return e;
+  return NULL;
+}
+
+static void
+hash_remove (struct cache *c, struct cache_entry *e)
+{
+  struct cache_entry **pp = &c->hash[hash_off (c, e->offset)];
+
+  while (*pp != e)
+    pp = &(*pp)->hnext;
+  *pp = e->hnext;
+  e->valid = false;
+}
+
+static int
+write_back (struct cache *c, struct cache_entry *e)
+{
+  struct qcow2_image *img = c->img;
+  size_t len = (size_t) 1 << c->slice_bits;
+
+  if (c->hook && c->hook (img) == -1)
+    return -1;
+  if (overlap_check_write (img, e->offset, len,
+                           c->type == CACHE_L2 ? OV_ACTIVE_L2
+                                               : OV_REFCOUNT_BLOCK) == -1)
+    return -1;
+  if (io_pwrite (img->io, e->data, len, e->offset) == -1) {
+    nbdkit_error ("%s: writing %s slice at %#" PRIx64 ": %m", img->name,
+                  c->type == CACHE_L2 ? "L2" : "refcount", e->offset);
+    return -1;
+  }
+  e->dirty = false;
+  c->ndirty--;
+  return 0;
+}
+
+/* Find an entry to reuse: a fresh one while the cache is filling, else
+ * the least recently used one that nobody holds.
+ */
+static struct cache_entry *
+victim (struct cache *c)
+{
+  struct cache_entry *e;
+
+  if (c->used < c->nr) {
+    e = &c->entries[c->used];
+    e->data = malloc ((size_t) 1 << c->slice_bits);
+    if (e->data == NULL)
+      return NULL;
+    c->used++;
+    return e;
+  }
+  for (e = c->lru.prev; e != &c->lru; e = e->prev) {
+    if (e->pins == 0) {
+      if (e->dirty && write_back (c, e) == -1)
+        return NULL;
+      lru_unlink (e);
+      if (e->valid)
+        hash_remove (c, e);
+      return e;
+    }
+  }
+  nbdkit_error ("%s: table cache exhausted (all %" PRIu32 " entries in use)",
+                c->img->name, c->nr);
+  errno = ENOMEM;
+  return NULL;
+}
+
+void *
+cache_get (struct cache *c, uint64_t off, bool fill, struct cache_entry **ep)
+{
+  struct cache_entry *e = lookup (c, off);
+  size_t len = (size_t) 1 << c->slice_bits;
+
+  if (e) {
+    c->hits++;
+    lru_unlink (e);
+    lru_push_front (c, e);
+    e->pins++;
+    *ep = e;
+    return e->data;
+  }
+  c->misses++;
+  e = victim (c);
+  if (e == NULL)
+    return NULL;
+  if (fill) {
+    if (io_pread (c->img->io, e->data, len, off) == -1) {
+      nbdkit_error ("%s: reading %s slice at %#" PRIx64 ": %m",
+                    c->img->name, c->type == CACHE_L2 ? "L2" : "refcount",
+                    off);
+      /* Leave the entry unused at the cold end of the list. */
+      e->pins = 0;
+      e->dirty = false;
+      e->next = &c->lru;
+      e->prev = c->lru.prev;
+      c->lru.prev->next = e;
+      c->lru.prev = e;
+      return NULL;
+    }
+  }
+  else
+    memset (e->data, 0, len);
+  e->offset = off;
+  e->pins = 1;
+  e->dirty = false;
+  e->valid = true;
+  e->hnext = c->hash[hash_off (c, off)];
+  c->hash[hash_off (c, off)] = e;
+  lru_push_front (c, e);
+  *ep = e;
+  return e->data;
+}
+
+void
+cache_put (struct cache *c, struct cache_entry *e)
+{
+  e->pins--;
+}
+
+void
+cache_mark_dirty (struct cache *c, struct cache_entry *e)
+{
+  if (!e->dirty) {
+    e->dirty = true;
+    c->ndirty++;
+  }
+}
+
+bool
+cache_has_dirty (struct cache *c)
+{
+  return c->ndirty > 0;
+}
+
+int
+cache_flush (struct cache *c)
+{
+  uint32_t i;
+
+  if (c->ndirty == 0)
+    return 0;
+  for (i = 0; i < c->used; i++) {
+    struct cache_entry *e = &c->entries[i];
+    if (e->valid && e->dirty && write_back (c, e) == -1)
+      return -1;
+  }
+  return 0;
+}
+
+/* Forget slices in [off, off+len): their clusters were freed.  Any
+ * dirty contents are discarded, which is what the caller wants.
+ */
+void
+cache_drop (struct cache *c, uint64_t off, uint64_t len)
+{
+  uint32_t i;
+
+  for (i = 0; i < c->used; i++) {
+    struct cache_entry *e = &c->entries[i];
+    if (e->valid && e->offset >= off && e->offset - off < len &&
+        e->pins == 0) {
+      if (e->dirty) {
+        e->dirty = false;
+        c->ndirty--;
+      }
+      hash_remove (c, e);
+      lru_unlink (e);
+      /* Move to the cold end so it is reused first. */
+      e->next = &c->lru;
+      e->prev = c->lru.prev;
+      c->lru.prev->next = e;
+      c->lru.prev = e;
+    }
+  }
+}
+
+uint64_t
+cache_bytes (struct cache *c)
+{
+  return (uint64_t) c->nr << c->slice_bits;
+}
+
+uint32_t
+cache_nr_entries (struct cache *c)
+{
+  return c->nr;
+}
+
+void
+cache_set_writeback_hook (struct cache *c, int (*hook) (struct qcow2_image *))
+{
+  c->hook = hook;
+}
+
+void
+cache_stats (struct cache *c, uint64_t *hits, uint64_t *misses)
+{
+  *hits = c->hits;
+  *misses = c->misses;
+}

@@ -1,0 +1,328 @@
+/* nbdkit-qcow2: guest -> host cluster mapping.
+ * Copyright (C) 2026 the nbdkit-qcow2 authors.  BSD-3-Clause, see LICENSE.
+ *
+ * The active L1 table lives in memory (host byte order).  L2 tables are
+ * read through the L2 cache in slices; cluster_map turns a guest range
+ * into its first "run": the longest prefix that is all data at
+ * contiguous host offsets, all zero, all unallocated, or one compressed
+ * cluster.  Extended L2 entries are classified per subcluster, so a run
+ * can start and end inside a cluster.
+ *
+ *   guest offset -> l1_index -> L1[i] = L2 table offset
+ *                -> l2_index -> slice = index / entries_per_slice
+ *                -> cache_get (L2 offset + slice * slice_size)
+ *                -> entry (+ subcluster bitmap) -> struct mapping
+ *
+ * Entries read from the file are validated before use: a misaligned L2
+ * or data offset, or an entry that is both allocated and zero, marks the
+ * image corrupt (writes stop, reads elsewhere go on) and fails the
+ * request with EIO.
+ *
+ * Locking: cluster_map needs img->lock; cluster_read takes it only
+ * around the mapping and does the data I/O without it.
+ */
+
+#ifdef HAVE_CONFIG_H
+#include <config.h>
+#endif
+
+#include <stdlib.h>
+#include <string.h>
+#include <errno.h>
+#include <inttypes.h>
+
+#include "internal.h"
+
+int
+cluster_load_l1 (struct qcow2_image *img)
+{
+  uint32_t i;
+
+  img->l1 = calloc (img->l1_size ? img->l1_size : 1, sizeof (uint64_t));
+  if (img->l1 == NULL)
+    return -1;
+  if (img->l1_size == 0)
+    return 0;
+  if (io_pread (img->io, img->l1, (size_t) img->l1_size * 8,
+                img->l1_offset) == -1) {
+    nbdkit_error ("%s: reading L1 table: %m", img->name);
+    return -1;
+  }
+  for (i = 0; i < img->l1_size; i++)
+    img->l1[i] = be64toh (img->l1[i]);
+  return 0;
+}
+
+/* The L2 table offset for a guest offset, 0 if there is none. */
+static int
+l2_table_offset (struct qcow2_image *img, uint64_t offset, uint64_t *l2)
+{
+  uint64_t i = l1_index (img, offset);
+  uint64_t e, off;
+
+  if (i >= img->l1_size) {
+    *l2 = 0;
+    return 0;
+  }
+  e = img->l1[i];
+  off = e & L1E_OFFSET_MASK;
+  if (off && offset_into_cluster (img, off) != 0)
+    return header_mark_corrupt (img, "L2 table offset %#" PRIx64
+                                " in L1 entry %" PRIu64 " is not cluster "
+                                "aligned", off, i);
+  *l2 = off;
+  return 0;
+}
+
+/* Classify one unit (a cluster, or a subcluster with extended L2) from
+ * its L2 entry.  *host is the host offset of the unit's start for DATA.
+ */
+static int
+classify (struct qcow2_image *img, uint64_t e, uint64_t bitmap,
+          unsigned sc, uint64_t guest, struct mapping *m, uint64_t *host)
+{
+  uint64_t off;
+
+  if (e & QCOW_OFLAG_COMPRESSED) {
+    unsigned x = 62 - (img->cluster_bits - 8);
+    uint64_t sectors = ((e & L2E_COMPRESSED_MASK) >> x) + 1;
+
+    off = e & ((UINT64_C(1) << x) - 1);
+    if (img->data_file_name)
+      return header_mark_corrupt (img, "compressed cluster at guest offset "
+                                  "%#" PRIx64 " in an image with an "
+                                  "external data file", guest);
+    if (off >= MAX_HOST_OFFSET)
+      return header_mark_corrupt (img, "compressed cluster offset %#"
+                                  PRIx64 " is invalid", off);
+    m->kind = MAP_COMPRESSED;
+    m->host_offset = off;
+    m->csize = sectors * 512 - (off & 511);
+    return 0;
+  }
+
+  off = e & L2E_OFFSET_MASK;
+  if (img->ext_l2) {
+    bool alloc = bitmap & (UINT64_C(1) << sc);
+    bool zero = bitmap & (UINT64_C(1) << (sc + 32));
+    if (alloc && zero)
+      return header_mark_corrupt (img, "subcluster %u at guest offset %#"
+                                  PRIx64 " is both allocated and zero",
+                                  sc, guest);
+    if (zero) {
+      m->kind = MAP_ZERO;
+      return 0;
+    }
+    if (!alloc) {
+      m->kind = MAP_UNALLOCATED;
+      return 0;
+    }
+  }
+  else if (img->version >= 3 && (e & QCOW_OFLAG_ZERO)) {
+    m->kind = MAP_ZERO;
+    return 0;
+  }
+  else if (off == 0 && !(img->data_file_name && (e & QCOW_OFLAG_COPIED))) {
+    m->kind = MAP_UNALLOCATED;
+    return 0;
+  }
+
+  if (off == 0 && !img->data_file_name)
+    return header_mark_corrupt (img, "allocated subcluster at guest offset "
+                                "%#" PRIx64 " has no host offset", guest);
+  if (offset_into_cluster (img, off) != 0)
+    return header_mark_corrupt (img, "data cluster offset %#" PRIx64
+                                " for guest offset %#" PRIx64 " is not "
+                                "cluster aligned", off, guest);
+  m->kind = MAP_DATA;
+  m->copied = (e & QCOW_OFLAG_COPIED) != 0;
+  *host = off + ((uint64_t) sc << img->subcluster_bits);
+  return 0;
+}
+
+int
+cluster_map (struct qcow2_image *img, uint64_t offset, uint64_t count,
+             struct mapping *m)
+{
+  uint64_t l2 = 0, idx, slice_entries, end, cur;
+  uint32_t slice_size = UINT32_C(1) << img->slice_bits;
+  uint64_t table_span = UINT64_C(1) << (img->cluster_bits + img->l2_bits);
+  struct cache_entry *ce;
+  const uint64_t *slice;
+  unsigned unit_bits = img->subcluster_bits;
+
+  memset (m, 0, sizeof *m);
+  m->guest_offset = offset;
+  if (l2_table_offset (img, offset, &l2) == -1)
+    return -1;
+  if (l2 == 0) {
+    m->kind = MAP_UNALLOCATED;
+    m->length = min_u64 (count, table_span - (offset & (table_span - 1)));
+    return 0;
+  }
+
+  slice_entries = slice_size >> img->l2_entry_shift;
+  idx = l2_index (img, offset);
+  slice = cache_get (img->l2_cache,
+                     l2 + (idx / slice_entries) * slice_size, true, &ce);
+  if (slice == NULL)
+    return -1;
+
+  /* Walk units from offset to the end of the slice or of the request. */
+  end = offset + count;
+  {
+    uint64_t slice_end_guest =
+      ((offset >> img->cluster_bits) / slice_entries + 1) * slice_entries;
+    slice_end_guest <<= img->cluster_bits;
+    if (slice_end_guest < end)
+      end = slice_end_guest;
+  }
+  cur = offset;
+  while (cur < end) {
+    uint64_t i = l2_index (img, cur) % slice_entries;
+    uint64_t e, bitmap = 0, host = 0, unit_end;
+    unsigned sc = 0;
+    struct mapping u = { 0 };
+
+    if (img->ext_l2) {
+      e = be64toh (slice[2 * i]);
+      bitmap = be64toh (slice[2 * i + 1]);
+      sc = offset_into_cluster (img, cur) >> img->subcluster_bits;
+    }
+    else
+      e = be64toh (slice[i]);
+    if (classify (img, e, bitmap, sc, cur, &u, &host) == -1) {
+      cache_put (img->l2_cache, ce);
+      return -1;
+    }
+    /* A compressed cluster is one whole-cluster unit. */
+    if (u.kind == MAP_COMPRESSED)
+      unit_end = (cur | (img->cluster_size - 1)) + 1;
+    else
+      unit_end = (cur | ((UINT64_C(1) << unit_bits) - 1)) + 1;
+    if (unit_end > end)
+      unit_end = end;
+
+    if (cur == offset) {
+      m->kind = u.kind;
+      m->copied = u.copied;
+      if (u.kind == MAP_DATA)
+        m->host_offset = host + (cur & ((UINT64_C(1) << unit_bits) - 1));
+      else if (u.kind == MAP_COMPRESSED) {
+        m->host_offset = u.host_offset;
+        m->csize = u.csize;
+      }
+    }
+    else {
+      if (u.kind != m->kind || u.kind == MAP_COMPRESSED ||
+          m->kind == MAP_COMPRESSED)
+        break;
+      if (u.kind == MAP_DATA &&
+          (host != m->host_offset + (cur - offset) || u.copied != m->copied))
+        break;
+    }
+    cur = unit_end;
+    if (m->kind == MAP_COMPRESSED)
+      break;
+  }
+  cache_put (img->l2_cache, ce);
+  m->length = cur - offset;
+  return 0;
+}
+
+static int
+read_compressed (struct qcow2_image *img, void *buf, const struct mapping *m)
+{
+  uint64_t cluster_start = m->guest_offset & ~(uint64_t) (img->cluster_size - 1);
+  uint8_t *in = NULL, *out = NULL;
+  int r = -1;
+
+  if (m->csize > 2 * (uint64_t) img->cluster_size + 512) {
+    nbdkit_error ("%s: compressed cluster at %#" PRIx64 " is too large (%"
+                  PRIu64 " bytes)", img->name, m->host_offset, m->csize);
+    errno = EIO;
+    return -1;
+  }
+  in = malloc (m->csize);
+  out = malloc (img->cluster_size);
+  if (in == NULL || out == NULL)
+    goto out;
+  if (io_pread (img->io, in, m->csize, m->host_offset) == -1) {
+    nbdkit_error ("%s: reading compressed cluster at %#" PRIx64 ": %m",
+                  img->name, m->host_offset);
+    goto out;
+  }
+  if (img->compression_type == COMPRESSION_ZSTD)
+    r = compress_zstd_decompress (in, m->csize, out, img->cluster_size);
+  else
+    r = compress_inflate (in, m->csize, out, img->cluster_size);
+  if (r == -1) {
+    nbdkit_error ("%s: compressed cluster at %#" PRIx64 " (guest %#" PRIx64
+                  ") cannot be decompressed", img->name, m->host_offset,
+                  cluster_start);
+    errno = EIO;
+    goto out;
+  }
+  memcpy (buf, out + (m->guest_offset - cluster_start), m->length);
+  r = 0;
+ out:
+  free (in);
+  free (out);
+  return r;
+}
+
+/* Read guest data.  With locked, img->lock is held by the caller (the
+ * write path reading what it copies); otherwise it is taken only for
+ * the mapping, and data I/O runs under the shared io_lock so that no
+ * cluster is freed while it is being read.
+ */
+int
+cluster_read (struct qcow2_image *img, void *buf, uint64_t count,
+              uint64_t offset, bool locked)
+{
+  uint8_t *p = buf;
+
+  while (count > 0) {
+    struct mapping m;
+    int r;
+
+    if (!locked)
+      pthread_mutex_lock (&img->lock);
+    r = cluster_map (img, offset, count, &m);
+    if (!locked) {
+      if (r == 0 && m.kind == MAP_DATA)
+        pthread_rwlock_rdlock (&img->io_lock);
+      pthread_mutex_unlock (&img->lock);
+    }
+    if (r == -1)
+      return -1;
+
+    switch (m.kind) {
+    case MAP_DATA:
+      r = io_pread (img->data_io, p, m.length, m.host_offset);
+      if (!locked)
+        pthread_rwlock_unlock (&img->io_lock);
+      if (r == -1) {
+        nbdkit_error ("%s: reading data at %#" PRIx64 ": %m", img->name,
+                      m.host_offset);
+        return -1;
+      }
+      break;
+    case MAP_ZERO:
+      memset (p, 0, m.length);
+      break;
+    case MAP_UNALLOCATED:
+      if (backing_read (img, p, m.length, offset) == -1)
+        return -1;
+      break;
+    case MAP_COMPRESSED:
+      if (read_compressed (img, p, &m) == -1)
+        return -1;
+      break;
+    }
+    p += m.length;
+    offset += m.length;
+    count -= m.length;
+  }
+  return 0;
+}

@@ -1,0 +1,347 @@
+/* nbdkit-qcow2: opening and closing images; the public entry points.
+ * Copyright (C) 2026 the nbdkit-qcow2 authors.  BSD-3-Clause, see LICENSE.
+ *
+ * Open order: header (validated) -> L1 table -> refcount table ->
+ * snapshot table -> caches -> overlap map -> backing chain / data file.
+ * Each step validates what it reads before the next one trusts it.
+ *
+ * Cache defaults: the L2 cache covers the whole virtual disk, capped at
+ * 32 MiB (QEMU's Linux default cap, enough for 256 GiB with 64 KiB
+ * clusters); slices are 4 KiB, or the cluster size when smaller.
+ * Memory is only used as the cache fills.
+ *
+ * Locking: public functions take img->lock around metadata access;
+ * guest data I/O happens without it.
+ */
+
+#ifdef HAVE_CONFIG_H
+#include <config.h>
+#endif
+
+#include <stdlib.h>
+#include <string.h>
+#include <errno.h>
+#include <inttypes.h>
+
+#include "internal.h"
+#include "overlap.h"
+
+#define DEFAULT_L2_CACHE_MAX     (UINT64_C(32) << 20)
+#define DEFAULT_RC_CACHE         (UINT64_C(256) << 10)
+#define DEFAULT_SLICE_SIZE       4096
+
+static char *
+dir_of (const char *path)
+{
+  const char *slash = strrchr (path, '/');
+
+  if (slash == NULL)
+    return strdup (".");
+  if (slash == path)
+    return strdup ("/");
+  return strndup (path, slash - path);
+}
+
+static int
+setup_caches (struct qcow2_image *img)
+{
+  uint32_t slice = img->cfg.cache_entry_size ? img->cfg.cache_entry_size
+                                             : DEFAULT_SLICE_SIZE;
+  uint64_t l2_bytes, rc_bytes;
+
+  if (slice > img->cluster_size)
+    slice = img->cluster_size;
+  if (slice < 512 || (slice & (slice - 1))) {
+    nbdkit_error ("%s: cache-entry-size %" PRIu32 " must be a power of 2 "
+                  "of at least 512", img->name, slice);
+    errno = EINVAL;
+    return -1;
+  }
+  img->slice_bits = __builtin_ctz (slice);
+
+  if (img->cfg.l2_cache_size)
+    l2_bytes = img->cfg.l2_cache_size;
+  else {
+    /* Bytes of L2 entries needed to map the whole disk. */
+    uint64_t clusters = size_to_clusters (img, img->size);
+    l2_bytes = clusters << img->l2_entry_shift;
+    if (l2_bytes > DEFAULT_L2_CACHE_MAX)
+      l2_bytes = DEFAULT_L2_CACHE_MAX;
+  }
+  rc_bytes = img->cfg.refcount_cache_size ? img->cfg.refcount_cache_size
+                                          : DEFAULT_RC_CACHE;
+  img->l2_cache = cache_create (img, CACHE_L2, img->slice_bits, l2_bytes);
+  img->rc_cache = cache_create (img, CACHE_REFCOUNT, img->slice_bits,
+                                rc_bytes);
+  if (!img->l2_cache || !img->rc_cache)
+    return -1;
+  cache_set_writeback_hook (img->l2_cache, write_barrier);
+  nbdkit_debug ("%s: L2 cache %" PRIu32 " slices of %" PRIu32 " bytes, "
+                "refcount cache %" PRIu32 " slices", img->name,
+                cache_nr_entries (img->l2_cache), slice,
+                cache_nr_entries (img->rc_cache));
+  return 0;
+}
+
+static void
+image_free (struct qcow2_image *img)
+{
+  if (img == NULL)
+    return;
+  backing_close (img);
+  overlap_free (img);
+  cache_destroy (img->l2_cache);
+  cache_destroy (img->rc_cache);
+  snapshot_free_table (img);
+  free (img->l1);
+  free (img->reftable);
+  free (img->backing_name);
+  free (img->backing_format);
+  free (img->data_file_name);
+  io_close (img->io);
+  pthread_mutex_destroy (&img->lock);
+  pthread_rwlock_destroy (&img->io_lock);
+  free (img->pending);
+  free (img->name);
+  free (img->dir);
+  free (img);
+}
+
+struct qcow2_image *
+image_open (struct qcow2_io *io, const char *name, const char *dir,
+            const struct qcow2_config *cfg, struct qcow2_image *child)
+{
+  struct qcow2_image *img = calloc (1, sizeof *img);
+
+  if (img == NULL) {
+    io_close (io);
+    return NULL;
+  }
+  pthread_mutex_init (&img->lock, NULL);
+  pthread_rwlock_init (&img->io_lock, NULL);
+  img->io = io;
+  img->cfg = *cfg;
+  img->readonly = cfg->readonly || io->readonly;
+  img->child = child;
+  img->depth = child ? child->depth + 1 : 0;
+  img->name = strdup (name);
+  img->dir = dir ? strdup (dir) : NULL;
+  if (img->name == NULL || (dir && img->dir == NULL))
+    goto err;
+
+  if (header_read (img) == -1 ||
+      cluster_load_l1 (img) == -1 ||
+      refcount_load (img) == -1 ||
+      snapshot_read_table (img) == -1 ||
+      setup_caches (img) == -1 ||
+      overlap_build (img) == -1 ||
+      backing_open (img) == -1 ||
+      backing_open_data_file (img) == -1)
+    goto err;
+
+  {
+    int64_t fs = io_size (img->io);
+    if (fs == -1)
+      goto err;
+    img->host_end = round_up_pow2 (fs, img->cluster_size);
+  }
+  if ((img->incompat & INCOMPAT_CORRUPT) && !img->readonly) {
+    nbdkit_error ("%s: image is marked corrupt: serving it read-only "
+                  "(repair it with 'qemu-img check -r all')", img->name);
+    img->readonly = true;
+  }
+  if ((img->incompat & INCOMPAT_DIRTY) && !img->readonly) {
+    /* XXX repair refcounts here (check.c) instead. */
+    nbdkit_error ("%s: image was not closed cleanly (dirty bit set): "
+                  "serving it read-only (repair it with 'qemu-img check "
+                  "-r all')", img->name);
+    img->readonly = true;
+  }
+  img->child = NULL;            /* only needed for loop detection */
+  return img;
+
+ err:
+  {
+    int e = errno;
+    image_free (img);
+    errno = e;
+  }
+  return NULL;
+}
+
+struct qcow2_image *
+qcow2_open_io (struct qcow2_io *io, const char *name, const char *dir,
+               const struct qcow2_config *cfg)
+{
+  return image_open (io, name, dir, cfg, NULL);
+}
+
+struct qcow2_image *
+qcow2_open (const char *filename, const struct qcow2_config *cfg)
+{
+  struct qcow2_io *io;
+  struct qcow2_image *img;
+  char *dir;
+  bool ro = cfg->readonly;
+
+  io = qcow2_io_open_file (filename, ro);
+  if (io == NULL && !ro && (errno == EACCES || errno == EROFS ||
+                            errno == EPERM)) {
+    nbdkit_debug ("%s: cannot open for writing (%m), opening read-only",
+                  filename);
+    io = qcow2_io_open_file (filename, true);
+  }
+  if (io == NULL) {
+    nbdkit_error ("%s: %m", filename);
+    return NULL;
+  }
+  dir = dir_of (filename);
+  if (dir == NULL) {
+    io_close (io);
+    return NULL;
+  }
+  img = image_open (io, filename, dir, cfg, NULL);
+  free (dir);
+  return img;
+}
+
+int
+qcow2_close (struct qcow2_image *img)
+{
+  int r = 0;
+
+  if (img == NULL)
+    return 0;
+  if (!img->readonly && qcow2_flush (img) == -1)
+    r = -1;
+  if (r == 0 && !img->readonly && header_mark_clean (img) == -1)
+    r = -1;
+  image_free (img);
+  return r;
+}
+
+uint64_t
+qcow2_get_size (struct qcow2_image *img)
+{
+  return img->size;
+}
+
+bool
+qcow2_is_readonly (struct qcow2_image *img)
+{
+  return img->readonly;
+}
+
+uint32_t
+qcow2_cluster_size (struct qcow2_image *img)
+{
+  return img->cluster_size;
+}
+
+static int
+check_range (struct qcow2_image *img, uint64_t count, uint64_t offset)
+{
+  if (offset > img->size || count > img->size - offset) {
+    errno = EINVAL;
+    nbdkit_error ("%s: request beyond end of disk", img->name);
+    return -1;
+  }
+  return 0;
+}
+
+int
+qcow2_pread (struct qcow2_image *img, void *buf, uint64_t count,
+             uint64_t offset)
+{
+  if (check_range (img, count, offset) == -1)
+    return -1;
+  return cluster_read (img, buf, count, offset, false);
+}
+
+int
+qcow2_prefetch (struct qcow2_image *img, uint64_t count, uint64_t offset)
+{
+  int r = 0;
+
+  if (check_range (img, count, offset) == -1)
+    return -1;
+  pthread_mutex_lock (&img->lock);
+  while (count > 0) {
+    struct mapping m;
+    if (cluster_map (img, offset, count, &m) == -1) {
+      r = -1;
+      break;
+    }
+    offset += m.length;
+    count -= m.length;
+  }
+  pthread_mutex_unlock (&img->lock);
+  return r;
+}
+
+/* What a mapping kind looks like to an NBD client. */
+static int
+extent_type (struct qcow2_image *img, const struct mapping *m,
+             uint32_t *type)
+{
+  switch (m->kind) {
+  case MAP_DATA:
+  case MAP_COMPRESSED:
+    *type = 0;
+    return 0;
+  case MAP_ZERO:
+    *type = QCOW2_EXTENT_ZERO;
+    return 0;
+  case MAP_UNALLOCATED:
+    /* Without a backing file: a hole that reads as zeroes.  With one:
+     * whatever the backing file says there; past its end, zeroes.
+     */
+    *type = QCOW2_EXTENT_HOLE | QCOW2_EXTENT_ZERO;
+    return 0;
+  }
+  abort ();
+}
+
+struct backing_extents {
+  qcow2_extent_fn fn;
+  void *opaque;
+};
+
+int
+qcow2_extents (struct qcow2_image *img, uint64_t count, uint64_t offset,
+               bool req_one, qcow2_extent_fn fn, void *opaque)
+{
+  if (check_range (img, count, offset) == -1)
+    return -1;
+  while (count > 0) {
+    struct mapping m;
+    uint32_t type;
+    int r;
+
+    pthread_mutex_lock (&img->lock);
+    r = cluster_map (img, offset, count, &m);
+    pthread_mutex_unlock (&img->lock);
+    if (r == -1 || extent_type (img, &m, &type) == -1)
+      return -1;
+
+    if (m.kind == MAP_UNALLOCATED && offset < img->backing_size) {
+      /* Ask the backing file about the part it covers. */
+      uint64_t n = min_u64 (m.length, img->backing_size - offset);
+      if (img->backing) {
+        if (qcow2_extents (img->backing, n, offset, req_one, fn,
+                           opaque) == -1)
+          return -1;
+      }
+      else if (fn (opaque, offset, n, 0) == -1)   /* raw: data */
+        return -1;
+      m.length = n;
+    }
+    else if (fn (opaque, offset, m.length, type) == -1)
+      return -1;
+    offset += m.length;
+    count -= m.length;
+    if (req_one)
+      break;
+  }
+  return 0;
+}

@@ -1,0 +1,276 @@
+/* nbdkit-qcow2: the image structure and cross-file internals of core.
+ * Copyright (C) 2026 the nbdkit-qcow2 authors.  BSD-3-Clause, see LICENSE.
+ *
+ * Locking: every field below the "lock" line is protected by img->lock,
+ * which public entry points (qcow2.h) take and release; functions
+ * declared here assume it is held unless they say otherwise.  Guest data
+ * I/O is done outside the lock.
+ */
+
+#ifndef QCOW2_INTERNAL_H
+#define QCOW2_INTERNAL_H
+
+#include <stdbool.h>
+#include <stdint.h>
+#include <stddef.h>
+#include <pthread.h>
+#include <endian.h>
+
+#define NBDKIT_API_VERSION 2
+#include <nbdkit-plugin.h>
+
+#include "qcow2.h"
+#include "io.h"
+#include "format.h"
+
+struct cache;
+struct overlap_map;
+
+/* What one guest range maps to (cluster_map). */
+enum map_kind {
+  MAP_DATA,          /* host_offset in the data file */
+  MAP_ZERO,          /* reads as zeroes */
+  MAP_UNALLOCATED,   /* backing file, or zeroes without one */
+  MAP_COMPRESSED,    /* host_offset + csize: compressed cluster */
+};
+
+struct mapping {
+  enum map_kind kind;
+  uint64_t guest_offset;
+  uint64_t length;         /* bytes, from guest_offset */
+  uint64_t host_offset;    /* DATA: where guest_offset lives; COMPRESSED:
+                            * byte offset of the compressed stream */
+  uint64_t csize;          /* COMPRESSED: bytes to read */
+  bool copied;             /* DATA: refcount is exactly 1 (writable) */
+};
+
+struct pending_free {
+  uint64_t cluster;             /* first host cluster index */
+  uint64_t n;                   /* number of clusters */
+};
+
+struct snapshot {
+  char *id;
+  char *name;
+  uint64_t l1_offset;
+  uint32_t l1_size;
+  uint32_t date_sec, date_nsec;
+  uint64_t vm_clock_nsec;
+  uint64_t vm_state_size;
+  uint64_t disk_size;           /* virtual size when it was taken */
+};
+
+struct qcow2_image {
+  char *name;                   /* for messages (the path) */
+  char *dir;                    /* relative names resolve here, or NULL */
+  struct qcow2_io *io;          /* the image file */
+  struct qcow2_io *data_io;     /* external data file, else == io */
+  struct qcow2_config cfg;
+  bool readonly;
+  unsigned depth;               /* 0 for the top image, +1 per backing */
+  struct qcow2_image *child;    /* the image this one backs, or NULL */
+
+  /* Header, validated (header.c). */
+  uint32_t version;
+  uint32_t cluster_bits;
+  uint32_t cluster_size;
+  uint64_t size;                /* virtual size */
+  uint32_t crypt_method;
+  uint64_t incompat, compat, autoclear;
+  uint32_t refcount_order;
+  uint32_t header_length;
+  uint8_t compression_type;
+  uint64_t backing_file_offset;
+  uint32_t backing_file_size;
+  char *backing_name;           /* NULL if none */
+  char *backing_format;         /* NULL if not given */
+  char *data_file_name;         /* NULL if none */
+  uint64_t crypto_offset, crypto_length;
+  uint32_t nb_bitmaps;
+  uint64_t bitmap_dir_offset, bitmap_dir_size;
+  uint64_t ext_end;             /* end of the header extension area */
+
+  /* Derived geometry. */
+  bool ext_l2;                  /* 128-bit L2 entries with subclusters */
+  uint32_t l2_entry_shift;      /* log2 of L2 entry bytes: 3 or 4 */
+  uint32_t l2_bits;             /* log2 of entries per L2 table */
+  uint32_t subcluster_bits;     /* log2 subcluster size (= cluster_bits
+                                 * without extended L2) */
+  uint32_t slice_bits;          /* log2 L2 slice bytes */
+  uint32_t refcount_bits;       /* 1 << refcount_order */
+  uint32_t rb_bits;             /* log2 entries per refcount block */
+
+  /* The active L1 table, host byte order (cluster.c). */
+  uint64_t l1_offset;
+  uint32_t l1_size;
+  uint64_t *l1;
+
+  /* Refcount table, host byte order (refcount.c). */
+  uint64_t reftable_offset;
+  uint32_t reftable_clusters;
+  uint64_t reftable_entries;
+  uint64_t *reftable;
+
+  /* Snapshots (snapshot.c). */
+  uint32_t nb_snapshots;
+  uint64_t snapshots_offset;
+  uint64_t snapshots_size;      /* bytes of the snapshot table */
+  struct snapshot *snapshots;
+
+  /* Backing file: either a qcow2 image or a raw io. */
+  struct qcow2_image *backing;
+  struct qcow2_io *backing_raw;
+  uint64_t backing_size;
+
+  /* Everything below is protected by lock. */
+  pthread_mutex_t lock;
+  struct cache *l2_cache;
+  struct cache *rc_cache;
+  struct overlap_map *overlap;
+  uint64_t free_hint;           /* no free cluster below this index */
+  uint64_t host_end;            /* bytes: end of allocated clusters */
+  bool corrupt;                 /* sticky: every write fails with EIO */
+  bool dirty_written;           /* dirty bit is set on disk */
+  bool autoclear_cleared;       /* header made writable for us */
+  bool need_sync;               /* data or refcounts written since sync */
+  struct pending_free *pending; /* deferred refcount decrements */
+  size_t nr_pending, pending_alloc;
+  uint64_t pending_clusters;
+  bool l1_dirty;                /* L1 entries changed since last write */
+  uint32_t l1_dirty_lo, l1_dirty_hi;
+  /* Data I/O done outside 'lock' holds this shared; committing frees
+   * takes it exclusively, so no cluster is freed under in-flight I/O.
+   */
+  pthread_rwlock_t io_lock;
+};
+
+/* Index math (all sizes are powers of two). */
+static inline uint64_t
+offset_into_cluster (const struct qcow2_image *img, uint64_t off)
+{
+  return off & (img->cluster_size - 1);
+}
+
+static inline uint64_t
+cluster_index (const struct qcow2_image *img, uint64_t off)
+{
+  return off >> img->cluster_bits;
+}
+
+static inline uint64_t
+l1_index (const struct qcow2_image *img, uint64_t guest_off)
+{
+  return guest_off >> (img->cluster_bits + img->l2_bits);
+}
+
+static inline uint64_t
+l2_index (const struct qcow2_image *img, uint64_t guest_off)
+{
+  return (guest_off >> img->cluster_bits) & ((UINT64_C(1) << img->l2_bits) - 1);
+}
+
+static inline uint64_t
+size_to_clusters (const struct qcow2_image *img, uint64_t size)
+{
+  return (size + img->cluster_size - 1) >> img->cluster_bits;
+}
+
+static inline uint64_t
+round_up_pow2 (uint64_t v, uint64_t align)
+{
+  return (v + align - 1) & ~(align - 1);
+}
+
+static inline uint64_t
+min_u64 (uint64_t a, uint64_t b)
+{
+  return a < b ? a : b;
+}
+
+/* header.c */
+extern int header_read (struct qcow2_image *img);
+extern int header_write_features (struct qcow2_image *img);
+extern int header_mark_corrupt (struct qcow2_image *img, const char *fmt, ...)
+  __attribute__ ((format (printf, 2, 3)));
+extern int header_prepare_write (struct qcow2_image *img);
+extern int header_mark_clean (struct qcow2_image *img);
+
+/* cache.c: a cache of fixed-size table slices keyed by host offset. */
+enum cache_type { CACHE_L2, CACHE_REFCOUNT };
+struct cache_entry;
+extern struct cache *cache_create (struct qcow2_image *img,
+                                   enum cache_type type,
+                                   uint32_t slice_bits, uint64_t bytes);
+extern void cache_destroy (struct cache *c);
+/* Get the slice at host offset 'off' (slice-aligned), pinned.  If
+ * 'fill' is false the slice is not read from disk and starts zeroed (for
+ * a freshly allocated table).  Returns NULL with errno set.
+ */
+extern void *cache_get (struct cache *c, uint64_t off, bool fill,
+                        struct cache_entry **ep);
+extern void cache_put (struct cache *c, struct cache_entry *e);
+extern void cache_mark_dirty (struct cache *c, struct cache_entry *e);
+extern int cache_flush (struct cache *c);     /* write back dirty slices */
+extern void cache_drop (struct cache *c, uint64_t off, uint64_t len);
+extern bool cache_has_dirty (struct cache *c);
+extern uint64_t cache_bytes (struct cache *c);
+extern uint32_t cache_nr_entries (struct cache *c);
+/* Called before a dirty slice of this cache is written (ordering). */
+extern void cache_set_writeback_hook (struct cache *c,
+                                      int (*hook) (struct qcow2_image *));
+extern void cache_stats (struct cache *c, uint64_t *hits, uint64_t *misses);
+
+/* cluster.c */
+extern int cluster_load_l1 (struct qcow2_image *img);
+extern int cluster_map (struct qcow2_image *img, uint64_t offset,
+                        uint64_t count, struct mapping *m);
+extern int cluster_read (struct qcow2_image *img, void *buf,
+                         uint64_t count, uint64_t offset, bool locked);
+
+/* write.c */
+extern int write_barrier (struct qcow2_image *img);
+extern int write_flush_locked (struct qcow2_image *img);
+
+/* image.c */
+extern struct qcow2_image *image_open (struct qcow2_io *io, const char *name,
+                                       const char *dir,
+                                       const struct qcow2_config *cfg,
+                                       struct qcow2_image *child);
+
+/* backing.c */
+extern int backing_open (struct qcow2_image *img);
+extern int backing_open_data_file (struct qcow2_image *img);
+extern void backing_close (struct qcow2_image *img);
+extern int backing_read (struct qcow2_image *img, void *buf,
+                         uint64_t count, uint64_t offset);
+
+/* compress.c: pure buffer -> buffer; no messages, errno EIO on bad data. */
+extern int compress_inflate (const void *in, size_t in_len,
+                             void *out, size_t out_len);
+extern int compress_zstd_decompress (const void *in, size_t in_len,
+                                     void *out, size_t out_len);
+extern int compress_deflate (const void *in, size_t in_len,
+                             void *out, size_t *out_len);
+extern int compress_zstd_compress (const void *in, size_t in_len,
+                                   void *out, size_t *out_len);
+
+/* snapshot.c */
+extern int snapshot_read_table (struct qcow2_image *img);
+extern void snapshot_free_table (struct qcow2_image *img);
+extern uint64_t *snapshot_read_l1 (struct qcow2_image *img,
+                                   const struct snapshot *sn);
+
+/* refcount.c */
+extern int refcount_load (struct qcow2_image *img);
+extern int refcount_get (struct qcow2_image *img, uint64_t cluster,
+                         uint64_t *val);
+extern int refcount_set (struct qcow2_image *img, uint64_t cluster,
+                         uint64_t val);
+extern uint64_t refcount_max (const struct qcow2_image *img);
+extern int64_t refcount_alloc (struct qcow2_image *img, uint64_t n);
+extern int refcount_update (struct qcow2_image *img, uint64_t c, int delta);
+extern int refcount_free_later (struct qcow2_image *img, uint64_t off,
+                                uint64_t n);
+extern int refcount_commit_frees (struct qcow2_image *img);
+
+#endif /* QCOW2_INTERNAL_H */

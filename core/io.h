@@ -1,0 +1,94 @@
+/* nbdkit-qcow2: the host file layer.
+ * Copyright (C) 2026 the nbdkit-qcow2 authors.  BSD-3-Clause, see LICENSE.
+ *
+ * Everything core reads or writes goes through a struct qcow2_io, so the
+ * tests can swap the file for memory or for a backend that fails or
+ * records writes.  Like SQLite's VFS, the layer is dumb: whole-buffer
+ * pread/pwrite, flush, size, truncate.
+ *
+ * Semantics every backend keeps:
+ *  - pread fills the whole buffer; bytes past end of file read as zero
+ *    (like QEMU's file driver), so data clusters that lie beyond a
+ *    truncated file read as zeros instead of failing.
+ *  - pwrite writes the whole buffer, extending the file if needed.
+ *  - Calls may come from several threads at once (pread/pwrite are
+ *    positional and must be thread-safe).
+ */
+
+#ifndef QCOW2_IO_H
+#define QCOW2_IO_H
+
+#include <stdint.h>
+#include <stddef.h>
+#include <stdbool.h>
+
+struct qcow2_io;
+
+struct qcow2_io_ops {
+  int (*pread) (struct qcow2_io *io, void *buf, size_t count,
+                uint64_t offset);
+  int (*pwrite) (struct qcow2_io *io, const void *buf, size_t count,
+                 uint64_t offset);
+  int (*flush) (struct qcow2_io *io);
+  int64_t (*size) (struct qcow2_io *io);
+  int (*truncate) (struct qcow2_io *io, uint64_t size);
+  /* Optional: make [offset, offset+count) read as zeroes, cheaply
+   * (fallocate punch/zero).  NULL or -1/EOPNOTSUPP means "write zeroes".
+   */
+  int (*zero) (struct qcow2_io *io, uint64_t count, uint64_t offset);
+  /* Optional: reserve space (fallocate).  NULL means "do nothing". */
+  int (*preallocate) (struct qcow2_io *io, uint64_t count, uint64_t offset);
+  void (*close) (struct qcow2_io *io);
+};
+
+struct qcow2_io {
+  const struct qcow2_io_ops *ops;
+  int fd;                       /* the file descriptor, or -1 */
+  bool readonly;
+};
+
+/* Open a file.  readonly: O_RDONLY.  Returns NULL with errno set. */
+extern struct qcow2_io *qcow2_io_open_file (const char *path, bool readonly);
+
+/* An io over an existing fd, which the io then owns. */
+extern struct qcow2_io *qcow2_io_from_fd (int fd, bool readonly);
+
+/* A growable memory file, initially a copy of data[0..size). */
+extern struct qcow2_io *qcow2_io_new_memory (const void *data, size_t size);
+/* Borrow the current contents of a memory io (valid until next write). */
+extern const uint8_t *qcow2_io_memory_data (struct qcow2_io *io,
+                                            size_t *size);
+
+static inline int
+io_pread (struct qcow2_io *io, void *buf, size_t count, uint64_t offset)
+{
+  return io->ops->pread (io, buf, count, offset);
+}
+
+static inline int
+io_pwrite (struct qcow2_io *io, const void *buf, size_t count,
+           uint64_t offset)
+{
+  return io->ops->pwrite (io, buf, count, offset);
+}
+
+static inline int
+io_flush (struct qcow2_io *io)
+{
+  return io->ops->flush (io);
+}
+
+static inline int64_t
+io_size (struct qcow2_io *io)
+{
+  return io->ops->size (io);
+}
+
+static inline void
+io_close (struct qcow2_io *io)
+{
+  if (io)
+    io->ops->close (io);
+}
+
+#endif /* QCOW2_IO_H */

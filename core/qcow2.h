@@ -1,0 +1,101 @@
+/* nbdkit-qcow2: the public API of the core library.
+ * Copyright (C) 2026 the nbdkit-qcow2 authors.  BSD-3-Clause, see LICENSE.
+ *
+ * The plugin (and the unit tests) use only this header.  One struct
+ * qcow2_image serves every connection of a process; every entry point
+ * takes the image's metadata lock itself, so callers may call from any
+ * number of threads at once.
+ *
+ * All functions return 0 (or a value) on success and -1 with errno set
+ * on failure, after reporting the reason once with nbdkit_error.
+ */
+
+#ifndef QCOW2_H
+#define QCOW2_H
+
+#include <stdbool.h>
+#include <stdint.h>
+#include <stddef.h>
+
+struct qcow2_image;
+struct qcow2_io;
+
+enum qcow2_overlap_mode {
+  QCOW2_OVERLAP_DEFAULT = 0,    /* = ALL */
+  QCOW2_OVERLAP_NONE,
+  QCOW2_OVERLAP_CONSTANT,
+  QCOW2_OVERLAP_CACHED,
+  QCOW2_OVERLAP_ALL,
+};
+
+struct qcow2_config {
+  bool readonly;                /* never write the image */
+  uint64_t l2_cache_size;       /* bytes of L2 slices; 0 = default */
+  uint64_t refcount_cache_size; /* bytes of refcount slices; 0 = default */
+  uint32_t cache_entry_size;    /* slice size in bytes; 0 = default */
+  enum qcow2_overlap_mode overlap_check;
+  bool no_locking;              /* do not take QEMU-compatible file locks */
+};
+
+/* Flags for pwrite/zero/trim, the same values as nbdkit's. */
+#define QCOW2_F_MAY_TRIM   (1 << 0)
+#define QCOW2_F_FUA        (1 << 1)
+#define QCOW2_F_FAST_ZERO  (1 << 3)
+
+/* Extent types for qcow2_extents, the same values as nbdkit's. */
+#define QCOW2_EXTENT_HOLE  (1 << 0)
+#define QCOW2_EXTENT_ZERO  (1 << 1)
+
+/* Open a qcow2 image from a path.  Backing and data files are opened
+ * relative to the image's directory.
+ */
+extern struct qcow2_image *qcow2_open (const char *filename,
+                                       const struct qcow2_config *cfg);
+
+/* Open a qcow2 image from an io object (the tests use memory and fault
+ * backends).  'name' is used in messages.  'dir' is the directory that
+ * relative backing / data file names are resolved against, or NULL to
+ * refuse images that need another file.  The image takes ownership of
+ * io (it is closed even when this fails).
+ */
+extern struct qcow2_image *qcow2_open_io (struct qcow2_io *io,
+                                          const char *name, const char *dir,
+                                          const struct qcow2_config *cfg);
+
+/* Write back everything, clear the dirty bit where appropriate and free
+ * the image.  Returns -1 if something could not be written back.
+ */
+extern int qcow2_close (struct qcow2_image *img);
+
+extern uint64_t qcow2_get_size (struct qcow2_image *img);
+extern bool qcow2_is_readonly (struct qcow2_image *img);
+extern uint32_t qcow2_cluster_size (struct qcow2_image *img);
+
+extern int qcow2_pread (struct qcow2_image *img, void *buf,
+                        uint64_t count, uint64_t offset);
+extern int qcow2_pwrite (struct qcow2_image *img, const void *buf,
+                         uint64_t count, uint64_t offset, unsigned flags);
+extern int qcow2_zero (struct qcow2_image *img, uint64_t count,
+                       uint64_t offset, unsigned flags);
+extern int qcow2_trim (struct qcow2_image *img, uint64_t count,
+                       uint64_t offset, unsigned flags);
+extern int qcow2_flush (struct qcow2_image *img);
+
+/* Prefetch the metadata covering a range into the cache. */
+extern int qcow2_prefetch (struct qcow2_image *img,
+                           uint64_t count, uint64_t offset);
+
+/* Describe [offset, offset+count) as extents.  'fn' is called in order
+ * with contiguous ranges; it returns -1 to stop with an error.  With
+ * req_one, stop after the first extent.
+ */
+typedef int (*qcow2_extent_fn) (void *opaque, uint64_t offset,
+                                uint64_t length, uint32_t type);
+extern int qcow2_extents (struct qcow2_image *img, uint64_t count,
+                          uint64_t offset, bool req_one,
+                          qcow2_extent_fn fn, void *opaque);
+
+/* Whether this build can read zstd-compressed clusters. */
+extern bool qcow2_have_zstd (void);
+
+#endif /* QCOW2_H */

@@ -1,0 +1,549 @@
+/* nbdkit-qcow2: refcounts.
+ * Copyright (C) 2026 the nbdkit-qcow2 authors.  BSD-3-Clause, see LICENSE.
+ *
+ * The refcount table lives in memory (host byte order); refcount blocks
+ * are read and updated in slices through the refcount cache, the same
+ * cache code as L2 slices.  Entries of every width are supported
+ * (refcount_order 0..6: 1 to 64 bits); sub-byte entries are packed
+ * LSB first, wider ones are big-endian.
+ *
+ *   cluster -> table index = cluster >> rb_bits
+ *           -> block index = cluster & (entries_per_block - 1)
+ *           -> bit offset in block = block index << refcount_order
+ *           -> slice = bit offset / 8 >> slice_bits
+ *
+ * Locking: all functions need img->lock.
+ */
+
+#ifdef HAVE_CONFIG_H
+#include <config.h>
+#endif
+
+#include <stdlib.h>
+#include <string.h>
+#include <errno.h>
+#include <inttypes.h>
+
+#include "internal.h"
+#include "overlap.h"
+
+int
+refcount_load (struct qcow2_image *img)
+{
+  uint64_t i, n = ((uint64_t) img->reftable_clusters << img->cluster_bits) / 8;
+
+  img->reftable = malloc (n * 8);
+  if (img->reftable == NULL)
+    return -1;
+  if (io_pread (img->io, img->reftable, n * 8, img->reftable_offset) == -1) {
+    nbdkit_error ("%s: reading refcount table: %m", img->name);
+    return -1;
+  }
+  for (i = 0; i < n; i++)
+    img->reftable[i] = be64toh (img->reftable[i]);
+  img->reftable_entries = n;
+  return 0;
+}
+
+/* Read entry 'idx' of a slice. */
+static uint64_t
+entry_get (const uint8_t *slice, uint64_t idx, uint32_t order)
+{
+  switch (order) {
+  case 0: case 1: case 2: {
+    uint64_t bit = idx << order;
+    uint8_t mask = (1u << (1u << order)) - 1;
+    return (slice[bit >> 3] >> (bit & 7)) & mask;
+  }
+  case 3:
+    return slice[idx];
+  case 4: {
+    uint16_t v;
+    memcpy (&v, slice + idx * 2, 2);
+    return be16toh (v);
+  }
+  case 5: {
+    uint32_t v;
+    memcpy (&v, slice + idx * 4, 4);
+    return be32toh (v);
+  }
+  default: {
+    uint64_t v;
+    memcpy (&v, slice + idx * 8, 8);
+    return be64toh (v);
+  }
+  }
+}
+
+static void
+entry_set (uint8_t *slice, uint64_t idx, uint32_t order, uint64_t val)
+{
+  switch (order) {
+  case 0: case 1: case 2: {
+    uint64_t bit = idx << order;
+    uint8_t mask = ((1u << (1u << order)) - 1) << (bit & 7);
+    slice[bit >> 3] = (slice[bit >> 3] & ~mask) |
+                      ((val << (bit & 7)) & mask);
+    break;
+  }
+  case 3:
+    slice[idx] = val;
+    break;
+  case 4: {
+    uint16_t v = htobe16 (val);
+    memcpy (slice + idx * 2, &v, 2);
+    break;
+  }
+  case 5: {
+    uint32_t v = htobe32 (val);
+    memcpy (slice + idx * 4, &v, 4);
+    break;
+  }
+  default: {
+    uint64_t v = htobe64 (val);
+    memcpy (slice + idx * 8, &v, 8);
+    break;
+  }
+  }
+}
+
+/* Locate the refcount slice of a cluster.  *rb_off is 0 if the cluster
+ * has no refcount block (refcount 0).
+ */
+static int
+locate (struct qcow2_image *img, uint64_t cluster, uint64_t *slice_off,
+        uint64_t *idx_in_slice)
+{
+  uint64_t ti = cluster >> img->rb_bits;
+  uint64_t bi = cluster & ((UINT64_C(1) << img->rb_bits) - 1);
+  uint64_t rb, byte, slice_entries_bits;
+
+  *slice_off = 0;
+  if (ti >= img->reftable_entries)
+    return 0;
+  rb = img->reftable[ti] & RT_OFFSET_MASK;
+  if (rb == 0)
+    return 0;
+  if (offset_into_cluster (img, rb) != 0)
+    return header_mark_corrupt (img, "refcount block offset %#" PRIx64
+                                " (refcount table entry %" PRIu64 ") is not "
+                                "cluster aligned", rb, ti);
+  byte = (bi << img->refcount_order) >> 3;
+  /* Entries per slice = slice bytes * 8 >> order. */
+  slice_entries_bits = img->slice_bits + 3 - img->refcount_order;
+  *slice_off = rb + ((byte >> img->slice_bits) << img->slice_bits);
+  *idx_in_slice = bi & ((UINT64_C(1) << slice_entries_bits) - 1);
+  return 0;
+}
+
+int
+refcount_get (struct qcow2_image *img, uint64_t cluster, uint64_t *val)
+{
+  uint64_t slice_off, idx;
+  struct cache_entry *e;
+  const uint8_t *slice;
+
+  if (locate (img, cluster, &slice_off, &idx) == -1)
+    return -1;
+  if (slice_off == 0) {
+    *val = 0;
+    return 0;
+  }
+  slice = cache_get (img->rc_cache, slice_off, true, &e);
+  if (slice == NULL)
+    return -1;
+  *val = entry_get (slice, idx, img->refcount_order);
+  cache_put (img->rc_cache, e);
+  return 0;
+}
+
+/* Set a refcount in a block that exists (the caller made sure). */
+int
+refcount_set (struct qcow2_image *img, uint64_t cluster, uint64_t val)
+{
+  uint64_t slice_off, idx;
+  struct cache_entry *e;
+  uint8_t *slice;
+
+  if (locate (img, cluster, &slice_off, &idx) == -1)
+    return -1;
+  if (slice_off == 0) {
+    errno = EIO;
+    return -1;
+  }
+  slice = cache_get (img->rc_cache, slice_off, true, &e);
+  if (slice == NULL)
+    return -1;
+  entry_set (slice, idx, img->refcount_order, val);
+  cache_mark_dirty (img->rc_cache, e);
+  cache_put (img->rc_cache, e);
+  return 0;
+}
+
+uint64_t
+refcount_max (const struct qcow2_image *img)
+{
+  return img->refcount_order == 6 ? UINT64_MAX
+    : (UINT64_C(1) << img->refcount_bits) - 1;
+}
+
+/* ---- allocation ---- */
+
+static uint64_t
+rb_entries (const struct qcow2_image *img)
+{
+  return UINT64_C(1) << img->rb_bits;
+}
+
+/* Is cluster c free: refcount 0 and not metadata the map knows of?  A
+ * cluster the map calls metadata with refcount 0 is refcount corruption,
+ * caught here before the allocator hands out a live L2 table.
+ */
+static int
+cluster_is_free (struct qcow2_image *img, uint64_t c, bool *is_free)
+{
+  uint64_t v;
+
+  if (refcount_get (img, c, &v) == -1)
+    return -1;
+  if (v != 0) {
+    *is_free = false;
+    return 0;
+  }
+  if (img->overlap) {
+    uint64_t hit;
+    unsigned t = overlap_map_query (img->overlap, c, 1, OV_ALL, &hit);
+    if (t)
+      return header_mark_corrupt (img, "refcount of cluster %#" PRIx64
+                                  " is 0 but it holds %s", c << img->cluster_bits,
+                                  overlap_type_name (t));
+  }
+  *is_free = true;
+  return 0;
+}
+
+/* Write the whole reftable (host order in memory) to 'off'. */
+static int
+write_reftable (struct qcow2_image *img, const uint64_t *table,
+                uint64_t entries, uint64_t off, uint64_t bytes)
+{
+  uint64_t *be = calloc (1, bytes);
+  uint64_t i;
+  int r;
+
+  if (be == NULL)
+    return -1;
+  for (i = 0; i < entries; i++)
+    be[i] = htobe64 (table[i]);
+  r = overlap_check_write (img, off, bytes, OV_REFCOUNT_TABLE);
+  if (r == 0 && (r = io_pwrite (img->io, be, bytes, off)) == -1)
+    nbdkit_error ("%s: writing refcount table: %m", img->name);
+  free (be);
+  return r;
+}
+
+/* Grow the refcount table so it has an entry 'ti'.  The new table and
+ * the refcount blocks that count it go past everything counted so far,
+ * where nothing lives; they describe themselves.  Order: new blocks and
+ * table written and synced, then the header switched and synced, then
+ * the old table freed.
+ */
+static int
+grow_reftable (struct qcow2_image *img, uint64_t ti)
+{
+  uint64_t epb = rb_entries (img), cs = img->cluster_size;
+  uint64_t old_entries = img->reftable_entries;
+  uint64_t start = old_entries * epb;    /* first cluster never counted */
+  uint64_t entries = old_entries + old_entries / 2 + 1;
+  uint64_t nt, nb, first_ti, i, *table = NULL;
+  uint8_t *block = NULL;
+  int r = -1;
+
+  if (start < (img->host_end >> img->cluster_bits))
+    start = img->host_end >> img->cluster_bits;
+  if (entries <= ti)
+    entries = ti + 1;
+  first_ti = start / epb;
+  for (;;) {
+    nt = (entries * 8 + cs - 1) / cs;
+    nb = 1;
+    while (((start + nt + nb - 1) / epb) - first_ti + 1 > nb)
+      nb++;
+    if ((start + nt + nb - 1) / epb < entries)
+      break;
+    entries = (start + nt + nb - 1) / epb + 1;
+  }
+  entries = nt * cs / 8;
+  if (nt * cs > MAX_REFTABLE_BYTES) {
+    nbdkit_error ("%s: refcount table would exceed %" PRIu64 " bytes",
+                  img->name, MAX_REFTABLE_BYTES);
+    errno = EFBIG;
+    return -1;
+  }
+
+  table = calloc (entries, 8);
+  block = malloc (cs);
+  if (table == NULL || block == NULL)
+    goto out;
+  memcpy (table, img->reftable, old_entries * 8);
+
+  /* The new blocks, each counting the clusters of [start, start+nt+nb)
+   * that fall in its range.
+   */
+  if (overlap_add (img, start << img->cluster_bits, (nt + nb) * cs,
+                   OV_REFCOUNT_TABLE) == -1)
+    goto out;
+  overlap_remove (img, (start + nt) << img->cluster_bits, nb * cs,
+                  OV_REFCOUNT_TABLE);
+  if (overlap_add (img, (start + nt) << img->cluster_bits, nb * cs,
+                   OV_REFCOUNT_BLOCK) == -1)
+    goto out;
+  for (i = 0; i < nb; i++) {
+    uint64_t bti = first_ti + i, c;
+    uint64_t boff = (start + nt + i) << img->cluster_bits;
+
+    memset (block, 0, cs);
+    for (c = start; c < start + nt + nb; c++)
+      if (c / epb == bti)
+        entry_set (block, c % epb, img->refcount_order, 1);
+    if (overlap_check_write (img, boff, cs, OV_REFCOUNT_BLOCK) == -1)
+      goto out;
+    if (io_pwrite (img->io, block, cs, boff) == -1) {
+      nbdkit_error ("%s: writing refcount block: %m", img->name);
+      goto out;
+    }
+    table[bti] = boff;
+  }
+  if (write_reftable (img, table, entries, start << img->cluster_bits,
+                      nt * cs) == -1 ||
+      io_flush (img->io) == -1)
+    goto out;
+
+  /* Switch the header. */
+  {
+    uint8_t hdr[12];
+    uint64_t off = htobe64 (start << img->cluster_bits);
+    uint32_t n = htobe32 (nt);
+    memcpy (hdr, &off, 8);
+    memcpy (hdr + 8, &n, 4);
+    if (overlap_check_write (img, HDR_REFCOUNT_TABLE_OFFSET, 12,
+                             OV_MAIN_HEADER) == -1)
+      goto out;
+    if (io_pwrite (img->io, hdr, 12, HDR_REFCOUNT_TABLE_OFFSET) == -1 ||
+        io_flush (img->io) == -1) {
+      nbdkit_error ("%s: updating refcount table pointer: %m", img->name);
+      goto out;
+    }
+  }
+  nbdkit_debug ("%s: refcount table grown to %" PRIu64 " entries at %#"
+                PRIx64, img->name, entries, start << img->cluster_bits);
+
+  /* The old table is garbage now: free it (deferred like every free). */
+  {
+    uint64_t old_off = img->reftable_offset;
+    uint64_t old_n = img->reftable_clusters;
+    free (img->reftable);
+    img->reftable = table;
+    table = NULL;
+    img->reftable_entries = entries;
+    img->reftable_offset = start << img->cluster_bits;
+    img->reftable_clusters = nt;
+    if (img->host_end < (start + nt + nb) << img->cluster_bits)
+      img->host_end = (start + nt + nb) << img->cluster_bits;
+    overlap_remove (img, old_off, old_n * cs, OV_REFCOUNT_TABLE);
+    if (refcount_free_later (img, old_off, old_n) == -1)
+      goto out;
+  }
+  r = 0;
+ out:
+  free (table);
+  free (block);
+  return r;
+}
+
+/* Make sure cluster c has a refcount block, creating one (at the first
+ * usable cluster of the range it counts, counting itself) if needed.
+ * The block is written and synced before the table points at it.
+ */
+static int
+ensure_refblock (struct qcow2_image *img, uint64_t c)
+{
+  uint64_t ti = c >> img->rb_bits, epb = rb_entries (img);
+  uint64_t cs = img->cluster_size, b, boff, be;
+  uint8_t *block;
+  int r = -1;
+
+  if (ti >= img->reftable_entries && grow_reftable (img, ti) == -1)
+    return -1;
+  if (img->reftable[ti] & RT_OFFSET_MASK)
+    return 0;
+
+  /* No block: nothing in [ti*epb, (ti+1)*epb) is counted, so all of it
+   * is free unless the map knows of metadata there.
+   */
+  for (b = ti * epb; b < (ti + 1) * epb; b++) {
+    uint64_t hit;
+    if (!img->overlap ||
+        overlap_map_query (img->overlap, b, 1, OV_ALL, &hit) == 0)
+      break;
+  }
+  if (b == (ti + 1) * epb) {
+    errno = ENOSPC;
+    return -1;
+  }
+  boff = b << img->cluster_bits;
+  block = calloc (1, cs);
+  if (block == NULL)
+    return -1;
+  entry_set (block, b - ti * epb, img->refcount_order, 1);
+  if (overlap_add (img, boff, cs, OV_REFCOUNT_BLOCK) == -1 ||
+      overlap_check_write (img, boff, cs, OV_REFCOUNT_BLOCK) == -1)
+    goto out;
+  if (io_pwrite (img->io, block, cs, boff) == -1 || io_flush (img->io) == -1) {
+    nbdkit_error ("%s: writing new refcount block: %m", img->name);
+    goto out;
+  }
+  be = htobe64 (boff);
+  if (overlap_check_write (img, img->reftable_offset + ti * 8, 8,
+                           OV_REFCOUNT_TABLE) == -1)
+    goto out;
+  if (io_pwrite (img->io, &be, 8, img->reftable_offset + ti * 8) == -1) {
+    nbdkit_error ("%s: writing refcount table entry: %m", img->name);
+    goto out;
+  }
+  img->reftable[ti] = boff;
+  img->need_sync = true;
+  if (img->host_end < boff + cs)
+    img->host_end = boff + cs;
+  r = 0;
+ out:
+  free (block);
+  return r;
+}
+
+/* Allocate n contiguous clusters with refcount 1; returns the host
+ * offset of the first.  The search starts at the free hint, so it never
+ * rescans the used part of the file; it ends at the first run long
+ * enough, which past the end of the file always exists.
+ */
+int64_t
+refcount_alloc (struct qcow2_image *img, uint64_t n)
+{
+  uint64_t c, run = 0, start = 0, i;
+
+ again:
+  for (c = img->free_hint; run < n; c++) {
+    bool is_free;
+
+    if (c >= (MAX_HOST_OFFSET >> img->cluster_bits)) {
+      nbdkit_error ("%s: image file is full", img->name);
+      errno = ENOSPC;
+      return -1;
+    }
+    if (cluster_is_free (img, c, &is_free) == -1)
+      return -1;
+    if (!is_free) {
+      if (run == 0 && c == img->free_hint)
+        img->free_hint = c + 1;
+      run = 0;
+      continue;
+    }
+    if (run == 0)
+      start = c;
+    run++;
+  }
+
+  /* Creating a refcount block can take a cluster of the run. */
+  for (i = start; i < start + n; i = ((i >> img->rb_bits) + 1) << img->rb_bits) {
+    uint64_t ti = i >> img->rb_bits;
+    if (ti >= img->reftable_entries || !(img->reftable[ti] & RT_OFFSET_MASK)) {
+      if (ensure_refblock (img, i) == -1)
+        return -1;
+      run = 0;
+      goto again;
+    }
+  }
+
+  for (i = start; i < start + n; i++)
+    if (refcount_set (img, i, 1) == -1)
+      return -1;
+  if (start == img->free_hint)
+    img->free_hint = start + n;
+  if (img->host_end < (start + n) << img->cluster_bits)
+    img->host_end = (start + n) << img->cluster_bits;
+  return start << img->cluster_bits;
+}
+
+/* Add 'delta' (+1 / -1) to the refcount of one cluster. */
+int
+refcount_update (struct qcow2_image *img, uint64_t c, int delta)
+{
+  uint64_t v;
+
+  if (refcount_get (img, c, &v) == -1)
+    return -1;
+  if ((delta < 0 && v == 0) || (delta > 0 && v == refcount_max (img)))
+    return header_mark_corrupt (img, "refcount of cluster %#" PRIx64
+                                " would %s", c << img->cluster_bits,
+                                delta < 0 ? "drop below 0" : "overflow");
+  if (delta > 0 && ensure_refblock (img, c) == -1)
+    return -1;
+  if (refcount_set (img, c, v + delta) == -1)
+    return -1;
+  if (v + delta == 0 && c < img->free_hint)
+    img->free_hint = c;
+  return 0;
+}
+
+/* Frees are deferred: the entry that referenced the clusters must be on
+ * disk first (rule 3), and nobody may still be doing I/O to them.  They
+ * are applied by refcount_commit_frees after the metadata is synced.
+ */
+int
+refcount_free_later (struct qcow2_image *img, uint64_t off, uint64_t n)
+{
+  if (n == 0)
+    return 0;
+  if (img->nr_pending == img->pending_alloc) {
+    size_t na = img->pending_alloc ? img->pending_alloc * 2 : 64;
+    struct pending_free *p = realloc (img->pending, na * sizeof *p);
+    if (p == NULL)
+      return -1;
+    img->pending = p;
+    img->pending_alloc = na;
+  }
+  img->pending[img->nr_pending].cluster = off >> img->cluster_bits;
+  img->pending[img->nr_pending].n = n;
+  img->nr_pending++;
+  img->pending_clusters += n;
+  return 0;
+}
+
+/* Apply deferred frees.  Freed clusters that held tables are forgotten
+ * by the caches and the overlap map.
+ */
+int
+refcount_commit_frees (struct qcow2_image *img)
+{
+  size_t i;
+  uint64_t j;
+
+  for (i = 0; i < img->nr_pending; i++) {
+    struct pending_free *p = &img->pending[i];
+    for (j = 0; j < p->n; j++) {
+      uint64_t c = p->cluster + j, v;
+      if (refcount_update (img, c, -1) == -1)
+        return -1;
+      if (refcount_get (img, c, &v) == -1)
+        return -1;
+      if (v == 0) {
+        cache_drop (img->l2_cache, c << img->cluster_bits, img->cluster_size);
+        overlap_remove (img, c << img->cluster_bits, img->cluster_size,
+                        OV_ALL);
+      }
+    }
+  }
+  img->nr_pending = 0;
+  img->pending_clusters = 0;
+  return 0;
+}

@@ -1,0 +1,759 @@
+/* nbdkit-qcow2: the write path: allocating writes, zero, trim, flush.
+ * Copyright (C) 2026 the nbdkit-qcow2 authors.  BSD-3-Clause, see LICENSE.
+ *
+ * The rules every change here keeps (DESIGN.md), and how:
+ *
+ *  1. A refcount increment reaches the file before any L1/L2 entry that
+ *     points at the cluster: new clusters are counted in the refcount
+ *     cache; before any dirty L2 slice or L1 entry is written,
+ *     l2_writeback_hook writes the dirty refcount blocks and syncs.
+ *  2. Guest data (and COW) is written before the L2 entry that maps it:
+ *     the data is written at once (need_sync is set), the L2 entry only
+ *     goes to the cache; the same hook syncs before L2 write-back.
+ *  3. An L1/L2 entry is cleared and written before the refcount
+ *     decrement that frees its cluster: frees are deferred
+ *     (refcount_free_later) and applied only after the metadata is
+ *     written and synced, with io_lock held exclusively so that no
+ *     cluster is freed while a read or write to it is in flight.
+ *  4. Every host write passes overlap_check_write first.
+ *  5. After qcow2_flush (or a FUA write) returns, everything
+ *     acknowledged before it is on stable storage.
+ *  6. So after a crash, refcounts can only be too high (leaks), never
+ *     too low, and no entry points at unwritten data.
+ *  7. Corruption is sticky (header_mark_corrupt): writes fail with EIO.
+ *
+ * Writes to clusters the image owns alone (COPIED, refcount 1) are done
+ * in place, outside img->lock, under the shared io_lock.  Everything
+ * else (unallocated, zero, compressed, shared with a snapshot, backing
+ * data) is an allocating write done under img->lock: new clusters are
+ * allocated contiguously for the whole run, the untouched head and tail
+ * are copied from the old contents into the same buffer, and the run is
+ * written with one host write.  With extended L2 entries only the
+ * touched subclusters of a cluster are written and marked allocated.
+ *
+ * L2 tables shared with a snapshot (refcount > 1) are copied before
+ * they are changed; the copy gets refcount 1 and COPIED flags
+ * recomputed from the refcounts.
+ */
+
+#ifdef HAVE_CONFIG_H
+#include <config.h>
+#endif
+
+#include <stdlib.h>
+#include <string.h>
+#include <errno.h>
+#include <inttypes.h>
+
+#include "internal.h"
+#include "overlap.h"
+
+/* Frees pile up until the next flush; past this many clusters a write
+ * flushes by itself so that freed space is reused.
+ */
+#define MAX_PENDING_FREES 8192
+
+/* Rules 1 and 2: before an L2 slice or L1 entry is written. */
+int
+write_barrier (struct qcow2_image *img)
+{
+  if (cache_flush (img->rc_cache) == -1)
+    return -1;
+  if (img->need_sync) {
+    if (img->data_io != img->io && io_flush (img->data_io) == -1) {
+      nbdkit_error ("%s: syncing data file: %m", img->name);
+      return -1;
+    }
+    if (io_flush (img->io) == -1) {
+      nbdkit_error ("%s: sync: %m", img->name);
+      return -1;
+    }
+    img->need_sync = false;
+  }
+  return 0;
+}
+
+static int
+write_l1 (struct qcow2_image *img)
+{
+  uint32_t lo = img->l1_dirty_lo, hi = img->l1_dirty_hi, i;
+  uint64_t *be;
+  int r = -1;
+
+  if (!img->l1_dirty)
+    return 0;
+  if (write_barrier (img) == -1)
+    return -1;
+  be = malloc ((size_t) (hi - lo + 1) * 8);
+  if (be == NULL)
+    return -1;
+  for (i = lo; i <= hi; i++)
+    be[i - lo] = htobe64 (img->l1[i]);
+  if (overlap_check_write (img, img->l1_offset + (uint64_t) lo * 8,
+                           (uint64_t) (hi - lo + 1) * 8, OV_ACTIVE_L1) == 0) {
+    r = io_pwrite (img->io, be, (size_t) (hi - lo + 1) * 8,
+                   img->l1_offset + (uint64_t) lo * 8);
+    if (r == -1)
+      nbdkit_error ("%s: writing L1 table: %m", img->name);
+  }
+  free (be);
+  if (r == 0)
+    img->l1_dirty = false;
+  return r;
+}
+
+static void
+l1_set (struct qcow2_image *img, uint64_t i, uint64_t v)
+{
+  img->l1[i] = v;
+  if (!img->l1_dirty) {
+    img->l1_dirty = true;
+    img->l1_dirty_lo = img->l1_dirty_hi = i;
+  }
+  if (i < img->l1_dirty_lo)
+    img->l1_dirty_lo = i;
+  if (i > img->l1_dirty_hi)
+    img->l1_dirty_hi = i;
+}
+
+/* Write everything back in order and sync; then apply deferred frees. */
+int
+write_flush_locked (struct qcow2_image *img)
+{
+  if (write_barrier (img) == -1 ||
+      cache_flush (img->l2_cache) == -1 ||
+      write_l1 (img) == -1)
+    return -1;
+  if (io_flush (img->io) == -1) {
+    nbdkit_error ("%s: sync: %m", img->name);
+    return -1;
+  }
+  if (img->nr_pending > 0) {
+    int r;
+    pthread_rwlock_wrlock (&img->io_lock);
+    r = refcount_commit_frees (img);
+    pthread_rwlock_unlock (&img->io_lock);
+    if (r == -1)
+      return -1;
+  }
+  return 0;
+}
+
+/* Host clusters a compressed cluster's stream touches. */
+static int
+free_entry_later (struct qcow2_image *img, uint64_t e)
+{
+  if (img->data_file_name)
+    return 0;                   /* data clusters are not refcounted */
+  if (e & QCOW_OFLAG_COMPRESSED) {
+    unsigned x = 62 - (img->cluster_bits - 8);
+    uint64_t off = e & ((UINT64_C(1) << x) - 1);
+    uint64_t sectors = ((e & L2E_COMPRESSED_MASK) >> x) + 1;
+    uint64_t end = (off & ~UINT64_C(511)) + sectors * 512;
+    uint64_t first = off >> img->cluster_bits;
+    uint64_t last = (end - 1) >> img->cluster_bits;
+    return refcount_free_later (img, first << img->cluster_bits,
+                                last - first + 1);
+  }
+  if (e & L2E_OFFSET_MASK)
+    return refcount_free_later (img, e & L2E_OFFSET_MASK, 1);
+  return 0;
+}
+
+/* Copy a shared L2 table (refcount > 1) so the active L1 owns it. */
+static int
+cow_l2_table (struct qcow2_image *img, uint64_t l1i, uint64_t old)
+{
+  uint64_t cs = img->cluster_size, n = cs >> img->l2_entry_shift, i;
+  uint64_t *t = malloc (cs);
+  int64_t new;
+  int r = -1;
+
+  if (t == NULL)
+    return -1;
+  /* Dirty slices of a shared table cannot exist (we never change one),
+   * so the file has its current contents.
+   */
+  if (io_pread (img->io, t, cs, old) == -1) {
+    nbdkit_error ("%s: reading L2 table: %m", img->name);
+    goto out;
+  }
+  for (i = 0; i < n; i++) {
+    uint64_t *ep = &t[i << (img->l2_entry_shift - 3)];
+    uint64_t e = be64toh (*ep), host = e & L2E_OFFSET_MASK, rc;
+    if ((e & QCOW_OFLAG_COMPRESSED) || host == 0 || img->data_file_name)
+      continue;
+    if (refcount_get (img, host >> img->cluster_bits, &rc) == -1)
+      goto out;
+    e = rc == 1 ? (e | QCOW_OFLAG_COPIED) : (e & ~QCOW_OFLAG_COPIED);
+    *ep = htobe64 (e);
+  }
+  new = refcount_alloc (img, 1);
+  if (new == -1)
+    goto out;
+  if (overlap_add (img, new, cs, OV_ACTIVE_L2) == -1 ||
+      overlap_check_write (img, new, cs, OV_ACTIVE_L2) == -1)
+    goto out;
+  if (io_pwrite (img->io, t, cs, new) == -1) {
+    nbdkit_error ("%s: writing L2 table copy: %m", img->name);
+    goto out;
+  }
+  img->need_sync = true;
+  overlap_remove (img, old, cs, OV_ACTIVE_L2);
+  l1_set (img, l1i, (uint64_t) new | QCOW_OFLAG_COPIED);
+  r = refcount_free_later (img, old, 1);
+ out:
+  free (t);
+  return r;
+}
+
+/* Make the L2 table for guest offset exist and belong to the active L1
+ * alone; return its offset and whether it is brand new (all zero).
+ */
+static int
+l2_for_write (struct qcow2_image *img, uint64_t guest, uint64_t *l2,
+              bool *fresh)
+{
+  uint64_t l1i = l1_index (img, guest), e, off, rc;
+  uint64_t cs = img->cluster_size;
+
+  *fresh = false;
+  e = img->l1[l1i];
+  off = e & L1E_OFFSET_MASK;
+  if (off == 0) {
+    int64_t new = refcount_alloc (img, 1);
+    void *zero;
+    if (new == -1)
+      return -1;
+    if (overlap_add (img, new, cs, OV_ACTIVE_L2) == -1 ||
+        overlap_check_write (img, new, cs, OV_ACTIVE_L2) == -1)
+      return -1;
+    zero = calloc (1, cs);
+    if (zero == NULL)
+      return -1;
+    if (io_pwrite (img->io, zero, cs, new) == -1) {
+      nbdkit_error ("%s: writing new L2 table: %m", img->name);
+      free (zero);
+      return -1;
+    }
+    free (zero);
+    cache_drop (img->l2_cache, new, cs);
+    img->need_sync = true;
+    l1_set (img, l1i, (uint64_t) new | QCOW_OFLAG_COPIED);
+    *l2 = new;
+    *fresh = true;
+    return 0;
+  }
+  if (offset_into_cluster (img, off) != 0)
+    return header_mark_corrupt (img, "L2 table offset %#" PRIx64
+                                " is not cluster aligned", off);
+  if (!(e & QCOW_OFLAG_COPIED)) {
+    if (refcount_get (img, off >> img->cluster_bits, &rc) == -1)
+      return -1;
+    if (rc == 0)
+      return header_mark_corrupt (img, "L2 table at %#" PRIx64
+                                  " has refcount 0", off);
+    if (rc > 1) {
+      if (cow_l2_table (img, l1i, off) == -1)
+        return -1;
+      *l2 = img->l1[l1i] & L1E_OFFSET_MASK;
+      return 0;
+    }
+    l1_set (img, l1i, off | QCOW_OFLAG_COPIED);
+  }
+  *l2 = off;
+  return 0;
+}
+
+/* Pinned slice + the entry pointer for a guest cluster. */
+struct l2_ref {
+  struct cache_entry *ce;
+  uint64_t *slice;
+  uint64_t *entry;              /* first word of the entry */
+};
+
+static int
+get_entry (struct qcow2_image *img, uint64_t guest, struct l2_ref *ref)
+{
+  uint64_t l2 = 0, idx = l2_index (img, guest);
+  uint32_t slice_size = UINT32_C(1) << img->slice_bits;
+  uint64_t per_slice = slice_size >> img->l2_entry_shift;
+  bool fresh;
+
+  if (l2_for_write (img, guest, &l2, &fresh) == -1)
+    return -1;
+  ref->slice = cache_get (img->l2_cache, l2 + (idx / per_slice) * slice_size,
+                          !fresh, &ref->ce);
+  if (ref->slice == NULL)
+    return -1;
+  ref->entry = &ref->slice[(idx % per_slice) << (img->l2_entry_shift - 3)];
+  return 0;
+}
+
+static void
+put_entry (struct qcow2_image *img, struct l2_ref *ref, bool dirty)
+{
+  if (dirty)
+    cache_mark_dirty (img->l2_cache, ref->ce);
+  cache_put (img->l2_cache, ref->ce);
+}
+
+/* Write buf to host [host, host+len) of the data file. */
+static int
+data_write (struct qcow2_image *img, const void *buf, uint64_t len,
+            uint64_t host)
+{
+  if (img->data_io == img->io &&
+      overlap_check_write (img, host, len, 0) == -1)
+    return -1;
+  if (io_pwrite (img->data_io, buf, len, host) == -1) {
+    nbdkit_error ("%s: writing data at %#" PRIx64 ": %m", img->name, host);
+    return -1;
+  }
+  img->need_sync = true;
+  return 0;
+}
+
+/* Allocating write of whole clusters [c0, c0 + n*cs) all of one kind
+ * (standard L2 entries), with the guest data at [off, off+len) inside.
+ */
+static int
+alloc_clusters (struct qcow2_image *img, const uint8_t *buf, uint64_t off,
+                uint64_t len, uint64_t c0, uint64_t n)
+{
+  uint64_t cs = img->cluster_size, i;
+  uint8_t *data = NULL;
+  int64_t host;
+  struct l2_ref ref;
+  int r = -1;
+
+  data = malloc (n * cs);
+  if (data == NULL)
+    return -1;
+  /* Head and tail keep what the guest saw before (rule 2: one write). */
+  if (off > c0 && cluster_read (img, data, off - c0, c0, true) == -1)
+    goto out;
+  if (off + len < c0 + n * cs &&
+      cluster_read (img, data + (off + len - c0), c0 + n * cs - off - len,
+                    off + len, true) == -1)
+    goto out;
+  memcpy (data + (off - c0), buf, len);
+
+  if (img->data_file_name)
+    host = c0;                  /* external data: host offset = guest */
+  else if ((host = refcount_alloc (img, n)) == -1)
+    goto out;
+  if (data_write (img, data, n * cs, host) == -1)
+    goto out;
+
+  for (i = 0; i < n; i++) {
+    uint64_t old;
+    if (get_entry (img, c0 + i * cs, &ref) == -1)
+      goto out;
+    old = be64toh (ref.entry[0]);
+    ref.entry[0] = htobe64 ((host + i * cs) | QCOW_OFLAG_COPIED);
+    put_entry (img, &ref, true);
+    if (free_entry_later (img, old) == -1)
+      goto out;
+  }
+  r = 0;
+ out:
+  free (data);
+  return r;
+}
+
+/* Extended L2: write [off, off+len) inside one cluster. */
+static int
+write_subclusters (struct qcow2_image *img, const uint8_t *buf, uint64_t off,
+                   uint64_t len)
+{
+  uint64_t cs = img->cluster_size, c0 = off & ~(cs - 1);
+  uint64_t scs = UINT64_C(1) << img->subcluster_bits;
+  unsigned s0 = (off - c0) >> img->subcluster_bits;
+  unsigned s1 = (off + len - 1 - c0) >> img->subcluster_bits;
+  uint64_t a = c0 + s0 * scs, b = c0 + (s1 + 1) * scs;
+  uint64_t e, bm, host, touched;
+  struct l2_ref ref;
+  uint8_t *data = NULL;
+  int r = -1;
+
+  if (get_entry (img, c0, &ref) == -1)
+    return -1;
+  e = be64toh (ref.entry[0]);
+  bm = be64toh (ref.entry[1]);
+  host = e & L2E_OFFSET_MASK;
+  put_entry (img, &ref, false);
+
+  if ((e & QCOW_OFLAG_COMPRESSED) ||
+      (host && !(e & QCOW_OFLAG_COPIED) && !img->data_file_name)) {
+    /* Compressed or shared: copy the whole cluster. */
+    data = malloc (cs);
+    if (data == NULL)
+      return -1;
+    if (cluster_read (img, data, cs, c0, true) == -1)
+      goto out;
+    memcpy (data + (off - c0), buf, len);
+    if (img->data_file_name)
+      host = c0;
+    else if ((int64_t) (host = refcount_alloc (img, 1)) == -1)
+      goto out;
+    if (data_write (img, data, cs, host) == -1)
+      goto out;
+    if (get_entry (img, c0, &ref) == -1)
+      goto out;
+    ref.entry[0] = htobe64 (host | QCOW_OFLAG_COPIED);
+    ref.entry[1] = htobe64 (SC_ALLOC_MASK);
+    put_entry (img, &ref, true);
+    r = free_entry_later (img, e);
+    goto out;
+  }
+
+  data = malloc (b - a);
+  if (data == NULL)
+    return -1;
+  if (off > a && cluster_read (img, data, off - a, a, true) == -1)
+    goto out;
+  if (off + len < b &&
+      cluster_read (img, data + (off + len - a), b - off - len, off + len,
+                    true) == -1)
+    goto out;
+  memcpy (data + (off - a), buf, len);
+  if (host == 0 && !(img->data_file_name && (e & QCOW_OFLAG_COPIED))) {
+    if (img->data_file_name)
+      host = c0;
+    else if ((int64_t) (host = refcount_alloc (img, 1)) == -1)
+      goto out;
+  }
+  if (data_write (img, data, b - a, host + (a - c0)) == -1)
+    goto out;
+  touched = ((UINT64_C(1) << (s1 + 1)) - 1) & ~((UINT64_C(1) << s0) - 1);
+  if (get_entry (img, c0, &ref) == -1)
+    goto out;
+  ref.entry[0] = htobe64 (host | QCOW_OFLAG_COPIED);
+  bm = (bm | touched) & ~(touched << 32);
+  ref.entry[1] = htobe64 (bm);
+  put_entry (img, &ref, true);
+  r = 0;
+ out:
+  free (data);
+  return r;
+}
+
+/* Write one run (as cluster_map describes it) that cannot be written in
+ * place.  Returns bytes consumed.
+ */
+static int64_t
+write_run_locked (struct qcow2_image *img, const uint8_t *buf, uint64_t off,
+                  const struct mapping *m)
+{
+  uint64_t cs = img->cluster_size, c0, c1, len = m->length;
+
+  if (img->ext_l2) {
+    uint64_t n = min_u64 (len, cs - offset_into_cluster (img, off));
+    if (write_subclusters (img, buf, off, n) == -1)
+      return -1;
+    return n;
+  }
+  c0 = off & ~(cs - 1);
+  c1 = round_up_pow2 (off + len, cs);
+  if (alloc_clusters (img, buf, off, len, c0, (c1 - c0) / cs) == -1)
+    return -1;
+  return len;
+}
+
+static int
+check_writable (struct qcow2_image *img)
+{
+  if (img->readonly) {
+    errno = EROFS;
+    return -1;
+  }
+  if (img->corrupt) {
+    errno = EIO;
+    return -1;
+  }
+  return header_prepare_write (img);
+}
+
+/* Write with img->lock held throughout (used by zero's fallback). */
+static int
+write_locked (struct qcow2_image *img, const uint8_t *buf, uint64_t count,
+              uint64_t offset)
+{
+  while (count > 0) {
+    struct mapping m;
+    int64_t n;
+
+    if (cluster_map (img, offset, count, &m) == -1)
+      return -1;
+    if (m.kind == MAP_DATA && m.copied) {
+      if (data_write (img, buf, m.length, m.host_offset) == -1)
+        return -1;
+      n = m.length;
+    }
+    else if ((n = write_run_locked (img, buf, offset, &m)) == -1)
+      return -1;
+    buf += n;
+    offset += n;
+    count -= n;
+  }
+  return 0;
+}
+
+static int
+maybe_commit (struct qcow2_image *img)
+{
+  if (img->pending_clusters > MAX_PENDING_FREES)
+    return write_flush_locked (img);
+  return 0;
+}
+
+int
+qcow2_pwrite (struct qcow2_image *img, const void *buf, uint64_t count,
+              uint64_t offset, unsigned flags)
+{
+  const uint8_t *p = buf;
+
+  if (offset > img->size || count > img->size - offset) {
+    errno = EINVAL;
+    nbdkit_error ("%s: write beyond end of disk", img->name);
+    return -1;
+  }
+  while (count > 0) {
+    struct mapping m;
+    int64_t n;
+
+    pthread_mutex_lock (&img->lock);
+    if (check_writable (img) == -1 ||
+        cluster_map (img, offset, count, &m) == -1)
+      goto err;
+    if (m.kind == MAP_DATA && m.copied) {
+      /* In place, outside the lock (rule 3 keeps the cluster ours). */
+      int r;
+      if (img->data_io == img->io &&
+          overlap_check_write (img, m.host_offset, m.length, 0) == -1)
+        goto err;
+      pthread_rwlock_rdlock (&img->io_lock);
+      pthread_mutex_unlock (&img->lock);
+      r = io_pwrite (img->data_io, p, m.length, m.host_offset);
+      pthread_rwlock_unlock (&img->io_lock);
+      if (r == -1) {
+        nbdkit_error ("%s: writing data at %#" PRIx64 ": %m", img->name,
+                      m.host_offset);
+        return -1;
+      }
+      n = m.length;
+    }
+    else {
+      n = write_run_locked (img, p, offset, &m);
+      if (n == -1 || maybe_commit (img) == -1)
+        goto err;
+      pthread_mutex_unlock (&img->lock);
+    }
+    p += n;
+    offset += n;
+    count -= n;
+  }
+  if (flags & QCOW2_F_FUA)
+    return qcow2_flush (img);
+  return 0;
+
+ err:
+  pthread_mutex_unlock (&img->lock);
+  return -1;
+}
+
+int
+qcow2_flush (struct qcow2_image *img)
+{
+  int r;
+
+  if (img->readonly)
+    return 0;
+  pthread_mutex_lock (&img->lock);
+  r = write_flush_locked (img);
+  if (r == 0 && img->data_io != img->io && io_flush (img->data_io) == -1) {
+    nbdkit_error ("%s: syncing data file: %m", img->name);
+    r = -1;
+  }
+  pthread_mutex_unlock (&img->lock);
+  return r;
+}
+
+/* Does guest [off, off+len) already read as zeroes? */
+static int
+reads_as_zero (struct qcow2_image *img, uint64_t off, uint64_t len,
+               bool *zero)
+{
+  *zero = true;
+  while (len > 0) {
+    struct mapping m;
+    if (cluster_map (img, off, len, &m) == -1)
+      return -1;
+    if (m.kind == MAP_DATA || m.kind == MAP_COMPRESSED ||
+        (m.kind == MAP_UNALLOCATED && off < img->backing_size)) {
+      *zero = false;
+      return 0;
+    }
+    off += m.length;
+    len -= m.length;
+  }
+  return 0;
+}
+
+/* Write real zeroes (the fallback). */
+static int
+write_zeroes (struct qcow2_image *img, uint64_t off, uint64_t len,
+              unsigned flags)
+{
+  static const uint8_t zeroes[65536];
+  bool zero;
+
+  if (reads_as_zero (img, off, len, &zero) == -1)
+    return -1;
+  if (zero)
+    return 0;
+  if (flags & QCOW2_F_FAST_ZERO) {
+    errno = ENOTSUP;
+    return -1;
+  }
+  while (len > 0) {
+    uint64_t n = min_u64 (len, sizeof zeroes);
+    if (write_locked (img, zeroes, n, off) == -1)
+      return -1;
+    off += n;
+    len -= n;
+  }
+  return 0;
+}
+
+/* Change whole clusters [c0, c0+n*cs): trim discards them (they read
+ * as the backing file, or zeroes without one; v3 images with a backing
+ * file get the zero flag instead, as QEMU does), zero makes them read as
+ * zeroes.  Host clusters are freed unless zeroing without may_trim, which
+ * keeps them allocated (preallocated zero clusters).
+ */
+static int
+zero_clusters (struct qcow2_image *img, uint64_t c0, uint64_t n, bool trim,
+               bool may_trim)
+{
+  uint64_t cs = img->cluster_size, i;
+
+  for (i = 0; i < n; i++) {
+    struct l2_ref ref;
+    uint64_t g = c0 + i * cs, e, host, ne;
+    bool backing = img->backing_name != NULL && g < img->backing_size;
+    bool want_zero = !trim || (backing && img->version >= 3);
+    bool keep;
+
+    /* No L2 table: unallocated, which reads as zero without backing. */
+    if ((img->l1[l1_index (img, g)] & L1E_OFFSET_MASK) == 0 &&
+        (!want_zero || !backing))
+      continue;
+    if (get_entry (img, g, &ref) == -1)
+      return -1;
+    e = be64toh (ref.entry[0]);
+    host = e & L2E_OFFSET_MASK;
+    keep = !trim && !may_trim && host && (e & QCOW_OFLAG_COPIED) &&
+           !(e & QCOW_OFLAG_COMPRESSED);
+    ne = keep ? (host | QCOW_OFLAG_COPIED) : 0;
+    if (want_zero && !img->ext_l2)
+      ne |= QCOW_OFLAG_ZERO;
+    ref.entry[0] = htobe64 (ne);
+    if (img->ext_l2)
+      ref.entry[1] = htobe64 (want_zero ? SC_ZERO_MASK : 0);
+    put_entry (img, &ref, true);
+    if (!keep && free_entry_later (img, e) == -1)
+      return -1;
+  }
+  return 0;
+}
+
+int
+qcow2_zero (struct qcow2_image *img, uint64_t count, uint64_t offset,
+            unsigned flags)
+{
+  uint64_t cs = img->cluster_size, a, b;
+  bool meta = img->version >= 3 && !(img->autoclear & AUTOCLEAR_DATA_FILE_RAW);
+  int r = -1;
+
+  if (offset > img->size || count > img->size - offset) {
+    errno = EINVAL;
+    nbdkit_error ("%s: zero beyond end of disk", img->name);
+    return -1;
+  }
+  pthread_mutex_lock (&img->lock);
+  if (check_writable (img) == -1)
+    goto out;
+  /* Whole clusters [a, b) change metadata; the ragged edges (and
+   * everything on v2 or raw external data) get real zeroes.
+   */
+  a = round_up_pow2 (offset, cs);
+  b = (offset + count) & ~(cs - 1);
+  if (offset + count == img->size)
+    b = round_up_pow2 (img->size, cs);
+  if (!meta || a >= b) {
+    if (!meta && !img->backing_name && !img->data_file_name &&
+        (flags & QCOW2_F_MAY_TRIM) && a < b) {
+      /* v2 without a backing file: a discarded cluster reads as zero. */
+      if (write_zeroes (img, offset, a - offset, flags) == -1 ||
+          zero_clusters (img, a, (b - a) / cs, true, true) == -1 ||
+          write_zeroes (img, b, offset + count - min_u64 (b, offset + count),
+                        flags) == -1)
+        goto out;
+    }
+    else if (write_zeroes (img, offset, count, flags) == -1)
+      goto out;
+  }
+  else {
+    if (write_zeroes (img, offset, a - offset, flags) == -1 ||
+        zero_clusters (img, a, (b - a) / cs, false,
+                       (flags & QCOW2_F_MAY_TRIM) != 0) == -1 ||
+        (offset + count > b &&
+         write_zeroes (img, b, offset + count - b, flags) == -1))
+      goto out;
+  }
+  if (maybe_commit (img) == -1)
+    goto out;
+  r = 0;
+ out:
+  pthread_mutex_unlock (&img->lock);
+  if (r == 0 && (flags & QCOW2_F_FUA))
+    return qcow2_flush (img);
+  return r;
+}
+
+int
+qcow2_trim (struct qcow2_image *img, uint64_t count, uint64_t offset,
+            unsigned flags)
+{
+  uint64_t cs = img->cluster_size, a, b;
+  int r = -1;
+
+  if (offset > img->size || count > img->size - offset) {
+    errno = EINVAL;
+    nbdkit_error ("%s: trim beyond end of disk", img->name);
+    return -1;
+  }
+  pthread_mutex_lock (&img->lock);
+  if (check_writable (img) == -1)
+    goto out;
+  /* Trim is advisory: only whole clusters, and nothing with an external
+   * data file (whose contents must stay as they are when raw).
+   */
+  a = round_up_pow2 (offset, cs);
+  b = (offset + count) & ~(cs - 1);
+  if (offset + count == img->size)
+    b = round_up_pow2 (img->size, cs);
+  if (a < b && !img->data_file_name &&
+      zero_clusters (img, a, (b - a) / cs, true, true) == -1)
+    goto out;
+  if (maybe_commit (img) == -1)
+    goto out;
+  r = 0;
+ out:
+  pthread_mutex_unlock (&img->lock);
+  if (r == 0 && (flags & QCOW2_F_FUA))
+    return qcow2_flush (img);
+  return r;
+}

@@ -1,0 +1,251 @@
+/* nbdkit-qcow2: the nbdkit plugin.
+ * Copyright (C) 2026 the nbdkit-qcow2 authors.  BSD-3-Clause, see LICENSE.
+ *
+ * A thin layer: parameters become a struct qcow2_config, callbacks
+ * become core calls.  One struct qcow2_image is opened in .get_ready and
+ * shared by every connection (two caches over one file would corrupt
+ * it), so the thread model is PARALLEL and multi-conn is safe: every
+ * connection sees every other's writes at once, and a flush on any of
+ * them flushes all.
+ */
+
+#include <config.h>
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <errno.h>
+#include <inttypes.h>
+
+#define NBDKIT_API_VERSION 2
+#include <nbdkit-plugin.h>
+
+#include "../core/qcow2.h"
+
+static char *filename;
+static struct qcow2_config cfg;
+static struct qcow2_image *img;
+
+static void
+qcow2_plugin_unload (void)
+{
+  if (img && qcow2_close (img) == -1)
+    nbdkit_error ("%s: errors while closing the image", filename);
+  img = NULL;
+  free (filename);
+}
+
+static int
+parse_size (const char *key, const char *value, uint64_t *out)
+{
+  int64_t r = nbdkit_parse_size (value);
+
+  if (r == -1)
+    return -1;
+  *out = r;
+  return 0;
+}
+
+static int
+qcow2_plugin_config (const char *key, const char *value)
+{
+  if (strcmp (key, "file") == 0) {
+    free (filename);
+    filename = nbdkit_realpath (value);
+    if (filename == NULL)
+      return -1;
+  }
+  else if (strcmp (key, "l2-cache-size") == 0)
+    return parse_size (key, value, &cfg.l2_cache_size);
+  else if (strcmp (key, "refcount-cache-size") == 0)
+    return parse_size (key, value, &cfg.refcount_cache_size);
+  else if (strcmp (key, "cache-entry-size") == 0) {
+    uint64_t v;
+    if (parse_size (key, value, &v) == -1)
+      return -1;
+    if (v < 512 || v > (2 << 20) || (v & (v - 1))) {
+      nbdkit_error ("cache-entry-size must be a power of 2 between 512 "
+                    "and 2M");
+      return -1;
+    }
+    cfg.cache_entry_size = v;
+  }
+  else if (strcmp (key, "overlap-check") == 0) {
+    if (strcmp (value, "none") == 0)
+      cfg.overlap_check = QCOW2_OVERLAP_NONE;
+    else if (strcmp (value, "constant") == 0)
+      cfg.overlap_check = QCOW2_OVERLAP_CONSTANT;
+    else if (strcmp (value, "cached") == 0)
+      cfg.overlap_check = QCOW2_OVERLAP_CACHED;
+    else if (strcmp (value, "all") == 0)
+      cfg.overlap_check = QCOW2_OVERLAP_ALL;
+    else {
+      nbdkit_error ("overlap-check must be none, constant, cached or all");
+      return -1;
+    }
+  }
+  else if (strcmp (key, "locking") == 0) {
+    int r = nbdkit_parse_bool (value);
+    if (r == -1)
+      return -1;
+    cfg.no_locking = !r;
+  }
+  else {
+    nbdkit_error ("unknown parameter '%s'", key);
+    return -1;
+  }
+  return 0;
+}
+
+static int
+qcow2_plugin_config_complete (void)
+{
+  if (filename == NULL) {
+    nbdkit_error ("you must supply the file=<IMAGE> parameter");
+    return -1;
+  }
+  return 0;
+}
+
+#define qcow2_plugin_config_help \
+  "file=<IMAGE>                 (required) The qcow2 image to serve.\n" \
+  "l2-cache-size=<SIZE>         L2 table cache size (default: whole disk,\n" \
+  "                             at most 32M).\n" \
+  "refcount-cache-size=<SIZE>   Refcount block cache size (default 256K).\n" \
+  "cache-entry-size=<SIZE>      Cache slice size (default 4K or the\n" \
+  "                             cluster size if smaller).\n" \
+  "overlap-check=none|constant|cached|all\n" \
+  "                             Metadata overlap checks (default all).\n" \
+  "locking=on|off               QEMU-compatible image locking (default on)."
+
+static void
+qcow2_plugin_dump_plugin (void)
+{
+  printf ("qcow2_zstd=%s\n", qcow2_have_zstd () ? "yes" : "no");
+  printf ("qcow2_write=no\n");
+  printf ("qcow2_overlap_check=all\n");
+}
+
+static int
+qcow2_plugin_get_ready (void)
+{
+  img = qcow2_open (filename, &cfg);
+  return img ? 0 : -1;
+}
+
+static void *
+qcow2_plugin_open (int readonly)
+{
+  return img;
+}
+
+static int64_t
+qcow2_plugin_get_size (void *handle)
+{
+  return qcow2_get_size (img);
+}
+
+static int
+qcow2_plugin_can_write (void *handle)
+{
+  /* The write path is not there yet: serve read-only. */
+  return 0;
+}
+
+static int
+qcow2_plugin_can_multi_conn (void *handle)
+{
+  return 1;
+}
+
+static int
+qcow2_plugin_can_extents (void *handle)
+{
+  return 1;
+}
+
+static int
+qcow2_plugin_can_cache (void *handle)
+{
+  return NBDKIT_CACHE_NATIVE;
+}
+
+static int
+qcow2_plugin_block_size (void *handle, uint32_t *minimum,
+                         uint32_t *preferred, uint32_t *maximum)
+{
+  uint32_t cs = qcow2_cluster_size (img);
+
+  *minimum = 1;
+  *preferred = cs < 4096 ? 4096 : cs;
+  *maximum = 0xffffffff;
+  return 0;
+}
+
+static int
+qcow2_plugin_pread (void *handle, void *buf, uint32_t count,
+                    uint64_t offset, uint32_t flags)
+{
+  return qcow2_pread (img, buf, count, offset);
+}
+
+static int
+qcow2_plugin_cache (void *handle, uint32_t count, uint64_t offset,
+                    uint32_t flags)
+{
+  return qcow2_prefetch (img, count, offset);
+}
+
+/* nbdkit 1.32 aborts on extents of 4 GiB or more: clip them. */
+static int
+add_extent (void *opaque, uint64_t offset, uint64_t length, uint32_t type)
+{
+  struct nbdkit_extents *extents = opaque;
+  const uint64_t max = UINT64_C(0x80000000);
+
+  while (length > 0) {
+    uint64_t n = length < max ? length : max;
+    if (nbdkit_add_extent (extents, offset, n, type) == -1)
+      return -1;
+    offset += n;
+    length -= n;
+  }
+  return 0;
+}
+
+static int
+qcow2_plugin_extents (void *handle, uint32_t count, uint64_t offset,
+                      uint32_t flags, struct nbdkit_extents *extents)
+{
+  return qcow2_extents (img, count, offset,
+                        (flags & NBDKIT_FLAG_REQ_ONE) != 0,
+                        add_extent, extents);
+}
+
+#define THREAD_MODEL NBDKIT_THREAD_MODEL_PARALLEL
+
+static struct nbdkit_plugin plugin = {
+  .name               = "qcow2",
+  .longname           = "nbdkit qcow2 plugin",
+  .version            = PACKAGE_VERSION,
+  .unload             = qcow2_plugin_unload,
+  .config             = qcow2_plugin_config,
+  .config_complete    = qcow2_plugin_config_complete,
+  .config_help        = qcow2_plugin_config_help,
+  .magic_config_key   = "file",
+  .dump_plugin        = qcow2_plugin_dump_plugin,
+  .get_ready          = qcow2_plugin_get_ready,
+  .open               = qcow2_plugin_open,
+  .get_size           = qcow2_plugin_get_size,
+  .can_write          = qcow2_plugin_can_write,
+  .can_multi_conn     = qcow2_plugin_can_multi_conn,
+  .can_extents        = qcow2_plugin_can_extents,
+  .can_cache          = qcow2_plugin_can_cache,
+  .block_size         = qcow2_plugin_block_size,
+  .pread              = qcow2_plugin_pread,
+  .cache              = qcow2_plugin_cache,
+  .extents            = qcow2_plugin_extents,
+  .errno_is_preserved = 1,
+};
+
+NBDKIT_REGISTER_PLUGIN (plugin)

@@ -1,0 +1,462 @@
+/* nbdkit-qcow2: unit test of core/compress.c.
+ * Copyright (C) 2026 the nbdkit-qcow2 authors.  BSD-3-Clause, see LICENSE.
+ *
+ * Round trips for both codecs on random, zero and text-like buffers,
+ * then the cases a qcow2 reader meets: trailing bytes after the stream
+ * (the rest of the last 512-byte sector, possibly the next cluster's
+ * stream), truncated and corrupted input, output buffers of the wrong
+ * size, and streams made the way QEMU makes them (raw deflate with a
+ * 4 KiB window, windowBits -12; a zstd frame from the streaming API).
+ * Interoperability with qemu-img itself is tested by the shell tests.
+ */
+
+#ifdef HAVE_CONFIG_H
+#include <config.h>
+#endif
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <stdint.h>
+#include <stdbool.h>
+#include <string.h>
+#include <errno.h>
+
+#define ZLIB_CONST 1
+#include <zlib.h>
+#ifdef HAVE_LIBZSTD
+#include <zstd.h>
+#endif
+
+#undef NDEBUG
+#include <assert.h>
+
+#include "internal.h"
+
+typedef int (*compress_fn) (const void *, size_t, void *, size_t *);
+typedef int (*decompress_fn) (const void *, size_t, void *, size_t);
+
+struct codec {
+  const char *name;
+  compress_fn compress;
+  decompress_fn decompress;
+};
+
+static const size_t sizes[] = { 512, 4096, 65536, 2 * 1024 * 1024 };
+enum fill { FILL_RANDOM, FILL_ZERO, FILL_TEXT, NR_FILLS };
+static const char *fill_names[] = { "random", "zero", "text" };
+
+/* Deterministic PRNG (xorshift64*) so failures reproduce. */
+static uint64_t rng_state = UINT64_C (0x9e3779b97f4a7c15);
+
+static uint64_t
+rng (void)
+{
+  rng_state ^= rng_state >> 12;
+  rng_state ^= rng_state << 25;
+  rng_state ^= rng_state >> 27;
+  return rng_state * UINT64_C (2685821657736338717);
+}
+
+static void
+fill_random (void *buf, size_t len)
+{
+  unsigned char *p = buf;
+  size_t i;
+
+  for (i = 0; i < len; ++i)
+    p[i] = rng () >> 56;
+}
+
+static void
+fill_buffer (unsigned char *buf, size_t len, enum fill fill)
+{
+  static const char *words[] = {
+    "the ", "qcow2 ", "cluster ", "refcount ", "table ", "of ",
+    "L2 ", "slice ", "is ", "written ", "\n", "0x10000 ", "and ",
+  };
+  size_t i, n;
+
+  switch (fill) {
+  case FILL_RANDOM:
+    fill_random (buf, len);
+    break;
+  case FILL_ZERO:
+    memset (buf, 0, len);
+    break;
+  case FILL_TEXT:
+    for (i = 0; i < len; i += n) {
+      const char *w = words[rng () % (sizeof words / sizeof words[0])];
+      n = strlen (w);
+      if (n > len - i)
+        n = len - i;
+      memcpy (&buf[i], w, n);
+    }
+    break;
+  default:
+    abort ();
+  }
+}
+
+static void *
+xmalloc (size_t len)
+{
+  void *p = malloc (len);
+
+  assert (p != NULL);
+  return p;
+}
+
+/* Room for the compressed form of any input (both libraries' bounds
+ * are far below this).
+ */
+static size_t
+capacity (size_t len)
+{
+  return len + len / 8 + 1024;
+}
+
+static size_t
+compress_ok (const struct codec *c, const void *in, size_t len,
+             void *out, size_t cap)
+{
+  size_t clen = cap;
+
+  assert (c->compress (in, len, out, &clen) == 0);
+  assert (clen > 0 && clen <= cap);
+  return clen;
+}
+
+static void
+expect_fail (const struct codec *c, const void *in, size_t in_len,
+             void *out, size_t out_len, const char *what)
+{
+  int r;
+
+  errno = 0;
+  r = c->decompress (in, in_len, out, out_len);
+  if (r != -1 || errno != EIO) {
+    fprintf (stderr, "%s: %s: expected EIO, got r=%d errno=%d\n",
+             c->name, what, r, errno);
+    exit (EXIT_FAILURE);
+  }
+}
+
+/* Everything that can be checked with one input buffer. */
+static void
+test_buffer (const struct codec *c, const unsigned char *orig, size_t len,
+             enum fill fill)
+{
+  size_t cap = capacity (len);
+  unsigned char *comp = xmalloc (2 * cap);
+  unsigned char *out = xmalloc (len + 512);
+  size_t clen, padded, i;
+
+  /* Round trip. */
+  clen = compress_ok (c, orig, len, comp, cap);
+  memset (out, 0xaa, len);
+  assert (c->decompress (comp, clen, out, len) == 0);
+  assert (memcmp (out, orig, len) == 0);
+  if (fill != FILL_RANDOM)
+    assert (clen < len);
+
+  /* The rest of the last sector is garbage: random bytes up to the
+   * next 512 boundary plus one more sector.
+   */
+  padded = (clen + 511) / 512 * 512 + 512;
+  fill_random (&comp[clen], padded - clen);
+  memset (out, 0xaa, len);
+  assert (c->decompress (comp, padded, out, len) == 0);
+  assert (memcmp (out, orig, len) == 0);
+
+  /* The next cluster's stream starts right after this one. */
+  {
+    size_t clen2 = compress_ok (c, orig, len, &comp[clen], 2 * cap - clen);
+    assert (c->decompress (comp, clen + clen2, out, len) == 0);
+    assert (memcmp (out, orig, len) == 0);
+    assert (c->decompress (&comp[clen], clen2, out, len) == 0);
+    assert (memcmp (out, orig, len) == 0);
+    /* Never run on into the next stream to fill a larger buffer. */
+    expect_fail (c, comp, clen + clen2, out, len + 1, "next stream");
+  }
+
+  /* Output buffer smaller than the stream's content: stop at a full
+   * buffer, as QEMU's reader does.
+   */
+  memset (out, 0xaa, len);
+  assert (c->decompress (comp, clen, out, len / 2) == 0);
+  assert (memcmp (out, orig, len / 2) == 0);
+
+  /* Output buffer larger than the content: short output is an error,
+   * with or without trailing garbage to misread.
+   */
+  expect_fail (c, comp, clen, out, len + 1, "out_len + 1");
+  expect_fail (c, comp, clen, out, len + 512, "out_len + 512");
+
+  /* Truncated input. */
+  expect_fail (c, comp, 0, out, len, "empty input");
+  expect_fail (c, comp, clen / 2, out, len, "half the input");
+  expect_fail (c, comp, 1, out, len, "one byte of input");
+
+  /* Random corruption must never crash; when it is caught it is EIO.
+   * (Neither codec as qcow2 uses it has a checksum, so some corruptions
+   * decode to wrong data of the right length.)
+   */
+  for (i = 0; i < 64; ++i) {
+    unsigned char *bad = xmalloc (clen);
+    size_t j, nflips = 1 + rng () % 8;
+    int r;
+
+    memcpy (bad, comp, clen);
+    for (j = 0; j < nflips; ++j)
+      bad[rng () % clen] ^= 1 + rng () % 255;
+    errno = 0;
+    r = c->decompress (bad, clen, out, len);
+    assert (r == 0 || (r == -1 && errno == EIO));
+    free (bad);
+  }
+
+  /* Too small for the compressed form: ENOSPC, and the exact size
+   * fits.
+   */
+  {
+    size_t small = clen - 1;
+
+    errno = 0;
+    assert (c->compress (orig, len, comp, &small) == -1);
+    assert (errno == ENOSPC);
+    small = 1;
+    errno = 0;
+    assert (c->compress (orig, len, comp, &small) == -1);
+    assert (errno == ENOSPC);
+    small = clen;
+    assert (c->compress (orig, len, comp, &small) == 0);
+    assert (small == clen);
+  }
+
+  /* The caller's rule "store uncompressed unless it shrinks": random
+   * data never fits in len - 1 bytes.
+   */
+  if (fill == FILL_RANDOM) {
+    size_t small = len - 1;
+
+    errno = 0;
+    assert (c->compress (orig, len, comp, &small) == -1);
+    assert (errno == ENOSPC);
+  }
+
+  free (comp);
+  free (out);
+}
+
+static void
+test_codec (const struct codec *c)
+{
+  size_t i;
+  enum fill f;
+
+  for (i = 0; i < sizeof sizes / sizeof sizes[0]; ++i) {
+    unsigned char *orig = xmalloc (sizes[i]);
+
+    for (f = 0; f < NR_FILLS; ++f) {
+      fill_buffer (orig, sizes[i], f);
+      test_buffer (c, orig, sizes[i], f);
+      printf ("%s: %s %zu: ok\n", c->name, fill_names[f], sizes[i]);
+    }
+    free (orig);
+  }
+}
+
+/* Deflate-specific corruption that must be caught: block type 3 is
+ * reserved.  The first byte holds BFINAL (bit 0) and BTYPE (bits 1-2).
+ */
+static void
+test_deflate_bad_block_type (const struct codec *c)
+{
+  unsigned char orig[4096], comp[8192], out[4096];
+  size_t clen;
+
+  fill_buffer (orig, sizeof orig, FILL_TEXT);
+  clen = compress_ok (c, orig, sizeof orig, comp, sizeof comp);
+  comp[0] |= 0x06;
+  expect_fail (c, comp, clen, out, sizeof out, "reserved block type");
+}
+
+/* Deflate with the given raw window, the reference writer for the
+ * QEMU-compatibility checks below.
+ */
+static size_t
+zlib_deflate (const void *in, size_t len, void *out, size_t cap,
+              int window_bits, int mem_level)
+{
+  z_stream strm = { 0 };
+
+  assert (deflateInit2 (&strm, Z_DEFAULT_COMPRESSION, Z_DEFLATED,
+                        window_bits, mem_level, Z_DEFAULT_STRATEGY) == Z_OK);
+  strm.next_in = in;
+  strm.avail_in = len;
+  strm.next_out = out;
+  strm.avail_out = cap;
+  assert (deflate (&strm, Z_FINISH) == Z_STREAM_END);
+  deflateEnd (&strm);
+  return cap - strm.avail_out;
+}
+
+/* The window checks.  The data is an 8 KiB random block repeated four
+ * times: a 32 KiB window finds the repeats (8 KiB back), a 4 KiB window
+ * cannot, so the compressed size tells which window a writer used.
+ */
+static void
+test_deflate_window (const struct codec *c)
+{
+  const size_t len = 32768, block = 8192;
+  unsigned char *orig = xmalloc (len);
+  unsigned char *comp = xmalloc (capacity (len));
+  unsigned char *ref = xmalloc (capacity (len));
+  unsigned char *out = xmalloc (len);
+  size_t i, clen, rlen;
+
+  fill_random (orig, block);
+  for (i = block; i < len; i += block)
+    memcpy (&orig[i], orig, block);
+
+  /* A stream made exactly as QEMU makes it (windowBits -12, memLevel 9)
+   * is read back.
+   */
+  rlen = zlib_deflate (orig, len, ref, capacity (len), -12, 9);
+  assert (rlen > len - len / 8);    /* no 8 KiB matches in a 4 KiB window */
+  fill_random (&ref[rlen], 512);
+  assert (c->decompress (ref, rlen + 512, out, len) == 0);
+  assert (memcmp (out, orig, len) == 0);
+
+  /* Our writer produces byte for byte the stream QEMU's parameters
+   * produce, so QEMU (inflateInit2 -12) can read everything we write.
+   */
+  clen = capacity (len);
+  assert (c->compress (orig, len, comp, &clen) == 0);
+  assert (clen == rlen);
+  assert (memcmp (comp, ref, clen) == 0);
+
+  /* A stream with a 32 KiB window (references 8 KiB back) is read too:
+   * the reader's window is the largest raw deflate allows.
+   */
+  rlen = zlib_deflate (orig, len, ref, capacity (len), -15, 8);
+  assert (rlen < len / 2);
+  assert (c->decompress (ref, rlen, out, len) == 0);
+  assert (memcmp (out, orig, len) == 0);
+
+  /* Same identity check on every size and fill of the main test. */
+  for (i = 0; i < sizeof sizes / sizeof sizes[0]; ++i) {
+    size_t sz = sizes[i];
+    unsigned char *in = xmalloc (sz);
+    unsigned char *a = xmalloc (capacity (sz)), *b = xmalloc (capacity (sz));
+    enum fill f;
+
+    for (f = 0; f < NR_FILLS; ++f) {
+      fill_buffer (in, sz, f);
+      rlen = zlib_deflate (in, sz, a, capacity (sz), -12, 9);
+      clen = capacity (sz);
+      assert (c->compress (in, sz, b, &clen) == 0);
+      assert (clen == rlen && memcmp (a, b, clen) == 0);
+    }
+    free (in);
+    free (a);
+    free (b);
+  }
+
+  printf ("deflate: windowBits -12 streams: ok\n");
+  free (orig);
+  free (comp);
+  free (ref);
+  free (out);
+}
+
+#ifdef HAVE_LIBZSTD
+/* A frame written with the streaming API in one ZSTD_e_end call, the
+ * way QEMU writes a cluster, and one with no content size in its
+ * header (ZSTD_compressStream + ZSTD_endStream), are both read.
+ */
+static void
+test_zstd_stream_frames (const struct codec *c)
+{
+  const size_t len = 65536;
+  unsigned char *orig = xmalloc (len);
+  unsigned char *comp = xmalloc (capacity (len) + 512);
+  unsigned char *out = xmalloc (len);
+  ZSTD_CCtx *cctx = ZSTD_createCCtx ();
+  ZSTD_CStream *cs = ZSTD_createCStream ();
+  ZSTD_inBuffer ib;
+  ZSTD_outBuffer ob;
+
+  assert (cctx != NULL && cs != NULL);
+  fill_buffer (orig, len, FILL_TEXT);
+
+  ib = (ZSTD_inBuffer) { .src = orig, .size = len, .pos = 0 };
+  ob = (ZSTD_outBuffer) { .dst = comp, .size = capacity (len), .pos = 0 };
+  assert (ZSTD_compressStream2 (cctx, &ob, &ib, ZSTD_e_end) == 0);
+  fill_random (&comp[ob.pos], 512);
+  assert (c->decompress (comp, ob.pos + 512, out, len) == 0);
+  assert (memcmp (out, orig, len) == 0);
+
+  assert (!ZSTD_isError (ZSTD_initCStream (cs, 3)));
+  ib = (ZSTD_inBuffer) { .src = orig, .size = len, .pos = 0 };
+  ob = (ZSTD_outBuffer) { .dst = comp, .size = capacity (len), .pos = 0 };
+  assert (!ZSTD_isError (ZSTD_compressStream (cs, &ob, &ib)));
+  assert (ib.pos == len);
+  assert (ZSTD_endStream (cs, &ob) == 0);
+  assert (ZSTD_getFrameContentSize (comp, ob.pos) ==
+          ZSTD_CONTENTSIZE_UNKNOWN);
+  fill_random (&comp[ob.pos], 512);
+  assert (c->decompress (comp, ob.pos + 512, out, len) == 0);
+  assert (memcmp (out, orig, len) == 0);
+
+  /* A corrupt magic number is always caught. */
+  comp[0] ^= 0xff;
+  expect_fail (c, comp, ob.pos, out, len, "bad zstd magic");
+
+  printf ("zstd: streaming frames: ok\n");
+  ZSTD_freeCCtx (cctx);
+  ZSTD_freeCStream (cs);
+  free (orig);
+  free (comp);
+  free (out);
+}
+#endif
+
+int
+main (void)
+{
+  const struct codec deflate_codec = {
+    "deflate", compress_deflate, compress_inflate,
+  };
+#ifdef HAVE_LIBZSTD
+  const struct codec zstd_codec = {
+    "zstd", compress_zstd_compress, compress_zstd_decompress,
+  };
+#endif
+
+  test_codec (&deflate_codec);
+  test_deflate_bad_block_type (&deflate_codec);
+  test_deflate_window (&deflate_codec);
+
+#ifdef HAVE_LIBZSTD
+  assert (qcow2_have_zstd ());
+  test_codec (&zstd_codec);
+  test_zstd_stream_frames (&zstd_codec);
+#else
+  {
+    unsigned char buf[512] = { 0 };
+    size_t len = sizeof buf;
+
+    assert (!qcow2_have_zstd ());
+    errno = 0;
+    assert (compress_zstd_decompress (buf, len, buf, len) == -1);
+    assert (errno == ENOTSUP);
+    errno = 0;
+    assert (compress_zstd_compress (buf, len, buf, &len) == -1);
+    assert (errno == ENOTSUP);
+    printf ("zstd: not built in: ok\n");
+  }
+#endif
+
+  return EXIT_SUCCESS;
+}

@@ -1,0 +1,433 @@
+/* nbdkit-qcow2: unit tests of core without nbdkit.
+ * Copyright (C) 2026 the nbdkit-qcow2 authors.  BSD-3-Clause, see LICENSE.
+ *
+ * Images are built by hand in memory (no binary images in the tree) and
+ * opened through the memory io backend: reads of every cluster kind,
+ * run merging, extents, header validation on corrupted headers, index
+ * math, the table cache (hit, miss, LRU eviction, pinning, write-back)
+ * and refcount entries of every width.
+ */
+
+#include <config.h>
+
+#undef NDEBUG
+#include <assert.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <errno.h>
+#include <inttypes.h>
+
+#include "internal.h"
+
+extern char stub_last_error[];
+
+static void
+put32 (uint8_t *p, uint32_t v)
+{
+  v = htobe32 (v);
+  memcpy (p, &v, 4);
+}
+
+static void
+put64 (uint8_t *p, uint64_t v)
+{
+  v = htobe64 (v);
+  memcpy (p, &v, 8);
+}
+
+static void
+put_refcount (uint8_t *block, unsigned order, uint64_t idx, uint64_t v)
+{
+  unsigned bits = 1u << order;
+
+  if (bits < 8) {
+    uint64_t bit = idx * bits;
+    block[bit / 8] |= v << (bit % 8);
+  }
+  else {
+    unsigned bytes = bits / 8, i;
+    for (i = 0; i < bytes; i++)
+      block[idx * bytes + i] = v >> (8 * (bytes - 1 - i));
+  }
+}
+
+/* Layout, in clusters: 0 header, 1 refcount table, 2 refcount block,
+ * 3 L1, 4 L2, 5..7 data.  Guest clusters: 0 -> data 5 (0x11),
+ * 1 -> zero flag, 2 -> unallocated, 3 -> data 6 (0x22), 4 -> data 7
+ * (0x33, host-contiguous with 3), 5.. unallocated.  16 clusters big.
+ */
+#define NCLUSTERS 8
+static uint8_t *
+build (unsigned cb, unsigned order, size_t *size)
+{
+  size_t cs = (size_t) 1 << cb;
+  uint8_t *b = calloc (NCLUSTERS, cs);
+  uint8_t *l2 = b + 4 * cs;
+  unsigned i;
+
+  assert (b);
+  memcpy (b, "QFI\xfb", 4);
+  put32 (b + HDR_VERSION, 3);
+  put32 (b + HDR_CLUSTER_BITS, cb);
+  put64 (b + HDR_SIZE, 16 * cs);
+  put32 (b + HDR_L1_SIZE, 1);
+  put64 (b + HDR_L1_TABLE_OFFSET, 3 * cs);
+  put64 (b + HDR_REFCOUNT_TABLE_OFFSET, cs);
+  put32 (b + HDR_REFCOUNT_TABLE_CLUSTERS, 1);
+  put32 (b + HDR_REFCOUNT_ORDER, order);
+  put32 (b + HDR_HEADER_LENGTH, 112);
+  put64 (b + cs, 2 * cs);
+  for (i = 0; i < NCLUSTERS; i++)
+    put_refcount (b + 2 * cs, order, i, 1);
+  put64 (b + 3 * cs, (4 * cs) | QCOW_OFLAG_COPIED);
+  put64 (l2 + 0, (5 * cs) | QCOW_OFLAG_COPIED);
+  put64 (l2 + 8, QCOW_OFLAG_ZERO);
+  put64 (l2 + 24, (6 * cs) | QCOW_OFLAG_COPIED);
+  put64 (l2 + 32, (7 * cs) | QCOW_OFLAG_COPIED);
+  memset (b + 5 * cs, 0x11, cs);
+  memset (b + 6 * cs, 0x22, cs);
+  memset (b + 7 * cs, 0x33, cs);
+  *size = NCLUSTERS * cs;
+  return b;
+}
+
+static struct qcow2_image *
+open_buf (const uint8_t *b, size_t size)
+{
+  struct qcow2_config cfg = { .readonly = true };
+  struct qcow2_io *io = qcow2_io_new_memory (b, size);
+
+  assert (io);
+  return qcow2_open_io (io, "test.qcow2", NULL, &cfg);
+}
+
+static bool
+all_bytes (const uint8_t *p, size_t n, uint8_t v)
+{
+  size_t i;
+  for (i = 0; i < n; i++)
+    if (p[i] != v)
+      return false;
+  return true;
+}
+
+struct ext { uint64_t off, len; uint32_t type; };
+static struct ext exts[64];
+static int nexts;
+
+static int
+collect (void *opaque, uint64_t offset, uint64_t length, uint32_t type)
+{
+  assert (nexts < 64);
+  if (nexts > 0 && exts[nexts-1].type == type &&
+      exts[nexts-1].off + exts[nexts-1].len == offset)
+    exts[nexts-1].len += length;
+  else
+    exts[nexts++] = (struct ext) { offset, length, type };
+  return 0;
+}
+
+static void
+test_reads (unsigned cb)
+{
+  size_t size, cs = (size_t) 1 << cb;
+  uint8_t *b = build (cb, 4, &size);
+  struct qcow2_image *img = open_buf (b, size);
+  uint8_t *buf = malloc (16 * cs);
+  struct mapping m;
+
+  assert (img);
+  assert (qcow2_get_size (img) == 16 * cs);
+  assert (qcow2_pread (img, buf, 16 * cs, 0) == 0);
+  assert (all_bytes (buf, cs, 0x11));
+  assert (all_bytes (buf + cs, 2 * cs, 0));
+  assert (all_bytes (buf + 3 * cs, cs, 0x22));
+  assert (all_bytes (buf + 4 * cs, cs, 0x33));
+  assert (all_bytes (buf + 5 * cs, 11 * cs, 0));
+
+  /* Unaligned read across kinds. */
+  assert (qcow2_pread (img, buf, cs + 2, cs / 2) == 0);
+  assert (all_bytes (buf, cs / 2, 0x11));
+  assert (all_bytes (buf + cs / 2, cs / 2 + 2, 0));
+
+  /* Host-contiguous data clusters merge into one run. */
+  assert (cluster_map (img, 3 * cs + 1, 4 * cs, &m) == 0);
+  assert (m.kind == MAP_DATA);
+  assert (m.host_offset == 6 * cs + 1);
+  assert (m.length == 2 * cs - 1);
+  assert (cluster_map (img, cs, 4 * cs, &m) == 0);
+  assert (m.kind == MAP_ZERO && m.length == cs);
+  assert (cluster_map (img, 2 * cs, 1, &m) == 0);
+  assert (m.kind == MAP_UNALLOCATED && m.length == 1);
+
+  nexts = 0;
+  assert (qcow2_extents (img, 16 * cs, 0, false, collect, NULL) == 0);
+  assert (nexts == 5);
+  assert (exts[0].off == 0 && exts[0].len == cs && exts[0].type == 0);
+  assert (exts[1].off == cs && exts[1].type == QCOW2_EXTENT_ZERO);
+  assert (exts[2].off == 2 * cs &&
+          exts[2].type == (QCOW2_EXTENT_HOLE|QCOW2_EXTENT_ZERO));
+  assert (exts[3].off == 3 * cs && exts[3].len == 2 * cs &&
+          exts[3].type == 0);
+  assert (exts[4].off == 5 * cs && exts[4].len == 11 * cs);
+
+  /* Reads beyond the disk are refused. */
+  assert (qcow2_pread (img, buf, 2, 16 * cs - 1) == -1 && errno == EINVAL);
+
+  qcow2_close (img);
+  free (buf);
+  free (b);
+}
+
+/* Corrupt one thing, expect open to fail with a message. */
+static void
+expect_refused (uint8_t *b, size_t size, const char *msg)
+{
+  struct qcow2_image *img;
+
+  stub_last_error[0] = '\0';
+  img = open_buf (b, size);
+  if (img != NULL || strstr (stub_last_error, msg) == NULL) {
+    fprintf (stderr, "expected refusal with '%s', got '%s'\n", msg,
+             stub_last_error);
+    abort ();
+  }
+}
+
+static void
+test_header_validation (void)
+{
+  const unsigned cb = 16;
+  size_t size, cs = (size_t) 1 << cb;
+  uint8_t *b;
+
+#define CASE(code, msg)                         \
+  do {                                          \
+    b = build (cb, 4, &size);                   \
+    code;                                       \
+    expect_refused (b, size, msg);              \
+    free (b);                                   \
+  } while (0)
+
+  CASE (b[0] = 'X', "bad magic");
+  CASE (put32 (b + HDR_VERSION, 4), "unsupported qcow2 version 4");
+  CASE (put32 (b + HDR_VERSION, 1), "unsupported qcow2 version 1");
+  CASE (put32 (b + HDR_CLUSTER_BITS, 8), "cluster_bits 8 out of range");
+  CASE (put32 (b + HDR_CLUSTER_BITS, 22), "cluster_bits 22 out of range");
+  CASE (put64 (b + HDR_L1_TABLE_OFFSET, 3 * cs + 8), "not cluster aligned");
+  CASE (put64 (b + HDR_L1_TABLE_OFFSET, 100 * cs), "beyond end of file");
+  CASE (put32 (b + HDR_L1_SIZE, 0x7fffffff), "L1 table is too large");
+  CASE (put64 (b + HDR_SIZE, UINT64_C(1) << 40), "L1 table too small");
+  CASE (put64 (b + HDR_SIZE, UINT64_MAX), "virtual size");
+  CASE (put64 (b + HDR_REFCOUNT_TABLE_OFFSET, 100 * cs),
+        "refcount table at");
+  CASE (put64 (b + HDR_REFCOUNT_TABLE_OFFSET, 77), "refcount table offset");
+  CASE (put32 (b + HDR_REFCOUNT_TABLE_CLUSTERS, 0), "refcount table is empty");
+  CASE (put64 (b + HDR_INCOMPATIBLE_FEATURES, UINT64_C(1) << 5),
+        "unknown incompatible feature bit(s) 5");
+  CASE (put32 (b + HDR_CRYPT_METHOD, 1), "AES");
+  CASE (put32 (b + HDR_CRYPT_METHOD, 2), "LUKS");
+  CASE (put32 (b + HDR_REFCOUNT_ORDER, 7), "refcount_order 7");
+  CASE (put32 (b + HDR_HEADER_LENGTH, 100), "header_length 100");
+  CASE (put32 (b + HDR_HEADER_LENGTH, 108), "header_length 108");
+  CASE (b[HDR_COMPRESSION_TYPE] = 1, "compression type");
+  CASE ((put64 (b + HDR_INCOMPATIBLE_FEATURES, INCOMPAT_COMPRESSION),
+         b[HDR_COMPRESSION_TYPE] = 7), "compression type");
+  CASE (put64 (b + HDR_INCOMPATIBLE_FEATURES, INCOMPAT_DATA_FILE),
+        "external data file");
+  CASE ((put32 (b + 112, EXT_BACKING_FORMAT), put32 (b + 116, 0x100000)),
+        "overruns the header area");
+  CASE ((put64 (b + HDR_BACKING_FILE_OFFSET, 200),
+         put32 (b + HDR_BACKING_FILE_SIZE, 5000)), "backing file name");
+  CASE ((put32 (b + HDR_NB_SNAPSHOTS, 3),
+         put64 (b + HDR_SNAPSHOTS_OFFSET, 50 * cs)), "snapshot table");
+  size = 50;
+  b = build (cb, 4, &size);
+  expect_refused (b, 50, "file too short");
+  free (b);
+#undef CASE
+
+  /* Named unknown feature from the image's feature table. */
+  b = build (cb, 4, &size);
+  put64 (b + HDR_INCOMPATIBLE_FEATURES, UINT64_C(1) << 9);
+  put32 (b + 112, EXT_FEATURE_TABLE);
+  put32 (b + 116, 48);
+  b[120] = 0; b[121] = 9;
+  memcpy (b + 122, "frobnicate", 10);
+  expect_refused (b, size, "9 (frobnicate)");
+  free (b);
+}
+
+static void
+test_corrupt_l2 (void)
+{
+  const unsigned cb = 12;
+  size_t size, cs = (size_t) 1 << cb;
+  uint8_t *b = build (cb, 4, &size);
+  struct qcow2_image *img;
+  uint8_t buf[16];
+
+  put64 (b + 4 * cs + 24, (6 * cs + 512) | QCOW_OFLAG_COPIED);
+  img = open_buf (b, size);
+  assert (img);
+  assert (qcow2_pread (img, buf, 16, 0) == 0);      /* good cluster */
+  assert (qcow2_pread (img, buf, 16, 3 * cs) == -1 && errno == EIO);
+  assert (strstr (stub_last_error, "not cluster aligned"));
+  assert (qcow2_pread (img, buf, 16, 0) == 0);      /* reads go on */
+  qcow2_close (img);
+  free (b);
+}
+
+static void
+test_index_math (void)
+{
+  struct qcow2_image img = { 0 };
+
+  img.cluster_bits = 16;
+  img.cluster_size = 65536;
+  img.l2_bits = 13;                     /* 8192 entries */
+  assert (l1_index (&img, 0) == 0);
+  assert (l1_index (&img, (UINT64_C(512) << 20) - 1) == 0);
+  assert (l1_index (&img, UINT64_C(512) << 20) == 1);
+  assert (l2_index (&img, 65536 * 8191 + 5) == 8191);
+  assert (l2_index (&img, 65536 * 8192) == 0);
+  assert (offset_into_cluster (&img, 65537) == 1);
+  assert (size_to_clusters (&img, 1) == 1);
+  assert (size_to_clusters (&img, 65536) == 1);
+  assert (size_to_clusters (&img, 65537) == 2);
+
+  img.cluster_bits = 9;
+  img.cluster_size = 512;
+  img.l2_bits = 6;                      /* 64 entries: 32 KiB per table */
+  assert (l1_index (&img, 32767) == 0 && l1_index (&img, 32768) == 1);
+  assert (l2_index (&img, 32767) == 63);
+
+  img.cluster_bits = 16;                /* extended L2: 4096 entries */
+  img.l2_bits = 12;
+  assert (l1_index (&img, UINT64_C(256) << 20) == 1);
+}
+
+static void
+test_cache (void)
+{
+  const unsigned cb = 12;
+  size_t size, cs = (size_t) 1 << cb;
+  uint8_t *b = build (cb, 4, &size);
+  struct qcow2_image *img = open_buf (b, size);
+  struct cache *c;
+  struct cache_entry *e[17], *e2;
+  uint64_t hits, misses;
+  uint8_t *d;
+  const uint8_t *mem;
+  size_t memsize;
+  int i;
+
+  assert (img);
+  c = cache_create (img, CACHE_L2, 9, 16 * 512);   /* 16 slices of 512 */
+  assert (cache_nr_entries (c) == 16);
+
+  /* Miss then hit; contents come from the file. */
+  d = cache_get (c, 5 * cs, true, &e[0]);
+  assert (d && d[0] == 0x11);
+  cache_put (c, e[0]);
+  d = cache_get (c, 5 * cs, true, &e[0]);
+  assert (d && d[0] == 0x11);
+  cache_put (c, e[0]);
+  cache_stats (c, &hits, &misses);
+  assert (hits == 1 && misses == 1);
+
+  /* Pin all 16 entries: the 17th get fails cleanly. */
+  for (i = 0; i < 16; i++)
+    assert (cache_get (c, (uint64_t) i * 512, true, &e[i]));
+  assert (cache_get (c, 16 * 512, true, &e[16]) == NULL && errno == ENOMEM);
+  for (i = 0; i < 16; i++)
+    cache_put (c, e[i]);
+
+  /* Touch slice 0 so slice 1 is least recently used, then evict it. */
+  assert (cache_get (c, 0, true, &e2));
+  cache_put (c, e2);
+  assert (cache_get (c, 16 * 512, true, &e2));
+  cache_put (c, e2);
+  cache_stats (c, &hits, &misses);
+  assert (cache_get (c, 0, true, &e2));              /* still there */
+  cache_put (c, e2);
+  assert (cache_get (c, 512, true, &e2));            /* was evicted */
+  cache_put (c, e2);
+  {
+    uint64_t h2, m2;
+    cache_stats (c, &h2, &m2);
+    assert (h2 == hits + 1 && m2 == misses + 1);
+  }
+
+  /* Dirty slices are written back on flush, and on eviction. */
+  d = cache_get (c, 7 * cs, true, &e2);
+  d[3] = 0x99;
+  cache_mark_dirty (c, e2);
+  cache_put (c, e2);
+  assert (cache_has_dirty (c));
+  assert (cache_flush (c) == 0);
+  assert (!cache_has_dirty (c));
+  mem = qcow2_io_memory_data (img->io, &memsize);
+  assert (mem[7 * cs + 3] == 0x99);
+
+  d = cache_get (c, 7 * cs + 512, false, &e2);      /* no read: zeroed */
+  assert (all_bytes (d, 512, 0));
+  d[0] = 0x77;
+  cache_mark_dirty (c, e2);
+  cache_put (c, e2);
+  for (i = 0; i < 40; i++) {                         /* force eviction */
+    assert (cache_get (c, 0x100000 + (uint64_t) i * 512, true, &e2));
+    cache_put (c, e2);
+  }
+  mem = qcow2_io_memory_data (img->io, &memsize);
+  assert (mem[7 * cs + 512] == 0x77);
+
+  cache_destroy (c);
+  qcow2_close (img);
+  free (b);
+}
+
+static void
+test_refcount_widths (void)
+{
+  unsigned order;
+
+  for (order = 0; order <= 6; order++) {
+    size_t size;
+    uint8_t *b = build (12, order, &size);
+    struct qcow2_image *img = open_buf (b, size);
+    uint64_t v, c;
+
+    assert (img);
+    for (c = 0; c < NCLUSTERS; c++) {
+      assert (refcount_get (img, c, &v) == 0);
+      assert (v == 1);
+    }
+    assert (refcount_get (img, NCLUSTERS, &v) == 0 && v == 0);
+    assert (refcount_get (img, UINT64_C(1) << 40, &v) == 0 && v == 0);
+    assert (refcount_set (img, 9, refcount_max (img)) == 0);
+    assert (refcount_get (img, 9, &v) == 0 && v == refcount_max (img));
+    assert (refcount_get (img, 8, &v) == 0 && v == 0);
+    assert (refcount_get (img, 10, &v) == 0 && v == 0);
+    assert (refcount_get (img, 7, &v) == 0 && v == 1);
+    qcow2_close (img);
+    free (b);
+  }
+}
+
+int
+main (void)
+{
+  test_index_math ();
+  test_reads (9);
+  test_reads (12);
+  test_reads (16);
+  test_reads (21);
+  test_header_validation ();
+  test_corrupt_l2 ();
+  test_cache ();
+  test_refcount_widths ();
+  printf ("test-core: all passed\n");
+  return 0;
+}
