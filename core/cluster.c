@@ -290,7 +290,7 @@ cluster_read (struct qcow2_image *img, void *buf, uint64_t count,
       pthread_mutex_lock (&img->lock);
     r = cluster_map (img, offset, count, &m);
     if (!locked) {
-      if (r == 0 && m.kind == MAP_DATA)
+      if (r == 0 && (m.kind == MAP_DATA || m.kind == MAP_COMPRESSED))
         pthread_rwlock_rdlock (&img->io_lock);
       pthread_mutex_unlock (&img->lock);
     }
@@ -316,7 +316,10 @@ cluster_read (struct qcow2_image *img, void *buf, uint64_t count,
         return -1;
       break;
     case MAP_COMPRESSED:
-      if (read_compressed (img, p, &m) == -1)
+      r = read_compressed (img, p, &m);
+      if (!locked)
+        pthread_rwlock_unlock (&img->io_lock);
+      if (r == -1)
         return -1;
       break;
     }

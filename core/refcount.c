@@ -361,45 +361,33 @@ grow_reftable (struct qcow2_image *img, uint64_t ti)
   return r;
 }
 
-/* Make sure cluster c has a refcount block, creating one (at the first
- * usable cluster of the range it counts, counting itself) if needed.
- * The block is written and synced before the table points at it.
+/* Create the refcount block for table index ti at free cluster 'b'.
+ * If b lies in the range the block counts, the block counts itself;
+ * otherwise b's own (existing) block counts it.  The block is written
+ * and synced before the table points at it.
  */
 static int
-ensure_refblock (struct qcow2_image *img, uint64_t c)
+create_refblock (struct qcow2_image *img, uint64_t ti, uint64_t b)
 {
-  uint64_t ti = c >> img->rb_bits, epb = rb_entries (img);
-  uint64_t cs = img->cluster_size, b, boff, be;
+  uint64_t epb = rb_entries (img), cs = img->cluster_size;
+  uint64_t boff = b << img->cluster_bits, be;
+  bool self = (b >> img->rb_bits) == ti;
   uint8_t *block;
   int r = -1;
 
-  if (ti >= img->reftable_entries && grow_reftable (img, ti) == -1)
-    return -1;
-  if (img->reftable[ti] & RT_OFFSET_MASK)
-    return 0;
-
-  /* No block: nothing in [ti*epb, (ti+1)*epb) is counted, so all of it
-   * is free unless the map knows of metadata there.
-   */
-  for (b = ti * epb; b < (ti + 1) * epb; b++) {
-    uint64_t hit;
-    if (!img->overlap ||
-        overlap_map_query (img->overlap, b, 1, OV_ALL, &hit) == 0)
-      break;
-  }
-  if (b == (ti + 1) * epb) {
-    errno = ENOSPC;
-    return -1;
-  }
-  boff = b << img->cluster_bits;
   block = calloc (1, cs);
   if (block == NULL)
     return -1;
-  entry_set (block, b - ti * epb, img->refcount_order, 1);
+  if (self)
+    entry_set (block, b - ti * epb, img->refcount_order, 1);
+  else if (refcount_set (img, b, 1) == -1)
+    goto out;
   if (overlap_add (img, boff, cs, OV_REFCOUNT_BLOCK) == -1 ||
       overlap_check_write (img, boff, cs, OV_REFCOUNT_BLOCK) == -1)
     goto out;
-  if (io_pwrite (img->io, block, cs, boff) == -1 || io_flush (img->io) == -1) {
+  /* The counting block (if not this one) must be on disk too. */
+  if ((!self && cache_flush (img->rc_cache) == -1) ||
+      io_pwrite (img->io, block, cs, boff) == -1 || io_flush (img->io) == -1) {
     nbdkit_error ("%s: writing new refcount block: %m", img->name);
     goto out;
   }
@@ -421,17 +409,47 @@ ensure_refblock (struct qcow2_image *img, uint64_t c)
   return r;
 }
 
+/* Make sure cluster c has a refcount block.  With no block, nothing in
+ * its range is counted, so all of it is free unless the overlap map
+ * knows of metadata there: the block goes at the first such cluster.
+ */
+static int
+ensure_refblock (struct qcow2_image *img, uint64_t c)
+{
+  uint64_t ti = c >> img->rb_bits, epb = rb_entries (img), b;
+
+  if (ti >= img->reftable_entries && grow_reftable (img, ti) == -1)
+    return -1;
+  if (img->reftable[ti] & RT_OFFSET_MASK)
+    return 0;
+  for (b = ti * epb; b < (ti + 1) * epb; b++) {
+    uint64_t hit;
+    if (!img->overlap ||
+        overlap_map_query (img->overlap, b, 1, OV_ALL, &hit) == 0)
+      break;
+  }
+  if (b == (ti + 1) * epb) {
+    errno = ENOSPC;
+    return -1;
+  }
+  return create_refblock (img, ti, b);
+}
+
 /* Allocate n contiguous clusters with refcount 1; returns the host
  * offset of the first.  The search starts at the free hint, so it never
  * rescans the used part of the file; it ends at the first run long
- * enough, which past the end of the file always exists.
+ * enough, which past the end of the file always exists.  A run that
+ * reaches into a range with no refcount block gets that block at its
+ * own start (and the search goes on just after it), so that sequential
+ * allocations stay contiguous.
  */
 int64_t
 refcount_alloc (struct qcow2_image *img, uint64_t n)
 {
-  uint64_t c, run = 0, start = 0, i;
+  uint64_t c, run, start = 0, i;
 
  again:
+  run = 0;
   for (c = img->free_hint; run < n; c++) {
     bool is_free;
 
@@ -453,13 +471,21 @@ refcount_alloc (struct qcow2_image *img, uint64_t n)
     run++;
   }
 
-  /* Creating a refcount block can take a cluster of the run. */
-  for (i = start; i < start + n; i = ((i >> img->rb_bits) + 1) << img->rb_bits) {
+  for (i = start; i < start + n;
+       i = ((i >> img->rb_bits) + 1) << img->rb_bits) {
     uint64_t ti = i >> img->rb_bits;
-    if (ti >= img->reftable_entries || !(img->reftable[ti] & RT_OFFSET_MASK)) {
-      if (ensure_refblock (img, i) == -1)
+    if (ti >= img->reftable_entries) {
+      if (grow_reftable (img, ti) == -1)
         return -1;
-      run = 0;
+      goto again;
+    }
+    if (!(img->reftable[ti] & RT_OFFSET_MASK)) {
+      uint64_t ts = start >> img->rb_bits;
+      /* start's own range first, so the new block can be counted. */
+      if (!(img->reftable[ts] & RT_OFFSET_MASK))
+        ti = ts;
+      if (create_refblock (img, ti, start) == -1)
+        return -1;
       goto again;
     }
   }

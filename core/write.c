@@ -133,8 +133,15 @@ write_flush_locked (struct qcow2_image *img)
     pthread_rwlock_wrlock (&img->io_lock);
     r = refcount_commit_frees (img);
     pthread_rwlock_unlock (&img->io_lock);
-    if (r == -1)
+    /* The decrements could wait for the next flush (until then a crash
+     * only leaks), but a clean close must not leak: write them now.
+     */
+    if (r == -1 || cache_flush (img->rc_cache) == -1)
       return -1;
+    if (io_flush (img->io) == -1) {
+      nbdkit_error ("%s: sync: %m", img->name);
+      return -1;
+    }
   }
   return 0;
 }

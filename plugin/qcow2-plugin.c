@@ -122,7 +122,7 @@ static void
 qcow2_plugin_dump_plugin (void)
 {
   printf ("qcow2_zstd=%s\n", qcow2_have_zstd () ? "yes" : "no");
-  printf ("qcow2_write=no\n");
+  printf ("qcow2_write=yes\n");
   printf ("qcow2_overlap_check=all\n");
 }
 
@@ -148,8 +148,37 @@ qcow2_plugin_get_size (void *handle)
 static int
 qcow2_plugin_can_write (void *handle)
 {
-  /* The write path is not there yet: serve read-only. */
-  return 0;
+  return !qcow2_is_readonly (img);
+}
+
+static int
+qcow2_plugin_can_flush (void *handle)
+{
+  return 1;
+}
+
+static int
+qcow2_plugin_can_fua (void *handle)
+{
+  return NBDKIT_FUA_NATIVE;
+}
+
+static int
+qcow2_plugin_can_trim (void *handle)
+{
+  return 1;
+}
+
+static int
+qcow2_plugin_can_zero (void *handle)
+{
+  return 1;
+}
+
+static int
+qcow2_plugin_can_fast_zero (void *handle)
+{
+  return 1;
 }
 
 static int
@@ -187,6 +216,35 @@ qcow2_plugin_pread (void *handle, void *buf, uint32_t count,
                     uint64_t offset, uint32_t flags)
 {
   return qcow2_pread (img, buf, count, offset);
+}
+
+static int
+qcow2_plugin_pwrite (void *handle, const void *buf, uint32_t count,
+                     uint64_t offset, uint32_t flags)
+{
+  return qcow2_pwrite (img, buf, count, offset, flags & NBDKIT_FLAG_FUA);
+}
+
+static int
+qcow2_plugin_zero (void *handle, uint32_t count, uint64_t offset,
+                   uint32_t flags)
+{
+  return qcow2_zero (img, count, offset,
+                     flags & (NBDKIT_FLAG_MAY_TRIM | NBDKIT_FLAG_FUA |
+                              NBDKIT_FLAG_FAST_ZERO));
+}
+
+static int
+qcow2_plugin_trim (void *handle, uint32_t count, uint64_t offset,
+                   uint32_t flags)
+{
+  return qcow2_trim (img, count, offset, flags & NBDKIT_FLAG_FUA);
+}
+
+static int
+qcow2_plugin_flush (void *handle, uint32_t flags)
+{
+  return qcow2_flush (img);
 }
 
 static int
@@ -238,11 +296,20 @@ static struct nbdkit_plugin plugin = {
   .open               = qcow2_plugin_open,
   .get_size           = qcow2_plugin_get_size,
   .can_write          = qcow2_plugin_can_write,
+  .can_flush          = qcow2_plugin_can_flush,
+  .can_fua            = qcow2_plugin_can_fua,
+  .can_trim           = qcow2_plugin_can_trim,
+  .can_zero           = qcow2_plugin_can_zero,
+  .can_fast_zero      = qcow2_plugin_can_fast_zero,
   .can_multi_conn     = qcow2_plugin_can_multi_conn,
   .can_extents        = qcow2_plugin_can_extents,
   .can_cache          = qcow2_plugin_can_cache,
   .block_size         = qcow2_plugin_block_size,
   .pread              = qcow2_plugin_pread,
+  .pwrite             = qcow2_plugin_pwrite,
+  .zero               = qcow2_plugin_zero,
+  .trim               = qcow2_plugin_trim,
+  .flush              = qcow2_plugin_flush,
   .cache              = qcow2_plugin_cache,
   .extents            = qcow2_plugin_extents,
   .errno_is_preserved = 1,
