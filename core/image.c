@@ -150,13 +150,9 @@ image_open (struct qcow2_io *io, const char *name, const char *dir,
                   "(repair it with 'qemu-img check -r all')", img->name);
     img->readonly = true;
   }
-  if ((img->incompat & INCOMPAT_DIRTY) && !img->readonly) {
-    /* XXX repair refcounts here (check.c) instead. */
-    nbdkit_error ("%s: image was not closed cleanly (dirty bit set): "
-                  "serving it read-only (repair it with 'qemu-img check "
-                  "-r all')", img->name);
-    img->readonly = true;
-  }
+  if (img->incompat & INCOMPAT_DIRTY)
+    nbdkit_debug ("%s: dirty bit set: refcounts will be rebuilt before "
+                  "the first write", img->name);
   img->child = NULL;            /* only needed for loop detection */
   return img;
 

@@ -227,6 +227,16 @@ extern int cluster_map (struct qcow2_image *img, uint64_t offset,
 extern int cluster_read (struct qcow2_image *img, void *buf,
                          uint64_t count, uint64_t offset, bool locked);
 
+/* check.c */
+struct qcow2_check_result {
+  uint64_t corruptions;         /* refcount lower than the references */
+  uint64_t leaks;               /* refcount higher than the references */
+  uint64_t errors;              /* references outside the file */
+  uint64_t repaired;            /* refcounts rewritten */
+};
+extern int check_image (struct qcow2_image *img, bool repair,
+                        struct qcow2_check_result *res);
+
 /* write.c */
 extern int write_barrier (struct qcow2_image *img);
 extern int write_flush_locked (struct qcow2_image *img);
@@ -243,6 +253,16 @@ extern int backing_open_data_file (struct qcow2_image *img);
 extern void backing_close (struct qcow2_image *img);
 extern int backing_read (struct qcow2_image *img, void *buf,
                          uint64_t count, uint64_t offset);
+
+/* lock.c: QEMU-compatible file locks; no-ops (0) when io->fd is -1.
+ * Callers skip them when cfg.no_locking.  -1 with a message naming the
+ * lock on a conflict (errno EBUSY) or when the file cannot be locked.
+ */
+extern int lock_image_file (struct qcow2_io *io, const char *name,
+                            bool writable);
+extern int lock_shared_file (struct qcow2_io *io, const char *name);
+extern int lock_data_file (struct qcow2_io *io, const char *name,
+                           bool writable);
 
 /* compress.c: pure buffer -> buffer; no messages, errno EIO on bad data. */
 extern int compress_inflate (const void *in, size_t in_len,

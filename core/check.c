@@ -1,0 +1,337 @@
+/* nbdkit-qcow2: consistency check and refcount repair.
+ * Copyright (C) 2026 the nbdkit-qcow2 authors.  BSD-3-Clause, see LICENSE.
+ *
+ * Recompute every cluster's reference count from the metadata that
+ * points at it (header, L1 and L2 tables of the active disk and of every
+ * snapshot, refcount table and blocks, snapshot table, bitmap directory,
+ * tables and data) and compare with the refcounts on disk, like
+ * `qemu-img check`:
+ *
+ *   on disk > computed: leak (space wasted, harmless)
+ *   on disk < computed: corruption (a cluster in use could be reused)
+ *
+ * Repair writes the computed counts over the stored ones (creating
+ * refcount blocks where a used range has none), then fixes the COPIED
+ * flags of the active L1 and L2 tables.  It runs at open, before the
+ * image is shared, for images whose dirty bit says refcounts may be
+ * stale (lazy refcounts, or a crash while the bit was set).
+ *
+ * Memory: one 32-bit counter per host cluster of the file.
+ */
+
+#ifdef HAVE_CONFIG_H
+#include <config.h>
+#endif
+
+#include <stdlib.h>
+#include <string.h>
+#include <errno.h>
+#include <inttypes.h>
+
+#include "internal.h"
+#include "overlap.h"
+
+#define MAX_CHECK_CLUSTERS (UINT64_C(1) << 28)
+
+struct counts {
+  uint32_t *ref;
+  uint64_t n;                   /* clusters in the array */
+  uint64_t errors;              /* references outside the file etc. */
+};
+
+static void
+inc (struct qcow2_image *img, struct counts *c, uint64_t off, uint64_t len)
+{
+  uint64_t first, last, i;
+
+  if (len == 0)
+    return;
+  first = off >> img->cluster_bits;
+  last = (off + len - 1) >> img->cluster_bits;
+  for (i = first; i <= last; i++) {
+    if (i >= c->n) {
+      nbdkit_debug ("%s: check: reference to %#" PRIx64 " beyond end of "
+                    "file", img->name, i << img->cluster_bits);
+      c->errors++;
+      continue;
+    }
+    if (c->ref[i] < UINT32_MAX)
+      c->ref[i]++;
+  }
+}
+
+/* Count an L2 table and everything it points at. */
+static int
+count_l2 (struct qcow2_image *img, struct counts *c, uint64_t l2,
+          uint64_t *buf)
+{
+  uint64_t n = UINT64_C(1) << img->l2_bits, i;
+  unsigned step = img->l2_entry_shift == 4 ? 2 : 1;
+
+  inc (img, c, l2, img->cluster_size);
+  if (io_pread (img->io, buf, img->cluster_size, l2) == -1) {
+    nbdkit_error ("%s: check: reading L2 table at %#" PRIx64 ": %m",
+                  img->name, l2);
+    return -1;
+  }
+  for (i = 0; i < n; i++) {
+    uint64_t e = be64toh (buf[i * step]);
+    if (e & QCOW_OFLAG_COMPRESSED) {
+      unsigned x = 62 - (img->cluster_bits - 8);
+      uint64_t off = e & ((UINT64_C(1) << x) - 1);
+      uint64_t sectors = ((e & L2E_COMPRESSED_MASK) >> x) + 1;
+      uint64_t start = off & ~UINT64_C(511);
+      inc (img, c, start, sectors * 512);
+    }
+    else if ((e & L2E_OFFSET_MASK) && !img->data_file_name)
+      inc (img, c, e & L2E_OFFSET_MASK, img->cluster_size);
+  }
+  return 0;
+}
+
+static int
+count_l1 (struct qcow2_image *img, struct counts *c, const uint64_t *l1,
+          uint32_t l1_size, uint64_t *buf)
+{
+  uint32_t i;
+
+  for (i = 0; i < l1_size; i++) {
+    uint64_t l2 = l1[i] & L1E_OFFSET_MASK;
+    if (l2 == 0)
+      continue;
+    if (offset_into_cluster (img, l2)) {
+      nbdkit_error ("%s: check: L2 table offset %#" PRIx64 " is not "
+                    "cluster aligned", img->name, l2);
+      c->errors++;
+      continue;
+    }
+    if (count_l2 (img, c, l2, buf) == -1)
+      return -1;
+  }
+  return 0;
+}
+
+static int
+count_bitmaps (struct qcow2_image *img, struct counts *c)
+{
+  uint8_t *dir;
+  uint64_t pos = 0;
+  uint32_t i;
+  int r = -1;
+
+  if (img->nb_bitmaps == 0)
+    return 0;
+  inc (img, c, img->bitmap_dir_offset, img->bitmap_dir_size);
+  dir = malloc (img->bitmap_dir_size);
+  if (dir == NULL)
+    return -1;
+  if (io_pread (img->io, dir, img->bitmap_dir_size,
+                img->bitmap_dir_offset) == -1)
+    goto out;
+  for (i = 0; i < img->nb_bitmaps && img->bitmap_dir_size - pos >= 24; i++) {
+    uint64_t toff, *t;
+    uint32_t tsize, extra, j;
+    uint16_t name_size;
+
+    memcpy (&toff, dir + pos, 8);
+    memcpy (&tsize, dir + pos + 8, 4);
+    memcpy (&name_size, dir + pos + 18, 2);
+    memcpy (&extra, dir + pos + 20, 4);
+    toff = be64toh (toff) & L1E_OFFSET_MASK;
+    tsize = be32toh (tsize);
+    pos += round_up_pow2 (24 + (uint64_t) be32toh (extra) +
+                          be16toh (name_size), 8);
+    if (toff == 0 || tsize == 0 || tsize > (UINT32_C(1) << 24))
+      continue;
+    inc (img, c, toff, (uint64_t) tsize * 8);
+    t = malloc ((size_t) tsize * 8);
+    if (t == NULL)
+      goto out;
+    if (io_pread (img->io, t, (size_t) tsize * 8, toff) == -1) {
+      free (t);
+      goto out;
+    }
+    for (j = 0; j < tsize; j++) {
+      uint64_t e = be64toh (t[j]) & L1E_OFFSET_MASK;
+      if (e)
+        inc (img, c, e, img->cluster_size);
+    }
+    free (t);
+  }
+  r = 0;
+ out:
+  free (dir);
+  return r;
+}
+
+static int
+compute (struct qcow2_image *img, struct counts *c)
+{
+  uint64_t *buf = malloc (img->cluster_size);
+  uint64_t i;
+  uint32_t s;
+  int r = -1;
+
+  if (buf == NULL)
+    return -1;
+  inc (img, c, 0, img->cluster_size);
+  inc (img, c, img->l1_offset, (uint64_t) img->l1_size * 8);
+  if (count_l1 (img, c, img->l1, img->l1_size, buf) == -1)
+    goto out;
+  inc (img, c, img->reftable_offset,
+       (uint64_t) img->reftable_clusters << img->cluster_bits);
+  for (i = 0; i < img->reftable_entries; i++)
+    if (img->reftable[i] & RT_OFFSET_MASK)
+      inc (img, c, img->reftable[i] & RT_OFFSET_MASK, img->cluster_size);
+  if (img->nb_snapshots)
+    inc (img, c, img->snapshots_offset, img->snapshots_size);
+  for (s = 0; s < img->nb_snapshots; s++) {
+    const struct snapshot *sn = &img->snapshots[s];
+    uint64_t *l1 = snapshot_read_l1 (img, sn);
+    int rr;
+    if (l1 == NULL)
+      goto out;
+    inc (img, c, sn->l1_offset, (uint64_t) sn->l1_size * 8);
+    rr = count_l1 (img, c, l1, sn->l1_size, buf);
+    free (l1);
+    if (rr == -1)
+      goto out;
+  }
+  if (count_bitmaps (img, c) == -1)
+    goto out;
+  r = 0;
+ out:
+  free (buf);
+  return r;
+}
+
+/* Set the COPIED flags of the active tables from the refcounts. */
+static int
+fix_copied (struct qcow2_image *img, const struct counts *c)
+{
+  uint64_t *buf = malloc (img->cluster_size);
+  uint64_t n = UINT64_C(1) << img->l2_bits, j;
+  unsigned step = img->l2_entry_shift == 4 ? 2 : 1;
+  uint32_t i;
+  bool l1_changed = false;
+  int r = -1;
+
+  if (buf == NULL)
+    return -1;
+  for (i = 0; i < img->l1_size; i++) {
+    uint64_t l2 = img->l1[i] & L1E_OFFSET_MASK, want;
+    bool changed = false;
+    if (l2 == 0 || offset_into_cluster (img, l2) ||
+        (l2 >> img->cluster_bits) >= c->n)
+      continue;
+    want = c->ref[l2 >> img->cluster_bits] == 1 ? QCOW_OFLAG_COPIED : 0;
+    if ((img->l1[i] & QCOW_OFLAG_COPIED) != want) {
+      img->l1[i] = (img->l1[i] & ~QCOW_OFLAG_COPIED) | want;
+      l1_changed = true;
+    }
+    if (io_pread (img->io, buf, img->cluster_size, l2) == -1)
+      goto out;
+    for (j = 0; j < n; j++) {
+      uint64_t e = be64toh (buf[j * step]), host = e & L2E_OFFSET_MASK;
+      if ((e & QCOW_OFLAG_COMPRESSED) || host == 0 || img->data_file_name ||
+          (host >> img->cluster_bits) >= c->n)
+        continue;
+      want = c->ref[host >> img->cluster_bits] == 1 ? QCOW_OFLAG_COPIED : 0;
+      if ((e & QCOW_OFLAG_COPIED) != want) {
+        buf[j * step] = htobe64 ((e & ~QCOW_OFLAG_COPIED) | want);
+        changed = true;
+      }
+    }
+    if (changed) {
+      if (overlap_check_write (img, l2, img->cluster_size,
+                               OV_ACTIVE_L2) == -1 ||
+          io_pwrite (img->io, buf, img->cluster_size, l2) == -1)
+        goto out;
+    }
+  }
+  if (l1_changed) {
+    uint64_t *be = malloc ((size_t) img->l1_size * 8);
+    if (be == NULL)
+      goto out;
+    for (i = 0; i < img->l1_size; i++)
+      be[i] = htobe64 (img->l1[i]);
+    if (overlap_check_write (img, img->l1_offset, (uint64_t) img->l1_size * 8,
+                             OV_ACTIVE_L1) == -1 ||
+        io_pwrite (img->io, be, (size_t) img->l1_size * 8,
+                   img->l1_offset) == -1) {
+      free (be);
+      goto out;
+    }
+    free (be);
+  }
+  r = 0;
+ out:
+  free (buf);
+  return r;
+}
+
+int
+check_image (struct qcow2_image *img, bool repair,
+             struct qcow2_check_result *res)
+{
+  struct counts c = { 0 };
+  int64_t fs = io_size (img->io);
+  uint64_t i;
+  int r = -1;
+
+  memset (res, 0, sizeof *res);
+  if (fs == -1)
+    return -1;
+  c.n = round_up_pow2 (fs, img->cluster_size) >> img->cluster_bits;
+  if (c.n > MAX_CHECK_CLUSTERS) {
+    nbdkit_error ("%s: check: image file too large to check (%" PRIu64
+                  " clusters)", img->name, c.n);
+    errno = EFBIG;
+    return -1;
+  }
+  c.ref = calloc (c.n ? c.n : 1, sizeof *c.ref);
+  if (c.ref == NULL)
+    return -1;
+  if (compute (img, &c) == -1)
+    goto out;
+  res->errors = c.errors;
+
+  for (i = 0; i < c.n; i++) {
+    uint64_t v;
+    if (refcount_get (img, i, &v) == -1)
+      goto out;
+    if (v > c.ref[i])
+      res->leaks++;
+    else if (v < c.ref[i])
+      res->corruptions++;
+    else
+      continue;
+    if (!repair)
+      continue;
+    /* XXX A used cluster in a range with no refcount block (or past
+     * the refcount table) would need new refcount metadata; refuse.
+     */
+    if ((i >> img->rb_bits) >= img->reftable_entries ||
+        !(img->reftable[i >> img->rb_bits] & RT_OFFSET_MASK)) {
+      nbdkit_error ("%s: check: cannot repair: cluster %#" PRIx64
+                    " has no refcount block", img->name,
+                    i << img->cluster_bits);
+      errno = ENOTSUP;
+      goto out;
+    }
+    if (refcount_set (img, i, c.ref[i] > refcount_max (img)
+                      ? refcount_max (img) : c.ref[i]) == -1)
+      goto out;
+    res->repaired++;
+  }
+  if (repair) {
+    if (cache_flush (img->rc_cache) == -1 || fix_copied (img, &c) == -1 ||
+        io_flush (img->io) == -1)
+      goto out;
+    img->free_hint = 0;
+  }
+  r = 0;
+ out:
+  free (c.ref);
+  return r;
+}
