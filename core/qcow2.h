@@ -95,6 +95,21 @@ extern int qcow2_extents (struct qcow2_image *img, uint64_t count,
                           uint64_t offset, bool req_one,
                           qcow2_extent_fn fn, void *opaque);
 
+/* Internal snapshots. */
+struct qcow2_snapshot_info {
+  const char *id;               /* valid while the image is open */
+  const char *name;
+  uint64_t size;                /* virtual size of the snapshot */
+  uint32_t date_sec;
+  uint64_t vm_state_size;
+};
+extern uint32_t qcow2_nr_snapshots (struct qcow2_image *img);
+extern int qcow2_snapshot_info (struct qcow2_image *img, uint32_t i,
+                                struct qcow2_snapshot_info *info);
+/* A read-only image of a snapshot (found by name, else by ID). */
+extern struct qcow2_image *qcow2_open_snapshot (struct qcow2_image *img,
+                                                const char *name);
+
 /* Whether this build can read zstd-compressed clusters. */
 extern bool qcow2_have_zstd (void);
 

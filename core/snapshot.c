@@ -172,3 +172,96 @@ snapshot_read_l1 (struct qcow2_image *img, const struct snapshot *sn)
     l1[i] = be64toh (l1[i]);
   return l1;
 }
+
+/* ---- serving a snapshot ---- */
+
+uint32_t
+qcow2_nr_snapshots (struct qcow2_image *img)
+{
+  return img->nb_snapshots;
+}
+
+int
+qcow2_snapshot_info (struct qcow2_image *img, uint32_t i,
+                     struct qcow2_snapshot_info *info)
+{
+  const struct snapshot *sn;
+
+  if (i >= img->nb_snapshots) {
+    errno = EINVAL;
+    return -1;
+  }
+  sn = &img->snapshots[i];
+  info->id = sn->id;
+  info->name = sn->name;
+  info->size = sn->disk_size;
+  info->date_sec = sn->date_sec;
+  info->vm_state_size = sn->vm_state_size;
+  return 0;
+}
+
+/* Find a snapshot by name, or else by ID (as qemu-img -l does). */
+static const struct snapshot *
+find (struct qcow2_image *img, const char *name)
+{
+  uint32_t i;
+
+  for (i = 0; i < img->nb_snapshots; i++)
+    if (strcmp (img->snapshots[i].name, name) == 0)
+      return &img->snapshots[i];
+  for (i = 0; i < img->nb_snapshots; i++)
+    if (strcmp (img->snapshots[i].id, name) == 0)
+      return &img->snapshots[i];
+  return NULL;
+}
+
+/* A read-only view of a snapshot: a second image on its own read-only
+ * descriptor of the same file, with the snapshot's L1 table and size.
+ * Its caches cannot go stale: snapshot tables are never written (the
+ * active image copies anything it shares with a snapshot before
+ * changing it, and this plugin never deletes snapshots).
+ */
+struct qcow2_image *
+qcow2_open_snapshot (struct qcow2_image *img, const char *name)
+{
+  const struct snapshot *sn = find (img, name);
+  struct qcow2_config cfg = img->cfg;
+  struct qcow2_image *view;
+  struct qcow2_io *io;
+  uint64_t need;
+
+  if (sn == NULL) {
+    nbdkit_error ("%s: no snapshot with name or ID '%s'", img->name, name);
+    errno = ENOENT;
+    return NULL;
+  }
+  need = (sn->disk_size + (UINT64_C(1) << (img->cluster_bits + img->l2_bits))
+          - 1) >> (img->cluster_bits + img->l2_bits);
+  if (sn->l1_size < need) {
+    nbdkit_error ("%s: snapshot %s: L1 table too small for its size (%"
+                  PRIu32 " entries, %" PRIu64 " needed)", img->name,
+                  sn->id, sn->l1_size, need);
+    errno = EIO;
+    return NULL;
+  }
+  io = qcow2_io_open_file (img->name, true);
+  if (io == NULL) {
+    nbdkit_error ("%s: %m", img->name);
+    return NULL;
+  }
+  cfg.readonly = true;
+  cfg.no_locking = true;        /* the active image holds the locks */
+  view = image_open (io, img->name, img->dir, &cfg, NULL);
+  if (view == NULL)
+    return NULL;
+  free (view->l1);
+  view->l1 = snapshot_read_l1 (view, sn);
+  if (view->l1 == NULL) {
+    qcow2_close (view);
+    return NULL;
+  }
+  view->l1_size = sn->l1_size;
+  view->l1_offset = sn->l1_offset;
+  view->size = sn->disk_size;
+  return view;
+}

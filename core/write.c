@@ -254,6 +254,14 @@ l2_for_write (struct qcow2_image *img, uint64_t guest, uint64_t *l2,
   if (offset_into_cluster (img, off) != 0)
     return header_mark_corrupt (img, "L2 table offset %#" PRIx64
                                 " is not cluster aligned", off);
+  /* An L1 entry pointing at other metadata would make every later L2
+   * update a write over it: refuse now, before the guest write is
+   * acknowledged, not at the next flush.
+   */
+  if (overlap_check_write (img, off, cs,
+                           (e & QCOW_OFLAG_COPIED) ? OV_ACTIVE_L2
+                           : OV_ACTIVE_L2 | OV_INACTIVE_L2) == -1)
+    return -1;
   if (!(e & QCOW_OFLAG_COPIED)) {
     if (refcount_get (img, off >> img->cluster_bits, &rc) == -1)
       return -1;

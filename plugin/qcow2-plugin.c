@@ -7,6 +7,11 @@
  * it), so the thread model is PARALLEL and multi-conn is safe: every
  * connection sees every other's writes at once, and a flush on any of
  * them flushes all.
+ *
+ * Exports: "" is the active image; every internal snapshot is a
+ * read-only export named after it (or its ID).  A snapshot's view is
+ * opened on first use and shared by all connections to it.  With
+ * snapshot=NAME the plugin serves that snapshot as its only export.
  */
 
 #include <config.h>
@@ -16,6 +21,9 @@
 #include <string.h>
 #include <errno.h>
 #include <inttypes.h>
+#include <time.h>
+#include <pthread.h>
+#include <stdbool.h>
 
 #define NBDKIT_API_VERSION 2
 #include <nbdkit-plugin.h>
@@ -23,16 +31,74 @@
 #include "../core/qcow2.h"
 
 static char *filename;
+static char *snapshot;          /* snapshot=: serve only this one */
 static struct qcow2_config cfg;
-static struct qcow2_image *img;
+static struct qcow2_image *img; /* the active image */
+
+/* Snapshot views opened so far. */
+static pthread_mutex_t views_lock = PTHREAD_MUTEX_INITIALIZER;
+static struct view {
+  char *name;
+  struct qcow2_image *img;
+} *views;
+static size_t nr_views;
+
+struct handle {
+  struct qcow2_image *img;
+  bool snapshot;
+};
 
 static void
 qcow2_plugin_unload (void)
 {
+  size_t i;
+
+  for (i = 0; i < nr_views; i++) {
+    qcow2_close (views[i].img);
+    free (views[i].name);
+  }
+  free (views);
   if (img && qcow2_close (img) == -1)
     nbdkit_error ("%s: errors while closing the image", filename);
   img = NULL;
   free (filename);
+  free (snapshot);
+}
+
+/* The shared view of a snapshot, opened on first use. */
+static struct qcow2_image *
+get_view (const char *name)
+{
+  struct qcow2_image *v = NULL;
+  struct view *nv;
+  size_t i;
+
+  pthread_mutex_lock (&views_lock);
+  for (i = 0; i < nr_views; i++)
+    if (strcmp (views[i].name, name) == 0) {
+      v = views[i].img;
+      goto out;
+    }
+  nv = realloc (views, (nr_views + 1) * sizeof *views);
+  if (nv == NULL) {
+    nbdkit_error ("realloc: %m");
+    goto out;
+  }
+  views = nv;
+  v = qcow2_open_snapshot (img, name);
+  if (v == NULL)
+    goto out;
+  views[nr_views].name = strdup (name);
+  if (views[nr_views].name == NULL) {
+    nbdkit_error ("strdup: %m");
+    qcow2_close (v);
+    v = NULL;
+    goto out;
+  }
+  views[nr_views++].img = v;
+ out:
+  pthread_mutex_unlock (&views_lock);
+  return v;
 }
 
 static int
@@ -54,6 +120,15 @@ qcow2_plugin_config (const char *key, const char *value)
     filename = nbdkit_realpath (value);
     if (filename == NULL)
       return -1;
+  }
+  else if (strcmp (key, "snapshot") == 0) {
+    free (snapshot);
+    snapshot = strdup (value);
+    if (snapshot == NULL) {
+      nbdkit_error ("strdup: %m");
+      return -1;
+    }
+    cfg.readonly = true;
   }
   else if (strcmp (key, "l2-cache-size") == 0)
     return parse_size (key, value, &cfg.l2_cache_size);
@@ -109,6 +184,7 @@ qcow2_plugin_config_complete (void)
 
 #define qcow2_plugin_config_help \
   "file=<IMAGE>                 (required) The qcow2 image to serve.\n" \
+  "snapshot=<NAME|ID>           Serve this internal snapshot (read-only).\n" \
   "l2-cache-size=<SIZE>         L2 table cache size (default: whole disk,\n" \
   "                             at most 32M).\n" \
   "refcount-cache-size=<SIZE>   Refcount block cache size (default 256K).\n" \
@@ -130,25 +206,98 @@ static int
 qcow2_plugin_get_ready (void)
 {
   img = qcow2_open (filename, &cfg);
-  return img ? 0 : -1;
+  if (img == NULL)
+    return -1;
+  /* Open the one snapshot now so that a bad name fails at start. */
+  if (snapshot && get_view (snapshot) == NULL)
+    return -1;
+  return 0;
+}
+
+static int
+qcow2_plugin_list_exports (int readonly, int is_tls,
+                           struct nbdkit_exports *exports)
+{
+  uint32_t i, n = qcow2_nr_snapshots (img);
+
+  if (snapshot)
+    return nbdkit_add_export (exports, snapshot, "internal snapshot");
+  if (nbdkit_add_export (exports, "", "active image") == -1)
+    return -1;
+  for (i = 0; i < n; i++) {
+    struct qcow2_snapshot_info info;
+    char desc[256], date[64];
+    time_t t;
+    struct tm tm;
+
+    if (qcow2_snapshot_info (img, i, &info) == -1)
+      return -1;
+    t = info.date_sec;
+    strftime (date, sizeof date, "%Y-%m-%d %H:%M:%S",
+              gmtime_r (&t, &tm));
+    snprintf (desc, sizeof desc, "snapshot ID %s, taken %s UTC, "
+              "size %" PRIu64 " (read-only)", info.id, date, info.size);
+    if (nbdkit_add_export (exports, info.name, desc) == -1)
+      return -1;
+  }
+  return 0;
+}
+
+static const char *
+qcow2_plugin_default_export (int readonly, int is_tls)
+{
+  return snapshot ? snapshot : "";
 }
 
 static void *
 qcow2_plugin_open (int readonly)
 {
-  return img;
+  const char *name = nbdkit_export_name ();
+  struct handle *h = calloc (1, sizeof *h);
+
+  if (h == NULL) {
+    nbdkit_error ("calloc: %m");
+    return NULL;
+  }
+  if (name == NULL)
+    name = "";
+  if (snapshot && *name && strcmp (name, snapshot) != 0) {
+    nbdkit_error ("only snapshot '%s' is served (snapshot= was given)",
+                  snapshot);
+    free (h);
+    return NULL;
+  }
+  if (snapshot || *name) {
+    h->img = get_view (snapshot ? snapshot : name);
+    h->snapshot = true;
+  }
+  else
+    h->img = img;
+  if (h->img == NULL) {
+    free (h);
+    return NULL;
+  }
+  return h;
+}
+
+static void
+qcow2_plugin_close (void *handle)
+{
+  free (handle);
 }
 
 static int64_t
 qcow2_plugin_get_size (void *handle)
 {
-  return qcow2_get_size (img);
+  struct handle *h = handle;
+  return qcow2_get_size (h->img);
 }
 
 static int
 qcow2_plugin_can_write (void *handle)
 {
-  return !qcow2_is_readonly (img);
+  struct handle *h = handle;
+  return !h->snapshot && !qcow2_is_readonly (h->img);
 }
 
 static int
@@ -203,7 +352,8 @@ static int
 qcow2_plugin_block_size (void *handle, uint32_t *minimum,
                          uint32_t *preferred, uint32_t *maximum)
 {
-  uint32_t cs = qcow2_cluster_size (img);
+  struct handle *h = handle;
+  uint32_t cs = qcow2_cluster_size (h->img);
 
   *minimum = 1;
   *preferred = cs < 4096 ? 4096 : cs;
@@ -215,21 +365,24 @@ static int
 qcow2_plugin_pread (void *handle, void *buf, uint32_t count,
                     uint64_t offset, uint32_t flags)
 {
-  return qcow2_pread (img, buf, count, offset);
+  struct handle *h = handle;
+  return qcow2_pread (h->img, buf, count, offset);
 }
 
 static int
 qcow2_plugin_pwrite (void *handle, const void *buf, uint32_t count,
                      uint64_t offset, uint32_t flags)
 {
-  return qcow2_pwrite (img, buf, count, offset, flags & NBDKIT_FLAG_FUA);
+  struct handle *h = handle;
+  return qcow2_pwrite (h->img, buf, count, offset, flags & NBDKIT_FLAG_FUA);
 }
 
 static int
 qcow2_plugin_zero (void *handle, uint32_t count, uint64_t offset,
                    uint32_t flags)
 {
-  return qcow2_zero (img, count, offset,
+  struct handle *h = handle;
+  return qcow2_zero (h->img, count, offset,
                      flags & (NBDKIT_FLAG_MAY_TRIM | NBDKIT_FLAG_FUA |
                               NBDKIT_FLAG_FAST_ZERO));
 }
@@ -238,20 +391,23 @@ static int
 qcow2_plugin_trim (void *handle, uint32_t count, uint64_t offset,
                    uint32_t flags)
 {
-  return qcow2_trim (img, count, offset, flags & NBDKIT_FLAG_FUA);
+  struct handle *h = handle;
+  return qcow2_trim (h->img, count, offset, flags & NBDKIT_FLAG_FUA);
 }
 
 static int
 qcow2_plugin_flush (void *handle, uint32_t flags)
 {
-  return qcow2_flush (img);
+  struct handle *h = handle;
+  return qcow2_flush (h->img);
 }
 
 static int
 qcow2_plugin_cache (void *handle, uint32_t count, uint64_t offset,
                     uint32_t flags)
 {
-  return qcow2_prefetch (img, count, offset);
+  struct handle *h = handle;
+  return qcow2_prefetch (h->img, count, offset);
 }
 
 /* nbdkit 1.32 aborts on extents of 4 GiB or more: clip them. */
@@ -275,7 +431,8 @@ static int
 qcow2_plugin_extents (void *handle, uint32_t count, uint64_t offset,
                       uint32_t flags, struct nbdkit_extents *extents)
 {
-  return qcow2_extents (img, count, offset,
+  struct handle *h = handle;
+  return qcow2_extents (h->img, count, offset,
                         (flags & NBDKIT_FLAG_REQ_ONE) != 0,
                         add_extent, extents);
 }
@@ -293,7 +450,10 @@ static struct nbdkit_plugin plugin = {
   .magic_config_key   = "file",
   .dump_plugin        = qcow2_plugin_dump_plugin,
   .get_ready          = qcow2_plugin_get_ready,
+  .list_exports       = qcow2_plugin_list_exports,
+  .default_export     = qcow2_plugin_default_export,
   .open               = qcow2_plugin_open,
+  .close              = qcow2_plugin_close,
   .get_size           = qcow2_plugin_get_size,
   .can_write          = qcow2_plugin_can_write,
   .can_flush          = qcow2_plugin_can_flush,
