@@ -135,6 +135,16 @@ backing_open (struct qcow2_image *img)
     is_qcow2 = be32toh (magic) == QCOW2_MAGIC;
   }
 
+  /* A qcow2 backing file is locked as a read-only image, a raw one as
+   * QEMU locks it through its raw driver: used, everything shared.
+   */
+  if (!img->cfg.no_locking &&
+      (is_qcow2 ? lock_image_file (io, path, false)
+                : lock_shared_file (io, path)) == -1) {
+    io_close (io);
+    goto out;
+  }
+
   if (is_qcow2) {
     struct qcow2_config cfg = img->cfg;
     cfg.readonly = true;
@@ -189,6 +199,13 @@ backing_open_data_file (struct qcow2_image *img)
   if (img->data_io == NULL) {
     nbdkit_error ("%s: cannot open external data file %s: %m",
                   img->name, path);
+    free (path);
+    return -1;
+  }
+  if (!img->cfg.no_locking &&
+      lock_data_file (img->data_io, path, false) == -1) {
+    io_close (img->data_io);
+    img->data_io = NULL;
     free (path);
     return -1;
   }

@@ -191,6 +191,14 @@ qcow2_open (const char *filename, const struct qcow2_config *cfg)
     nbdkit_error ("%s: %m", filename);
     return NULL;
   }
+  /* Lock before reading anything: an image QEMU is writing must not
+   * be read half-written, or marked corrupt or repaired, by us.
+   */
+  if (!cfg->no_locking &&
+      lock_image_file (io, filename, false) == -1) {
+    io_close (io);
+    return NULL;
+  }
   dir = dir_of (filename);
   if (dir == NULL) {
     io_close (io);
@@ -199,6 +207,33 @@ qcow2_open (const char *filename, const struct qcow2_config *cfg)
   img = image_open (io, filename, dir, cfg, NULL);
   free (dir);
   return img;
+}
+
+/* Take the writer's locks, when the first writable connection comes.
+ * Until then the image is locked as a reader, like qemu-nbd -r, so that
+ * `nbdkit -r` shares the image as QEMU's readers do.
+ */
+int
+qcow2_lock_for_write (struct qcow2_image *img)
+{
+  int r = 0;
+
+  if (img->readonly) {
+    errno = EROFS;
+    return -1;
+  }
+  pthread_mutex_lock (&img->lock);
+  if (!img->write_locked && !img->cfg.no_locking) {
+    r = lock_image_file (img->io, img->name, true);
+    if (r == 0 && img->data_io != img->io)
+      r = lock_data_file (img->data_io, img->name, true);
+    if (r == -1)
+      lock_image_file (img->io, img->name, false);
+  }
+  if (r == 0)
+    img->write_locked = true;
+  pthread_mutex_unlock (&img->lock);
+  return r;
 }
 
 int

@@ -130,6 +130,7 @@ struct qcow2_image {
   uint64_t free_hint;           /* no free cluster below this index */
   uint64_t host_end;            /* bytes: end of allocated clusters */
   bool corrupt;                 /* sticky: every write fails with EIO */
+  bool write_locked;            /* holds QEMU's writer locks */
   bool dirty_written;           /* dirty bit is set on disk */
   bool autoclear_cleared;       /* header made writable for us */
   bool need_sync;               /* data or refcounts written since sync */

@@ -12,11 +12,11 @@
  *
  * (QEMU's BLK_PERM_* bits 0x1, 0x2, 0x4, 0x8.  QEMU 6.1 and older also
  * had bit 4, "graph-mod"; QEMU 6.2 and later no longer look at bytes 104
- * and 204, and neither do we.)  The locks are locks on bytes far beyond
- * any real use of the lock API on image files, and read locks only, so
- * any number of openers hold each byte at once.  A conflict is another
- * holder, found with F_OFD_GETLK asking for a write lock (which ignores
- * our own locks):
+ * and 204, and neither do we.)  The locks are advisory, so they stop
+ * no I/O to those bytes of the header, and read locks, so any number of
+ * openers hold each byte at once.  A conflict is another holder, found
+ * with F_OFD_GETLK asking for a write lock (which ignores our own
+ * locks):
  *
  *   - for every permission we use, nobody may hold its "unshared" byte;
  *   - for every permission we do not share, nobody may hold its "used"
@@ -53,8 +53,9 @@
  *
  * A call sets the bytes of the role exactly, releasing the bytes of
  * any earlier role, so calling lock_image_file (io, name, false) on an
- * io locked writable downgrades it.  On failure every lock byte of the
- * file is released.
+ * io locked writable downgrades it.  (The checks run again; they can
+ * only fail against an opener racing us, which then fails too.)  On
+ * failure every lock byte of the file is released.
  *
  * XXX A file that appears twice in one chain (say, as the backing file
  * and the data file) conflicts with itself, as in QEMU.
@@ -72,20 +73,22 @@
 
 #include "internal.h"
 
+/* QEMU's BLK_PERM_* bits; bit 2 (0x04) is "write unchanged", which no
+ * role here uses or refuses to share.
+ */
 #define PERM_CONSISTENT_READ  0x01
 #define PERM_WRITE            0x02
-#define PERM_WRITE_UNCHANGED  0x04
 #define PERM_RESIZE           0x08
-#define NR_PERMS              4
 
+#ifdef F_OFD_SETLK
+
+#define NR_PERMS              4
 #define LOCK_PERM_BASE        100
 #define LOCK_SHARED_BASE      200
 
 static const char *const perm_name[NR_PERMS] = {
   "consistent read", "write", "write unchanged", "resize",
 };
-
-#ifdef F_OFD_SETLK
 
 static int
 set_byte (int fd, int byte, short type)
@@ -211,6 +214,8 @@ static int
 apply_role (struct qcow2_io *io, const char *name, unsigned perm,
             unsigned unshared)
 {
+  (void) perm;
+  (void) unshared;
   if (io->fd == -1)
     return 0;
   nbdkit_error ("%s: image locking needs Linux open file description "

@@ -67,6 +67,12 @@ extern struct qcow2_image *qcow2_open_io (struct qcow2_io *io,
  */
 extern int qcow2_close (struct qcow2_image *img);
 
+/* Upgrade the file locks from reader to writer (a no-op with
+ * no_locking).  Fails with a message naming the lock if another process
+ * (qemu?) uses the image.
+ */
+extern int qcow2_lock_for_write (struct qcow2_image *img);
+
 extern uint64_t qcow2_get_size (struct qcow2_image *img);
 extern bool qcow2_is_readonly (struct qcow2_image *img);
 extern uint32_t qcow2_cluster_size (struct qcow2_image *img);

@@ -46,6 +46,7 @@ static size_t nr_views;
 struct handle {
   struct qcow2_image *img;
   bool snapshot;
+  bool writable;                /* active image, write locks held */
 };
 
 static void
@@ -271,8 +272,16 @@ qcow2_plugin_open (int readonly)
     h->img = get_view (snapshot ? snapshot : name);
     h->snapshot = true;
   }
-  else
+  else {
     h->img = img;
+    /* The first writable connection takes the writer's locks. */
+    if (!readonly && !qcow2_is_readonly (img) &&
+        qcow2_lock_for_write (img) == -1) {
+      free (h);
+      return NULL;
+    }
+    h->writable = !readonly && !qcow2_is_readonly (img);
+  }
   if (h->img == NULL) {
     free (h);
     return NULL;
@@ -297,7 +306,7 @@ static int
 qcow2_plugin_can_write (void *handle)
 {
   struct handle *h = handle;
-  return !h->snapshot && !qcow2_is_readonly (h->img);
+  return h->writable && !qcow2_is_readonly (h->img);
 }
 
 static int
