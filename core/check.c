@@ -128,7 +128,8 @@ count_bitmaps (struct qcow2_image *img, struct counts *c)
   if (io_pread (img->io, dir, img->bitmap_dir_size,
                 img->bitmap_dir_offset) == -1)
     goto out;
-  for (i = 0; i < img->nb_bitmaps && img->bitmap_dir_size - pos >= 24; i++) {
+  for (i = 0; i < img->nb_bitmaps && pos < img->bitmap_dir_size &&
+         img->bitmap_dir_size - pos >= 24; i++) {
     uint64_t toff, *t;
     uint32_t tsize, extra, j;
     uint16_t name_size;

@@ -70,6 +70,12 @@ l2_table_offset (struct qcow2_image *img, uint64_t offset, uint64_t *l2)
     return header_mark_corrupt (img, "L2 table offset %#" PRIx64
                                 " in L1 entry %" PRIu64 " is not cluster "
                                 "aligned", off, i);
+  if (off && (off >= img->host_end ||
+              img->host_end - off < img->cluster_size))
+    return header_mark_corrupt (img, "L2 table offset %#" PRIx64
+                                " in L1 entry %" PRIu64 " is beyond the end "
+                                "of the file (%#" PRIx64 ")", off, i,
+                                img->host_end);
   *l2 = off;
   return 0;
 }

@@ -129,8 +129,15 @@ image_open (struct qcow2_io *io, const char *name, const char *dir,
   if (img->name == NULL || (dir && img->dir == NULL))
     goto err;
 
-  if (header_read (img) == -1 ||
-      cluster_load_l1 (img) == -1 ||
+  if (header_read (img) == -1)
+    goto err;
+  {
+    int64_t fs = io_size (img->io);
+    if (fs == -1)
+      goto err;
+    img->host_end = round_up_pow2 (fs, img->cluster_size);
+  }
+  if (cluster_load_l1 (img) == -1 ||
       refcount_load (img) == -1 ||
       snapshot_read_table (img) == -1 ||
       setup_caches (img) == -1 ||
@@ -139,12 +146,6 @@ image_open (struct qcow2_io *io, const char *name, const char *dir,
       backing_open_data_file (img) == -1)
     goto err;
 
-  {
-    int64_t fs = io_size (img->io);
-    if (fs == -1)
-      goto err;
-    img->host_end = round_up_pow2 (fs, img->cluster_size);
-  }
   if ((img->incompat & INCOMPAT_CORRUPT) && !img->readonly) {
     nbdkit_error ("%s: image is marked corrupt: serving it read-only "
                   "(repair it with 'qemu-img check -r all')", img->name);

@@ -143,7 +143,7 @@ add_bitmaps (struct qcow2_image *img)
     uint32_t table_size, extra;
     uint16_t name_size;
 
-    if (img->bitmap_dir_size - pos < 24)
+    if (pos >= img->bitmap_dir_size || img->bitmap_dir_size - pos < 24)
       break;                    /* bitmaps are not ours to validate */
     memcpy (&table_off, dir + pos, 8);
     memcpy (&table_size, dir + pos + 8, 4);

@@ -128,6 +128,11 @@ locate (struct qcow2_image *img, uint64_t cluster, uint64_t *slice_off,
     return header_mark_corrupt (img, "refcount block offset %#" PRIx64
                                 " (refcount table entry %" PRIu64 ") is not "
                                 "cluster aligned", rb, ti);
+  if (rb >= img->host_end || img->host_end - rb < img->cluster_size)
+    return header_mark_corrupt (img, "refcount block offset %#" PRIx64
+                                " (refcount table entry %" PRIu64 ") is "
+                                "beyond the end of the file (%#" PRIx64 ")",
+                                rb, ti, img->host_end);
   byte = (bi << img->refcount_order) >> 3;
   /* Entries per slice = slice bytes * 8 >> order. */
   slice_entries_bits = img->slice_bits + 3 - img->refcount_order;

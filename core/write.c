@@ -314,12 +314,27 @@ put_entry (struct qcow2_image *img, struct l2_ref *ref, bool dirty)
 }
 
 /* Write buf to host [host, host+len) of the data file. */
+/* Before writing guest data at host [host, host+len) of the image file:
+ * the overlap check, and a bound (an entry pointing far past the end of
+ * the file is corruption, not a reason to grow it).
+ */
+static int
+data_check (struct qcow2_image *img, uint64_t host, uint64_t len)
+{
+  if (img->data_io != img->io)
+    return 0;
+  if (host >= img->host_end || img->host_end - host < len)
+    return header_mark_corrupt (img, "data cluster at %#" PRIx64 " is "
+                                "beyond the end of the file (%#" PRIx64 ")",
+                                host, img->host_end);
+  return overlap_check_write (img, host, len, 0);
+}
+
 static int
 data_write (struct qcow2_image *img, const void *buf, uint64_t len,
             uint64_t host)
 {
-  if (img->data_io == img->io &&
-      overlap_check_write (img, host, len, 0) == -1)
+  if (data_check (img, host, len) == -1)
     return -1;
   if (io_pwrite (img->data_io, buf, len, host) == -1) {
     nbdkit_error ("%s: writing data at %#" PRIx64 ": %m", img->name, host);
@@ -545,8 +560,7 @@ qcow2_pwrite (struct qcow2_image *img, const void *buf, uint64_t count,
     if (m.kind == MAP_DATA && m.copied) {
       /* In place, outside the lock (rule 3 keeps the cluster ours). */
       int r;
-      if (img->data_io == img->io &&
-          overlap_check_write (img, m.host_offset, m.length, 0) == -1)
+      if (data_check (img, m.host_offset, m.length) == -1)
         goto err;
       pthread_rwlock_rdlock (&img->io_lock);
       pthread_mutex_unlock (&img->lock);

@@ -279,6 +279,82 @@ test_corrupt_l2 (void)
   free (b);
 }
 
+/* Regressions found by the fuzzer: tables pointing far past the end of
+ * the file must be refused, never written (the memory backend would
+ * happily grow to reach them).
+ */
+static struct qcow2_image *
+open_rw (const uint8_t *b, size_t size)
+{
+  struct qcow2_config cfg = { 0 };
+  struct qcow2_io *io = qcow2_io_new_memory (b, size);
+
+  assert (io);
+  return qcow2_open_io (io, "test.qcow2", NULL, &cfg);
+}
+
+static void
+test_fuzz_regressions (void)
+{
+  const unsigned cb = 12;
+  size_t size, memsize, cs = (size_t) 1 << cb;
+  uint8_t *b, buf[512] = { 0 };
+  struct qcow2_image *img;
+
+  /* L1 entry pointing at an L2 table 1 TiB past the end of the file. */
+  b = build (cb, 4, &size);
+  put64 (b + 3 * cs, (UINT64_C(1) << 40) | QCOW_OFLAG_COPIED);
+  img = open_rw (b, size);
+  assert (img);
+  assert (qcow2_pwrite (img, buf, 512, 0, 0) == -1 && errno == EIO);
+  assert (strstr (stub_last_error, "beyond the end of the file"));
+  assert (qcow2_pread (img, buf, 512, 0) == -1 && errno == EIO);
+  qcow2_flush (img);
+  assert (qcow2_io_memory_data (img->io, &memsize) && memsize == size);
+  qcow2_close (img);
+  free (b);
+
+  /* A data cluster far past the end of the file, written in place. */
+  b = build (cb, 4, &size);
+  put64 (b + 4 * cs, (UINT64_C(1) << 40) | QCOW_OFLAG_COPIED);
+  img = open_rw (b, size);
+  assert (img);
+  assert (qcow2_pwrite (img, buf, 512, 0, 0) == -1 && errno == EIO);
+  assert (qcow2_io_memory_data (img->io, &memsize) && memsize == size);
+  qcow2_close (img);
+  free (b);
+
+  /* Refcount block past the end of the file, then a dirty-image repair
+   * and an allocating write.
+   */
+  b = build (cb, 4, &size);
+  put64 (b + cs, UINT64_C(1) << 40);
+  put64 (b + HDR_INCOMPATIBLE_FEATURES, INCOMPAT_DIRTY);
+  img = open_rw (b, size);
+  assert (img);
+  assert (qcow2_pwrite (img, buf, 512, 2 * cs, 0) == -1);
+  qcow2_flush (img);
+  assert (qcow2_io_memory_data (img->io, &memsize) && memsize == size);
+  qcow2_close (img);
+  free (b);
+
+  /* Bitmap directory whose entries run past its end. */
+  b = build (cb, 4, &size);
+  put64 (b + HDR_AUTOCLEAR_FEATURES, AUTOCLEAR_BITMAPS);
+  put32 (b + 112, EXT_BITMAPS);
+  put32 (b + 116, 24);
+  put32 (b + 120, 5);                   /* nb_bitmaps */
+  put64 (b + 128, 24);                  /* directory size */
+  put64 (b + 136, 7 * cs);              /* directory offset */
+  memset (b + 7 * cs, 0, cs);
+  put32 (b + 7 * cs + 20, 0xfffffff0);  /* extra data size */
+  img = open_rw (b, size);
+  assert (img);
+  assert (qcow2_pwrite (img, buf, 512, 2 * cs, 0) == 0);
+  qcow2_close (img);
+  free (b);
+}
+
 static void
 test_index_math (void)
 {
@@ -428,6 +504,7 @@ main (void)
   test_corrupt_l2 ();
   test_cache ();
   test_refcount_widths ();
+  test_fuzz_regressions ();
   printf ("test-core: all passed\n");
   return 0;
 }
