@@ -36,19 +36,13 @@ requires nbdcopy --version
 requires nbdinfo --version
 requires nbdsh --version
 requires /usr/bin/python3 --version
+requires md5sum --version
 
 PY=/usr/bin/python3
 imgdir=$tmpdir/img
 mkdir -p "$imgdir"
 
-MiB=$((1024*1024))
 nr_images=0
-
-fail ()
-{
-  echo "$0: FAIL: $*" >&2
-  exit 1
-}
 
 # Does the plugin have zstd?  A build without libzstd says
 # qcow2_zstd=no in --dump-plugin; then the zstd images are skipped
@@ -496,10 +490,10 @@ fill "$img" "discard 65536 65536" "discard 3000001 600000"
 check "discard-64K" "$img"
 
 # External data files (absolute names).
-new datafile 64M -o data_file=$imgdir/datafile.data
+new datafile 64M -o data_file="$imgdir/datafile.data"
 fill "$img" "write -z 65536 65536" "discard 3145728 65536"
 check "data-file" "$img"
-new datafile-raw 64M -o data_file=$imgdir/datafile-raw.data,data_file_raw=on
+new datafile-raw 64M -o data_file="$imgdir/datafile-raw.data",data_file_raw=on
 fill "$img" "write -z 65536 65536"
 check "data-file-raw" "$img"
 
@@ -512,7 +506,7 @@ check "lazy-refcounts" "$img"
 new lazy-dirty 64M -o lazy_refcounts=on
 fill "$img"
 (qemu-io -f qcow2 -c "write -P 0xf1 7000000 300000" -c flush -c abort \
-         "$img") >/dev/null 2>&1 || :
+         "$img" || :) >/dev/null 2>&1
 $PY -c '
 import sys
 f = open(sys.argv[1], "rb"); f.seek(72)

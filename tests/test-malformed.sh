@@ -1,0 +1,267 @@
+#!/usr/bin/env bash
+# nbdkit-qcow2: the plugin must refuse malformed images, cleanly.
+#
+# Each case takes a valid image made here by qemu-img (no binary images
+# are committed), damages it (usually by poking a header field) and
+# starts the plugin on it with `--run true`.  nbdkit must exit non-zero,
+# its stderr must match the case's regex (case-insensitive), and there
+# must be no crash: no exit status over 128, no "Segmentation fault",
+# "Aborted", "core dumped", AddressSanitizer or UBSan ("runtime error")
+# report.  A control case (expect OK) must start normally, so that the
+# base images are known to be good.
+#
+# To add a case, add one line to the table below:
+#     t NAME 'COMMANDS MAKING $img' 'EXPECTED STDERR REGEX'
+# COMMANDS run in a fresh directory ($PWD) with $img set to the image
+# path; helpers: base [TEMPLATE] (copy a template image to $img) and
+# poke IMG OFFSET BYTES HEXVALUE.
+#
+# QCOW2_VALGRIND=1 also runs the first 8 cases under valgrind
+# (QCOW2_VALGRIND=all: every case).
+
+source ./functions.sh
+set -e
+set -u
+
+requires qemu-img --version
+requires qemu-io --version
+requires nbdkit --version
+requires truncate --version
+requires /usr/bin/python3 --version
+
+PY=/usr/bin/python3
+
+
+# poke IMG OFFSET BYTES HEXVALUE
+# Write HEXVALUE as a BYTES-wide big-endian integer at OFFSET (decimal
+# or 0x...) of IMG, in place.
+poke ()
+{
+  $PY - "$@" <<'EOF'
+import sys
+img, off, width, value = sys.argv[1:5]
+with open(img, "r+b") as f:
+    f.seek(int(off, 0))
+    f.write(int(value, 16).to_bytes(int(width), "big"))
+EOF
+}
+
+#----------------------------------------------------------------------
+# Template images, made once.  v3, 64 KiB clusters, 64 MiB, one data
+# cluster; the layout qemu-img 7.2 gives it (the cases below rely on
+# the header fields, not on this layout):
+#   0x00000 header (header_length 112, then the feature-name table
+#           extension at 112), 0x10000 refcount table (1 cluster),
+#   0x20000 refcount block, 0x30000 L1 table (l1_size 1),
+#   0x40000 L2 table, 0x50000 data; file size 0x60000.
+tpl=$tmpdir/templates
+mkdir -p "$tpl"
+qemu-img create -q -f qcow2 "$tpl/v3.qcow2" 64M
+qemu-io -f qcow2 -c 'write -P 0x55 0 4096' "$tpl/v3.qcow2" >/dev/null
+# v2 (compat=0.10): header_length is implicit (72).
+qemu-img create -q -f qcow2 -o compat=0.10 "$tpl/v2.qcow2" 64M
+# An overlay whose backing file exists.
+qemu-img create -q -f qcow2 "$tpl/backing.qcow2" 64M
+qemu-img create -q -f qcow2 -b "$tpl/backing.qcow2" -F qcow2 "$tpl/overlay.qcow2" 64M
+# 4 KiB clusters, 1 MiB: l1_size 1 is enough even with extended L2.
+qemu-img create -q -f qcow2 -o cluster_size=4096 "$tpl/c4k-1m.qcow2" 1M
+
+# base [TEMPLATE]: copy a template (default v3) to $img.
+base ()
+{
+  cp "$tpl/${1:-v3}.qcow2" "$img"
+}
+
+#----------------------------------------------------------------------
+# The table.  Header offsets (big-endian): 0 magic, 4 version,
+# 8 backing_file_offset u64, 16 backing_file_size u32, 20 cluster_bits,
+# 24 size u64, 32 crypt_method, 36 l1_size, 40 l1_table_offset u64,
+# 48 refcount_table_offset u64, 56 refcount_table_clusters,
+# 60 nb_snapshots, 64 snapshots_offset u64, 72 incompatible u64,
+# 80 compatible u64, 88 autoclear u64, 96 refcount_order,
+# 100 header_length, 104 compression_type u8.
+
+names=() makers=() regexes=()
+t ()
+{
+  names+=("$1") makers+=("$2") regexes+=("$3")
+}
+
+t valid-v3          'base'                              OK
+t valid-v2          'base v2'                           OK
+t valid-overlay     'base overlay'                      OK
+t bad-magic         'base; poke $img 0 4 0x514649fa'    'not a qcow2 image'
+t zero-magic        'base; poke $img 0 4 0'             'not a qcow2 image'
+t version-1         'base; poke $img 4 4 1'             'unsupported qcow2 version'
+t version-4         'base; poke $img 4 4 4'             'unsupported qcow2 version'
+t cluster-bits-8    'base; poke $img 20 4 8'            'cluster.bits'
+t cluster-bits-22   'base; poke $img 20 4 0x16'         'cluster.bits'
+t cluster-bits-63   'base; poke $img 20 4 0x3f'         'cluster.bits'
+t cluster-bits-huge 'base; poke $img 20 4 0xffffffff'   'cluster.bits'
+t l1-beyond-eof     'base; poke $img 40 8 0x100000000'  'L1 table.*beyond end of file'
+t l1-unaligned      'base; poke $img 40 8 0x30200'      'L1 table.*not cluster aligned'
+t l1-size-absurd    'base; poke $img 36 4 0x7fffffff'   'L1 table.*(too large|beyond end of file)'
+t l1-size-max       'base; poke $img 36 4 0xffffffff'   'L1 table.*(too large|beyond end of file)'
+t l1-too-small      'base; poke $img 24 8 0x10000000000' 'L1 table too small'
+t rt-beyond-eof     'base; poke $img 48 8 0x100000000'  'refcount table.*beyond end of file'
+t rt-unaligned      'base; poke $img 48 8 0x10200'      'refcount table.*not cluster aligned'
+t rt-clusters-absurd 'base; poke $img 56 4 0x7fffffff'  'refcount table.*(too large|beyond end of file)'
+t size-absurd       'base; poke $img 24 8 0xffffffffffffffff' 'virtual size.*too large'
+t size-2-pow-63     'base; poke $img 24 8 0x8000000000000000' 'virtual size.*too large'
+t incompat-bit-5    'base; poke $img 72 8 0x20'         'unknown incompatible feature'
+t incompat-bit-40   'base; poke $img 72 8 0x10000000000' 'unknown incompatible feature'
+t crypt-aes         'base; poke $img 32 4 1'            'encrypt.*AES'
+t crypt-luks        'base; poke $img 32 4 2'            'encrypt.*LUKS'
+t crypt-luks-real   'make_luks'                         'LUKS'
+t truncated-50      'base; truncate -s 50 $img'         'too short|truncated|not a qcow2'
+t truncated-v3-hdr  'base; truncate -s 100 $img'        'too short|truncated|not a qcow2'
+t empty             ': > $img'                          'too short|truncated|not a qcow2'
+t header-length-96  'base; poke $img 100 4 0x60'        'header.length'
+t header-length-108 'base; poke $img 100 4 0x6c'        'header.length'
+t refcount-order-7  'base; poke $img 96 4 7'            'refcount.order'
+t backing-name-long 'base overlay; poke $img 16 4 0x1388' 'backing file name'
+t backing-name-eof  'base overlay; poke $img 8 8 0x100000000' 'backing file name'
+t snapshots-eof     'base; poke $img 60 4 0x10000; poke $img 64 8 0x100000000' 'snapshot'
+t snapshots-too-many 'base; poke $img 60 4 0x10001; poke $img 64 8 0x30000' 'snapshot'
+t hdr-ext-overrun   'base; poke $img 116 4 0x10000'     'header extension'
+t compression-2     'base; poke $img 104 1 2; poke $img 72 8 0x8' 'compression type'
+t compression-1-nobit 'base; poke $img 104 1 1'         'compression type'
+t extl2-cluster-4k  'base c4k-1m; poke $img 72 8 0x10'  'extended L2|subcluster'
+t backing-self      'make_self_backed'                  'backing.*(loop|depth|chain)'
+t backing-cycle     'make_backing_cycle'                'backing.*(loop|depth|chain)'
+t backing-missing   'make_missing_backing'              'backing.*missing-base\.qcow2|missing-base\.qcow2.*backing'
+t data-file-missing 'make_missing_data_file'            'data file'
+t data-file-no-name 'base; poke $img 72 8 0x4'          'data file'
+
+# Makers too long for one line.
+
+make_luks ()
+{
+  qemu-img create -q -f qcow2 --object secret,id=sec0,data=abc \
+    -o encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10 \
+    "$img" 16M
+}
+
+# The image names itself as its backing file (-u: qemu-img would
+# otherwise open the chain).
+make_self_backed ()
+{
+  qemu-img create -q -f qcow2 -u -b "$(basename "$img")" -F qcow2 "$img" 64M
+}
+
+# img -> other.qcow2 -> img
+make_backing_cycle ()
+{
+  qemu-img create -q -f qcow2 -u -b other.qcow2 -F qcow2 "$img" 64M
+  qemu-img create -q -f qcow2 -u -b "$(basename "$img")" -F qcow2 other.qcow2 64M
+}
+
+make_missing_backing ()
+{
+  qemu-img create -q -f qcow2 -u -b missing-base.qcow2 -F qcow2 "$img" 64M
+}
+
+make_missing_data_file ()
+{
+  qemu-img create -q -f qcow2 -o data_file="$PWD/gone.data" "$img" 64M
+  rm "$PWD/gone.data"
+}
+
+#----------------------------------------------------------------------
+# Run the table.
+
+# Under valgrind (about 4 s a case): QCOW2_VALGRIND=1 the first 8
+# cases, QCOW2_VALGRIND=all every case.  --trace-children=yes in case
+# nbdkit on PATH is a wrapper script.
+case "${QCOW2_VALGRIND:-0}" in
+  0) valgrind_cases=0 ;;
+  all) requires valgrind --version; valgrind_cases=${#names[@]} ;;
+  *) requires valgrind --version; valgrind_cases=8 ;;
+esac
+
+# bad NAME MESSAGE [STDERR_FILE]: report a failed case.
+bad ()
+{
+  echo "$1: FAILED: $2" >&2
+  if [ -n "${3:-}" ]; then
+    echo "--- stderr:" >&2
+    cat "$3" >&2
+    echo "---" >&2
+  fi
+  return 1
+}
+
+# run_case I [WRAPPER...]: make case I's image, start the plugin on it
+# (through WRAPPER, e.g. valgrind) and judge the outcome.
+run_case ()
+{
+  local i=$1; shift
+  local name=${names[$i]} regex=${regexes[$i]}
+  local dir=$tmpdir/case-$i
+  local err=$dir/stderr
+  local r=0
+  rm -rf "$dir"
+  mkdir "$dir"
+  # A neutral name: the error messages quote it, and a name like
+  # "truncated.qcow2" would match the regex by itself.
+  img=$dir/image.qcow2
+  if ! (cd "$dir" && eval "${makers[$i]}") > "$dir/make.log" 2>&1; then
+    bad "$name" "making the image failed (bug in the test)" "$dir/make.log"
+    return 1
+  fi
+
+  (cd "$dir" && "$@" nbdkit -U - "$PLUGIN" file="$img" --run true) \
+    > "$dir/stdout" 2> "$err" || r=$?
+
+  if [ "$r" -gt 128 ] ||
+     grep -Eq 'Segmentation fault|Aborted|core dumped|AddressSanitizer|runtime error|^==[0-9]+== ' "$err"; then
+    bad "$name" "crashed or memory error (exit status $r)${*:+ under $1}" "$err"
+    return 1
+  fi
+  if [ $# -gt 0 ] && [ "$r" -eq 99 ]; then
+    bad "$name" "$1 reported errors (exit status 99)" "$err"
+    return 1
+  fi
+  if [ "$regex" = OK ]; then
+    if [ "$r" -ne 0 ]; then
+      bad "$name" "valid image refused (exit status $r)" "$err"
+      return 1
+    fi
+  elif [ "$r" -eq 0 ]; then
+    bad "$name" "malformed image accepted (expected an error matching /$regex/)" "$err"
+    return 1
+  elif ! sed -e "s|$dir/|DIR/|g" -e "s|$PLUGIN|PLUGIN|g" "$err" |
+         grep -Eqi -- "$regex"; then
+    bad "$name" "error message does not match /$regex/" "$err"
+    return 1
+  fi
+  rm -rf "$dir"
+}
+
+passed=0
+failed=()
+for i in "${!names[@]}"; do
+  if run_case "$i"; then
+    echo "${names[$i]}: ok"
+    passed=$((passed + 1))
+  else
+    failed+=("${names[$i]}")
+  fi
+done
+
+for ((i = 0; i < valgrind_cases && i < ${#names[@]}; i++)); do
+  if run_case "$i" valgrind -q --error-exitcode=99 --leak-check=no \
+           --trace-children=yes; then
+    echo "${names[$i]}: ok under valgrind"
+    passed=$((passed + 1))
+  else
+    failed+=("${names[$i]} (valgrind)")
+  fi
+done
+
+if [ ${#failed[@]} -gt 0 ]; then
+  echo "$0: ${#failed[@]} cases FAILED: ${failed[*]}" >&2
+  echo "$passed cases passed"
+  exit 1
+fi
+echo "$passed cases passed"
