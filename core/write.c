@@ -630,6 +630,19 @@ reads_as_zero (struct qcow2_image *img, uint64_t off, uint64_t len,
   return 0;
 }
 
+/* Would zeroing [off, off+len) need real zeroes written?  (Errors count
+ * as yes: the real request will report them.)
+ */
+static bool
+slow_zero (struct qcow2_image *img, uint64_t off, uint64_t len)
+{
+  bool zero;
+
+  if (len == 0)
+    return false;
+  return reads_as_zero (img, off, len, &zero) == -1 || !zero;
+}
+
 /* Write real zeroes (the fallback). */
 static int
 write_zeroes (struct qcow2_image *img, uint64_t off, uint64_t len,
@@ -721,6 +734,17 @@ qcow2_zero (struct qcow2_image *img, uint64_t count, uint64_t offset,
   b = (offset + count) & ~(cs - 1);
   if (offset + count == img->size)
     b = round_up_pow2 (img->size, cs);
+  /* A fast zero that would need real zeroes anywhere fails before it
+   * changes anything.
+   */
+  if ((flags & QCOW2_F_FAST_ZERO) &&
+      (((!meta || a >= b) && slow_zero (img, offset, count)) ||
+       (meta && a < b && (slow_zero (img, offset, a - offset) ||
+                          (offset + count > b &&
+                           slow_zero (img, b, offset + count - b)))))) {
+    errno = ENOTSUP;
+    goto out;
+  }
   if (!meta || a >= b) {
     if (!meta && !img->backing_name && !img->data_file_name &&
         (flags & QCOW2_F_MAY_TRIM) && a < b) {
