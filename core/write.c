@@ -344,6 +344,32 @@ data_write (struct qcow2_image *img, const void *buf, uint64_t len,
   return 0;
 }
 
+static bool
+is_zero (const uint8_t *p, size_t n)
+{
+  static const uint8_t zero[4096];
+
+  while (n > 0) {
+    size_t k = n < sizeof zero ? n : sizeof zero;
+    if (memcmp (p, zero, k) != 0)
+      return false;
+    p += k;
+    n -= k;
+  }
+  return true;
+}
+
+/* Is host offset at or past the end of the data file (so reads there
+ * return zeroes)?  Asked of the file itself, never of a cached size.
+ */
+static bool
+past_eof (struct qcow2_image *img, uint64_t host)
+{
+  int64_t size = io_size (img->data_io);
+
+  return size != -1 && host >= (uint64_t) size;
+}
+
 /* Allocating write of whole clusters [c0, c0 + n*cs) all of one kind
  * (standard L2 entries), with the guest data at [off, off+len) inside.
  */
@@ -373,7 +399,16 @@ alloc_clusters (struct qcow2_image *img, const uint8_t *buf, uint64_t off,
     host = c0;                  /* external data: host offset = guest */
   else if ((host = refcount_alloc (img, n)) == -1)
     goto out;
-  if (data_write (img, data, n * cs, host) == -1)
+  /* Clusters past the end of the file already read as zeroes: when the
+   * head and tail are zeroes too, write only the guest data (a 4 KiB
+   * write into a fresh 64 KiB cluster writes 4 KiB, not 64).
+   */
+  if (past_eof (img, host) && is_zero (data, off - c0) &&
+      is_zero (data + (off + len - c0), c0 + n * cs - off - len)) {
+    if (data_write (img, buf, len, host + (off - c0)) == -1)
+      goto out;
+  }
+  else if (data_write (img, data, n * cs, host) == -1)
     goto out;
 
   for (i = 0; i < n; i++) {
