@@ -58,10 +58,13 @@
  *   to 3/4 (at most 22 bytes a window) + 6 bytes a run, lists growing by
  *   a quarter.  Bound: 256 + 38 * windows + 8 * runs, at most 46 bytes a
  *   run when every run is alone in its window (64 KiB clusters) and
- *   about 7 when windows hold many runs (512 byte clusters, where the
- *   2014 estimate of 40 * image_size / cluster_size^2 matters).  After
- *   heavy removals lists shrink when less than 40% full and the table
- *   when less than 1/8 full.
+ *   about 7 when windows hold many runs (512 byte clusters, where
+ *   memory matters).  After heavy removals lists shrink when less than
+ *   40% full and the table when less than 1/8 full.  The 2014 estimate,
+ *   40 * image_size / cluster_size^2, counted 4 byte entries with 8 bits
+ *   of types and nothing per window; we need 11 bits of types, so 6 byte
+ *   runs: a preallocated image with 512 byte clusters takes 1.8 times
+ *   the estimate (bench/overlap-bench.c).
  *
  * No cache of expanded bitmaps, unlike the 2014 design: it expanded a
  * window to query it, so it needed an LRU; here a query reads the list
@@ -79,7 +82,10 @@
  * allocation happens before the window is touched, and failures of the
  * optional steps (shrinking, bitmap -> list) are ignored.  XXX An update
  * spanning several windows is not atomic: when window k fails, windows
- * before k keep the change.  The map is valid either way.
+ * before k keep the change.  The map is valid either way.  XXX Removal
+ * can fail too (splitting a run needs room for one more); what is left
+ * behind is a type on a cluster that no longer has it, which can only
+ * cause a false alarm, never a missed overlap.
  */
 
 #ifdef HAVE_CONFIG_H
@@ -321,43 +327,49 @@ maybe_shrink (struct overlap_map *m)
     return;
   while (bits > MIN_SLOT_BITS && m->nwindows * 2 <= ((size_t) 1 << (bits - 1)))
     bits--;
-  rehash (m, bits);
+  if (bits < m->slot_bits)
+    rehash (m, bits);
 }
 
 /*----------------------------------------------------------------------
  * Run lists.
  */
 
-/* Index of the first run with end > x. */
+/* Index of the first run with end > x.  Written so that the compiler
+ * uses conditional moves: the branches of a plain binary search are
+ * unpredictable, and a query searches a different window each time.
+ */
 static size_t
 first_end_above (const struct window *w, unsigned x)
 {
-  size_t lo = 0, hi = w->nruns, mid;
+  const struct run *base = w->runs;
+  size_t n = w->nruns, half;
 
-  while (lo < hi) {
-    mid = (lo + hi) / 2;
-    if (w->runs[mid].end > x)
-      hi = mid;
-    else
-      lo = mid + 1;
+  if (n == 0)
+    return 0;
+  while (n > 1) {
+    half = n / 2;
+    base = base[half].end <= x ? base + half : base;
+    n -= half;
   }
-  return lo;
+  return (base - w->runs) + (base->end <= x);
 }
 
 /* Index of the first run with start > x. */
 static size_t
 first_start_above (const struct window *w, unsigned x)
 {
-  size_t lo = 0, hi = w->nruns, mid;
+  const struct run *base = w->runs;
+  size_t n = w->nruns, half;
 
-  while (lo < hi) {
-    mid = (lo + hi) / 2;
-    if (w->runs[mid].start > x)
-      hi = mid;
-    else
-      lo = mid + 1;
+  if (n == 0)
+    return 0;
+  while (n > 1) {
+    half = n / 2;
+    base = base[half].start <= x ? base + half : base;
+    n -= half;
   }
-  return lo;
+  return (base - w->runs) + (base->start <= x);
 }
 
 /* Append [start, end) with types t to out, merging with the last run. */
@@ -464,7 +476,6 @@ splice (struct overlap_map *m, struct window **slot, size_t lo, size_t k,
   memmove (&w->runs[lo + n], &w->runs[lo + k], tail * sizeof (struct run));
   memcpy (&w->runs[lo], new, n * sizeof (struct run));
   w->nruns = count;
-  w->types = list_union (w);
   if (count > 0 && w->cap > 2 * target_cap (count) + 2)
     resize_list (m, slot, target_cap (count));
   return 0;
@@ -600,8 +611,11 @@ list_update (struct overlap_map *m, struct window **slot,
     }
   }
   n = rewrite (&w->runs[lo], hi - lo, a, b, clear, set, new);
-  if (w->nruns - (hi - lo) + n <= RUNS_MAX)
+  if (w->nruns - (hi - lo) + n <= RUNS_MAX) {
     r = splice (m, slot, lo, hi - lo, new, n);
+    if (r == 0)
+      (*slot)->types = clear ? list_union (*slot) : (*slot)->types | set;
+  }
   else if ((r = to_bitmap (m, slot)) == 0)
     bitmap_update (m, slot, a, b, clear, set);
   if (new != stack)
@@ -778,7 +792,7 @@ query_by_walk (const struct overlap_map *m, uint64_t first, uint64_t last,
 {
   uint64_t fw = window_of (first), lw = window_of (last), c;
   uint64_t best = UINT64_MAX;
-  unsigned a, b, t, pos, types = 0;
+  unsigned a, b, t, pos = 0, types = 0;
   size_t i;
 
   for (i = 0; i < m->nslots; i++) {
@@ -848,7 +862,7 @@ overlap_map_query (struct overlap_map *m, uint64_t first, uint64_t n,
 {
   uint64_t last, fw, lw, wi;
   const struct window *w;
-  unsigned a, b, t, pos, types = 0;
+  unsigned a, b, t, pos = 0, types = 0;
 
   mask &= TYPES_MASK;
   if (n == 0 || mask == 0 || m->nwindows == 0)
@@ -966,7 +980,8 @@ overlap_map_check (const struct overlap_map *m)
 
   if (m->nslots == 0)
     return m->nwindows == 0 && m->bytes == 0 ? NULL : "no table, but windows";
-  if (m->nslots != (size_t) 1 << m->slot_bits || m->nwindows * 4 > m->nslots * 3)
+  if (m->nslots != (size_t) 1 << m->slot_bits ||
+      m->nwindows * 4 > m->nslots * 3)
     return "table: bad size or overloaded";
   for (i = 0; i < m->nslots; i++) {
     const struct window *w = m->slots[i];
