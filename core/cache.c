@@ -291,27 +291,43 @@ cache_flush (struct cache *c)
 /* Forget slices in [off, off+len): their clusters were freed.  Any
  * dirty contents are discarded, which is what the caller wants.
  */
+static void
+drop_entry (struct cache *c, struct cache_entry *e)
+{
+  if (e->dirty) {
+    e->dirty = false;
+    c->ndirty--;
+  }
+  hash_remove (c, e);
+  lru_unlink (e);
+  /* Move to the cold end so it is reused first. */
+  e->next = &c->lru;
+  e->prev = c->lru.prev;
+  c->lru.prev->next = e;
+  c->lru.prev = e;
+}
+
 void
 cache_drop (struct cache *c, uint64_t off, uint64_t len)
 {
+  uint64_t slices = len >> c->slice_bits;
   uint32_t i;
 
+  /* A cluster or two (a freed or new table): look each slice up. */
+  if (slices <= 64) {
+    uint64_t s;
+    for (s = 0; s < slices; s++) {
+      struct cache_entry *e = lookup (c, off + (s << c->slice_bits));
+      if (e && e->pins == 0)
+        drop_entry (c, e);
+    }
+    return;
+  }
   for (i = 0; i < c->used; i++) {
     struct cache_entry *e = &c->entries[i];
     if (e->valid && e->offset >= off && e->offset - off < len &&
-        e->pins == 0) {
-      if (e->dirty) {
-        e->dirty = false;
-        c->ndirty--;
-      }
-      hash_remove (c, e);
-      lru_unlink (e);
-      /* Move to the cold end so it is reused first. */
-      e->next = &c->lru;
-      e->prev = c->lru.prev;
-      c->lru.prev->next = e;
-      c->lru.prev = e;
-    }
+        e->pins == 0)
+      drop_entry (c, e);
   }
 }
 

@@ -193,6 +193,12 @@ check_table (struct qcow2_image *img, const char *what, uint64_t off,
   }
   if (len == 0)
     return 0;
+  if (off == 0) {
+    nbdkit_error ("%s: %s at offset 0 overlaps the image header",
+                  img->name, what);
+    errno = EIO;
+    return -1;
+  }
   if (offset_into_cluster (img, off) != 0) {
     nbdkit_error ("%s: %s offset %#" PRIx64 " is not cluster aligned",
                   img->name, what, off);

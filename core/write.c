@@ -411,15 +411,22 @@ alloc_clusters (struct qcow2_image *img, const uint8_t *buf, uint64_t off,
   else if (data_write (img, data, n * cs, host) == -1)
     goto out;
 
-  for (i = 0; i < n; i++) {
-    uint64_t old;
+  /* Link the entries, one slice lookup per slice, not per cluster. */
+  for (i = 0; i < n; ) {
+    uint64_t per_slice = (UINT64_C(1) << img->slice_bits) >> img->l2_entry_shift;
+    uint64_t left = per_slice - l2_index (img, c0 + i * cs) % per_slice;
     if (get_entry (img, c0 + i * cs, &ref) == -1)
       goto out;
-    old = be64toh (ref.entry[0]);
-    ref.entry[0] = htobe64 ((host + i * cs) | QCOW_OFLAG_COPIED);
+    for (; left > 0 && i < n;
+         left--, i++, ref.entry += 1u << (img->l2_entry_shift - 3)) {
+      uint64_t old = be64toh (ref.entry[0]);
+      ref.entry[0] = htobe64 ((host + i * cs) | QCOW_OFLAG_COPIED);
+      if (free_entry_later (img, old) == -1) {
+        put_entry (img, &ref, true);
+        goto out;
+      }
+    }
     put_entry (img, &ref, true);
-    if (free_entry_later (img, old) == -1)
-      goto out;
   }
   r = 0;
  out:
