@@ -336,3 +336,24 @@ check_image (struct qcow2_image *img, bool repair,
   free (c.ref);
   return r;
 }
+
+int
+qcow2_check (struct qcow2_image *img, bool repair,
+             struct qcow2_check_result *res)
+{
+  int r;
+
+  if (repair && img->readonly) {
+    errno = EROFS;
+    return -1;
+  }
+  pthread_mutex_lock (&img->lock);
+  /* Metadata still in the caches is part of the image. */
+  r = img->readonly ? 0 : write_flush_locked (img);
+  if (r == 0)
+    r = check_image (img, repair, res);
+  if (r == 0 && repair)
+    cache_drop (img->l2_cache, 0, UINT64_MAX);
+  pthread_mutex_unlock (&img->lock);
+  return r;
+}

@@ -229,12 +229,6 @@ extern int cluster_read (struct qcow2_image *img, void *buf,
                          uint64_t count, uint64_t offset, bool locked);
 
 /* check.c */
-struct qcow2_check_result {
-  uint64_t corruptions;         /* refcount lower than the references */
-  uint64_t leaks;               /* refcount higher than the references */
-  uint64_t errors;              /* references outside the file */
-  uint64_t repaired;            /* refcounts rewritten */
-};
 extern int check_image (struct qcow2_image *img, bool repair,
                         struct qcow2_check_result *res);
 

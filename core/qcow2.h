@@ -116,6 +116,20 @@ extern int qcow2_snapshot_info (struct qcow2_image *img, uint32_t i,
 extern struct qcow2_image *qcow2_open_snapshot (struct qcow2_image *img,
                                                 const char *name);
 
+/* Consistency check, like qemu-img check: recompute every cluster's
+ * references from the metadata and compare with the stored refcounts.
+ * With repair, rewrite the refcounts and COPIED flags (the image must
+ * be writable).  Returns -1 only if the check itself could not run.
+ */
+struct qcow2_check_result {
+  uint64_t corruptions;         /* refcount lower than the references */
+  uint64_t leaks;               /* refcount higher than the references */
+  uint64_t errors;              /* references outside the file */
+  uint64_t repaired;            /* refcounts rewritten */
+};
+extern int qcow2_check (struct qcow2_image *img, bool repair,
+                        struct qcow2_check_result *res);
+
 /* Whether this build can read zstd-compressed clusters. */
 extern bool qcow2_have_zstd (void);
 
