@@ -206,9 +206,14 @@ compute (struct qcow2_image *img, struct counts *c)
   return r;
 }
 
-/* Set the COPIED flags of the active tables from the refcounts. */
+/* Compare the COPIED flags of the active tables with the refcounts
+ * (COPIED must be set exactly when the refcount is 1), count the
+ * mismatches as corruption, as qemu-img check does, and with repair
+ * rewrite them.
+ */
 static int
-fix_copied (struct qcow2_image *img, const struct counts *c)
+fix_copied (struct qcow2_image *img, const struct counts *c, bool repair,
+            uint64_t *bad)
 {
   uint64_t *buf = malloc (img->cluster_size);
   uint64_t n = UINT64_C(1) << img->l2_bits, j;
@@ -227,8 +232,11 @@ fix_copied (struct qcow2_image *img, const struct counts *c)
       continue;
     want = c->ref[l2 >> img->cluster_bits] == 1 ? QCOW_OFLAG_COPIED : 0;
     if ((img->l1[i] & QCOW_OFLAG_COPIED) != want) {
-      img->l1[i] = (img->l1[i] & ~QCOW_OFLAG_COPIED) | want;
-      l1_changed = true;
+      (*bad)++;
+      if (repair) {
+        img->l1[i] = (img->l1[i] & ~QCOW_OFLAG_COPIED) | want;
+        l1_changed = true;
+      }
     }
     if (io_pread (img->io, buf, img->cluster_size, l2) == -1)
       goto out;
@@ -239,11 +247,12 @@ fix_copied (struct qcow2_image *img, const struct counts *c)
         continue;
       want = c->ref[host >> img->cluster_bits] == 1 ? QCOW_OFLAG_COPIED : 0;
       if ((e & QCOW_OFLAG_COPIED) != want) {
+        (*bad)++;
         buf[j * step] = htobe64 ((e & ~QCOW_OFLAG_COPIED) | want);
         changed = true;
       }
     }
-    if (changed) {
+    if (changed && repair) {
       if (overlap_check_write (img, l2, img->cluster_size,
                                OV_ACTIVE_L2) == -1 ||
           io_pwrite (img->io, buf, img->cluster_size, l2) == -1)
@@ -325,9 +334,40 @@ check_image (struct qcow2_image *img, bool repair,
       goto out;
     res->repaired++;
   }
+  /* Refcounts of clusters past the end of the file: a crash can leave
+   * a refcount for a cluster whose write never extended the file.
+   * Nothing can reference them: leaks.
+   */
+  for (i = 0; i < img->reftable_entries; i++) {
+    uint64_t first = i << img->rb_bits, j, v;
+    if (!(img->reftable[i] & RT_OFFSET_MASK) ||
+        first + (UINT64_C(1) << img->rb_bits) <= c.n)
+      continue;
+    for (j = first > c.n ? first : c.n;
+         j < first + (UINT64_C(1) << img->rb_bits); j++) {
+      if (refcount_get (img, j, &v) == -1)
+        goto out;
+      if (v == 0)
+        continue;
+      res->leaks++;
+      if (repair) {
+        if (refcount_set (img, j, 0) == -1)
+          goto out;
+        res->repaired++;
+      }
+    }
+  }
+
+  /* Refcounts first, then COPIED flags: a repair interrupted between
+   * the two is covered by the dirty bit (see qcow2_check).
+   */
+  if (repair && (cache_flush (img->rc_cache) == -1 ||
+                 io_flush (img->io) == -1))
+    goto out;
+  if (fix_copied (img, &c, repair, &res->corruptions) == -1)
+    goto out;
   if (repair) {
-    if (cache_flush (img->rc_cache) == -1 || fix_copied (img, &c) == -1 ||
-        io_flush (img->io) == -1)
+    if (io_flush (img->io) == -1)
       goto out;
     img->free_hint = 0;
   }
@@ -341,6 +381,7 @@ int
 qcow2_check (struct qcow2_image *img, bool repair,
              struct qcow2_check_result *res)
 {
+  bool set_dirty = false;
   int r;
 
   if (repair && img->readonly) {
@@ -350,10 +391,28 @@ qcow2_check (struct qcow2_image *img, bool repair,
   pthread_mutex_lock (&img->lock);
   /* Metadata still in the caches is part of the image. */
   r = img->readonly ? 0 : write_flush_locked (img);
+  /* A repair rewrites refcounts and COPIED flags in two steps; the
+   * dirty bit makes a crash between them recoverable (v3 only).
+   */
+  if (r == 0 && repair && img->version >= 3 &&
+      !(img->incompat & INCOMPAT_DIRTY)) {
+    img->incompat |= INCOMPAT_DIRTY;
+    r = header_write_features (img);
+    if (r == 0)
+      r = io_flush (img->io);
+    if (r == 0)
+      set_dirty = true;
+  }
   if (r == 0)
     r = check_image (img, repair, res);
   if (r == 0 && repair)
     cache_drop (img->l2_cache, 0, UINT64_MAX);
+  if (r == 0 && set_dirty && !img->dirty_written) {
+    img->incompat &= ~INCOMPAT_DIRTY;
+    r = header_write_features (img);
+    if (r == 0)
+      r = io_flush (img->io);
+  }
   pthread_mutex_unlock (&img->lock);
   return r;
 }

@@ -563,11 +563,17 @@ repair_dirty (struct qcow2_image *img)
   struct qcow2_check_result res;
 
   if (check_image (img, true, &res) == -1) {
-    nbdkit_error ("%s: image was not closed cleanly (dirty bit set) and "
-                  "could not be repaired: it stays read-only (repair it "
-                  "with 'qemu-img check -r all')", img->name);
-    img->readonly = true;
-    errno = EROFS;
+    /* A host I/O error (EIO, ENOSPC) is passed on and the repair is
+     * tried again by the next write (the dirty bit is still set).  A
+     * repair that cannot succeed leaves the image read-only.
+     */
+    if (errno == ENOTSUP || errno == EFBIG || img->corrupt) {
+      nbdkit_error ("%s: image was not closed cleanly (dirty bit set) and "
+                    "could not be repaired: it stays read-only (repair it "
+                    "with 'qemu-img check -r all')", img->name);
+      img->readonly = true;
+      errno = EROFS;
+    }
     return -1;
   }
   cache_drop (img->l2_cache, 0, UINT64_MAX);

@@ -311,14 +311,6 @@ grow_reftable (struct qcow2_image *img, uint64_t ti)
   /* The new blocks, each counting the clusters of [start, start+nt+nb)
    * that fall in its range.
    */
-  if (overlap_add (img, start << img->cluster_bits, (nt + nb) * cs,
-                   OV_REFCOUNT_TABLE) == -1)
-    goto out;
-  overlap_remove (img, (start + nt) << img->cluster_bits, nb * cs,
-                  OV_REFCOUNT_TABLE);
-  if (overlap_add (img, (start + nt) << img->cluster_bits, nb * cs,
-                   OV_REFCOUNT_BLOCK) == -1)
-    goto out;
   for (i = 0; i < nb; i++) {
     uint64_t bti = first_ti + i, c;
     uint64_t boff = (start + nt + i) << img->cluster_bits;
@@ -371,7 +363,13 @@ grow_reftable (struct qcow2_image *img, uint64_t ti)
     img->reftable_clusters = nt;
     if (img->host_end < (start + nt + nb) << img->cluster_bits)
       img->host_end = (start + nt + nb) << img->cluster_bits;
+    /* The map learns of the new structures once they are in use. */
     overlap_remove (img, old_off, old_n * cs, OV_REFCOUNT_TABLE);
+    if (overlap_add (img, start << img->cluster_bits, nt * cs,
+                     OV_REFCOUNT_TABLE) == -1 ||
+        overlap_add (img, (start + nt) << img->cluster_bits, nb * cs,
+                     OV_REFCOUNT_BLOCK) == -1)
+      goto out;
     if (refcount_free_later (img, old_off, old_n) == -1)
       goto out;
   }
@@ -403,8 +401,7 @@ create_refblock (struct qcow2_image *img, uint64_t ti, uint64_t b)
     entry_set (block, b - ti * epb, img->refcount_order, 1);
   else if (refcount_set (img, b, 1) == -1)
     goto out;
-  if (overlap_add (img, boff, cs, OV_REFCOUNT_BLOCK) == -1 ||
-      overlap_check_write (img, boff, cs, OV_REFCOUNT_BLOCK) == -1)
+  if (overlap_check_write (img, boff, cs, OV_REFCOUNT_BLOCK) == -1)
     goto out;
   /* The counting block (if not this one) must be on disk too. */
   if ((!self && cache_flush (img->rc_cache) == -1) ||
@@ -424,6 +421,8 @@ create_refblock (struct qcow2_image *img, uint64_t ti, uint64_t b)
   img->need_sync = true;
   if (img->host_end < boff + cs)
     img->host_end = boff + cs;
+  if (overlap_add (img, boff, cs, OV_REFCOUNT_BLOCK) == -1)
+    goto out;
   r = 0;
  out:
   free (block);

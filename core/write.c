@@ -198,13 +198,17 @@ cow_l2_table (struct qcow2_image *img, uint64_t l1i, uint64_t old)
   new = refcount_alloc (img, 1);
   if (new == -1)
     goto out;
-  if (overlap_add (img, new, cs, OV_ACTIVE_L2) == -1 ||
-      overlap_check_write (img, new, cs, OV_ACTIVE_L2) == -1)
+  /* The map learns of a new table only once it is written, so a failed
+   * write leaves a leak, not a phantom table in the map.
+   */
+  if (overlap_check_write (img, new, cs, OV_ACTIVE_L2) == -1)
     goto out;
   if (io_pwrite (img->io, t, cs, new) == -1) {
     nbdkit_error ("%s: writing L2 table copy: %m", img->name);
     goto out;
   }
+  if (overlap_add (img, new, cs, OV_ACTIVE_L2) == -1)
+    goto out;
   img->need_sync = true;
   overlap_remove (img, old, cs, OV_ACTIVE_L2);
   l1_set (img, l1i, (uint64_t) new | QCOW_OFLAG_COPIED);
@@ -232,8 +236,7 @@ l2_for_write (struct qcow2_image *img, uint64_t guest, uint64_t *l2,
     void *zero;
     if (new == -1)
       return -1;
-    if (overlap_add (img, new, cs, OV_ACTIVE_L2) == -1 ||
-        overlap_check_write (img, new, cs, OV_ACTIVE_L2) == -1)
+    if (overlap_check_write (img, new, cs, OV_ACTIVE_L2) == -1)
       return -1;
     zero = calloc (1, cs);
     if (zero == NULL)
@@ -244,6 +247,8 @@ l2_for_write (struct qcow2_image *img, uint64_t guest, uint64_t *l2,
       return -1;
     }
     free (zero);
+    if (overlap_add (img, new, cs, OV_ACTIVE_L2) == -1)
+      return -1;
     cache_drop (img->l2_cache, new, cs);
     img->need_sync = true;
     l1_set (img, l1i, (uint64_t) new | QCOW_OFLAG_COPIED);
