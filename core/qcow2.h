@@ -116,6 +116,36 @@ extern int qcow2_snapshot_info (struct qcow2_image *img, uint32_t i,
 extern struct qcow2_image *qcow2_open_snapshot (struct qcow2_image *img,
                                                 const char *name);
 
+/* Create a new image file (create.c).  Fails with EEXIST if the file
+ * exists, unless overwrite.  The options and combinations are
+ * qemu-img create's (-o cluster_size=, refcount_bits=, compat=, ...),
+ * as are the refusals.  The image is written but not opened.
+ */
+enum qcow2_prealloc {
+  QCOW2_PREALLOC_OFF = 0,
+  QCOW2_PREALLOC_METADATA,      /* L2 tables and data clusters allocated */
+  QCOW2_PREALLOC_FALLOC,        /* metadata + fallocate the data */
+  QCOW2_PREALLOC_FULL,          /* metadata + write zeros to the data */
+};
+
+struct qcow2_create_options {
+  uint64_t size;                /* virtual size, rounded up to 512 */
+  bool size_from_backing_file;  /* ignore size: use the backing file's */
+  uint32_t cluster_size;        /* 0 = 64K */
+  uint32_t refcount_bits;       /* 0 = 16 */
+  uint32_t version;             /* 2 (compat 0.10) or 3 (1.1); 0 = 3 */
+  bool extended_l2;
+  bool zstd;                    /* compression type zstd, else deflate */
+  const char *backing_file;     /* stored as given; NULL = none */
+  const char *backing_format;   /* "qcow2" or "raw"; needed with backing */
+  enum qcow2_prealloc preallocation;
+  bool overwrite;               /* replace an existing file */
+  bool no_locking;              /* do not take QEMU's writer locks */
+};
+
+extern int qcow2_create (const char *filename,
+                         const struct qcow2_create_options *opts);
+
 /* Consistency check, like qemu-img check: recompute every cluster's
  * references from the metadata and compare with the stored refcounts.
  * With repair, rewrite the refcounts and COPIED flags (the image must

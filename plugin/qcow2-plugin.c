@@ -31,6 +31,7 @@
 #include "../core/qcow2.h"
 
 static char *filename;
+static char *file_arg;          /* file= as given; resolved once it exists */
 static char *snapshot;          /* snapshot=: serve only this one */
 static struct qcow2_config cfg;
 static struct qcow2_image *img; /* the active image */
@@ -42,6 +43,14 @@ static struct view {
   struct qcow2_image *img;
 } *views;
 static size_t nr_views;
+
+/* create=true|force and the options of the new image. */
+static bool create;
+static bool create_given_opts;  /* some creation option was given */
+static struct qcow2_create_options create_opts = {
+  .size_from_backing_file = true,
+};
+static char *create_backing, *create_backing_format;
 
 struct handle {
   struct qcow2_image *img;
@@ -63,7 +72,10 @@ qcow2_plugin_unload (void)
     nbdkit_error ("%s: errors while closing the image", filename);
   img = NULL;
   free (filename);
+  free (file_arg);
   free (snapshot);
+  free (create_backing);
+  free (create_backing_format);
 }
 
 /* The shared view of a snapshot, opened on first use. */
@@ -114,14 +126,124 @@ parse_size (const char *key, const char *value, uint64_t *out)
 }
 
 static int
+set_string (char **p, const char *value)
+{
+  free (*p);
+  *p = strdup (value);
+  if (*p == NULL) {
+    nbdkit_error ("strdup: %m");
+    return -1;
+  }
+  return 0;
+}
+
+/* Parameters of create=: 1 if 'key' is one, 0 if not, -1 on error. */
+static int
+config_create (const char *key, const char *value)
+{
+  struct qcow2_create_options *o = &create_opts;
+  uint64_t v;
+  int r;
+
+  if (strcmp (key, "create") == 0) {
+    o->overwrite = strcmp (value, "force") == 0;
+    if (o->overwrite)
+      create = true;
+    else if ((r = nbdkit_parse_bool (value)) == -1)
+      return -1;
+    else
+      create = r;
+    return 1;
+  }
+  if (strcmp (key, "size") == 0) {
+    if (parse_size (key, value, &o->size) == -1)
+      return -1;
+    o->size_from_backing_file = false;
+  }
+  else if (strcmp (key, "cluster-size") == 0) {
+    if (parse_size (key, value, &v) == -1)
+      return -1;
+    if (v == 0 || v > UINT32_MAX) {   /* 0 would mean the default */
+      nbdkit_error ("cluster-size must be a power of 2 between 512 and 2M");
+      return -1;
+    }
+    o->cluster_size = v;
+  }
+  else if (strcmp (key, "refcount-bits") == 0) {
+    if (nbdkit_parse_uint32_t (key, value, &o->refcount_bits) == -1)
+      return -1;
+    if (o->refcount_bits == 0) {
+      nbdkit_error ("refcount-bits must be a power of 2 from 1 to 64");
+      return -1;
+    }
+  }
+  else if (strcmp (key, "extended-l2") == 0) {
+    if ((r = nbdkit_parse_bool (value)) == -1)
+      return -1;
+    o->extended_l2 = r;
+  }
+  else if (strcmp (key, "compat") == 0) {
+    if (strcmp (value, "0.10") == 0 || strcmp (value, "v2") == 0)
+      o->version = 2;
+    else if (strcmp (value, "1.1") == 0 || strcmp (value, "v3") == 0)
+      o->version = 3;
+    else {
+      nbdkit_error ("compat must be 0.10 or 1.1");
+      return -1;
+    }
+  }
+  else if (strcmp (key, "compression-type") == 0) {
+    if (strcmp (value, "zlib") == 0)
+      o->zstd = false;
+    else if (strcmp (value, "zstd") == 0)
+      o->zstd = true;
+    else {
+      nbdkit_error ("compression-type must be zlib or zstd");
+      return -1;
+    }
+  }
+  else if (strcmp (key, "backing") == 0) {
+    if (set_string (&create_backing, value) == -1)
+      return -1;
+    o->backing_file = create_backing;
+  }
+  else if (strcmp (key, "backing-format") == 0) {
+    if (set_string (&create_backing_format, value) == -1)
+      return -1;
+    o->backing_format = create_backing_format;
+  }
+  else if (strcmp (key, "preallocation") == 0) {
+    if (strcmp (value, "off") == 0)
+      o->preallocation = QCOW2_PREALLOC_OFF;
+    else if (strcmp (value, "metadata") == 0)
+      o->preallocation = QCOW2_PREALLOC_METADATA;
+    else if (strcmp (value, "falloc") == 0)
+      o->preallocation = QCOW2_PREALLOC_FALLOC;
+    else if (strcmp (value, "full") == 0)
+      o->preallocation = QCOW2_PREALLOC_FULL;
+    else {
+      nbdkit_error ("preallocation must be off, metadata, falloc or full");
+      return -1;
+    }
+  }
+  else
+    return 0;
+  create_given_opts = true;
+  return 1;
+}
+
+static int
 qcow2_plugin_config (const char *key, const char *value)
 {
+  int c;
+
   if (strcmp (key, "file") == 0) {
-    free (filename);
-    filename = nbdkit_realpath (value);
-    if (filename == NULL)
+    /* Made absolute in .config_complete: it may not exist yet. */
+    if (set_string (&file_arg, value) == -1)
       return -1;
   }
+  else if ((c = config_create (key, value)) != 0)
+    return c == 1 ? 0 : -1;
   else if (strcmp (key, "snapshot") == 0) {
     free (snapshot);
     snapshot = strdup (value);
@@ -176,10 +298,27 @@ qcow2_plugin_config (const char *key, const char *value)
 static int
 qcow2_plugin_config_complete (void)
 {
-  if (filename == NULL) {
+  if (file_arg == NULL) {
     nbdkit_error ("you must supply the file=<IMAGE> parameter");
     return -1;
   }
+  if (create_given_opts && !create) {
+    nbdkit_error ("size, cluster-size, refcount-bits, extended-l2, compat, "
+                  "compression-type, backing, backing-format and "
+                  "preallocation are only used with create=true");
+    return -1;
+  }
+  /* Create the image now, before .get_ready opens it (and before
+   * nbdkit changes directory), so relative names mean what they say.
+   */
+  if (create) {
+    create_opts.no_locking = cfg.no_locking;
+    if (qcow2_create (file_arg, &create_opts) == -1)
+      return -1;
+  }
+  filename = nbdkit_realpath (file_arg);
+  if (filename == NULL)
+    return -1;
   return 0;
 }
 
@@ -193,7 +332,18 @@ qcow2_plugin_config_complete (void)
   "                             cluster size if smaller).\n" \
   "overlap-check=none|constant|cached|all\n" \
   "                             Metadata overlap checks (default all).\n" \
-  "locking=on|off               QEMU-compatible image locking (default on)."
+  "locking=on|off               QEMU-compatible image locking (default on).\n" \
+  "create=true|force            Create the image first (force: replace an\n" \
+  "                             existing file).  With create:\n" \
+  "  size=<SIZE>                Virtual size (default: backing file's).\n" \
+  "  cluster-size=<SIZE>        Cluster size (default 64K).\n" \
+  "  refcount-bits=1..64        Refcount width (default 16).\n" \
+  "  extended-l2=on|off         Extended L2 entries (default off).\n" \
+  "  compat=0.10|1.1            qcow2 version 2 or 3 (default 1.1).\n" \
+  "  compression-type=zlib|zstd Compression type (default zlib).\n" \
+  "  backing=<FILE>             Backing file, stored as given.\n" \
+  "  backing-format=qcow2|raw   Format of the backing file.\n" \
+  "  preallocation=off|metadata|falloc|full"
 
 static void
 qcow2_plugin_dump_plugin (void)
@@ -201,6 +351,7 @@ qcow2_plugin_dump_plugin (void)
   printf ("qcow2_zstd=%s\n", qcow2_have_zstd () ? "yes" : "no");
   printf ("qcow2_write=yes\n");
   printf ("qcow2_overlap_check=all\n");
+  printf ("qcow2_create=yes\n");
 }
 
 static int
