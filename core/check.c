@@ -206,8 +206,9 @@ compute (struct qcow2_image *img, struct counts *c)
   return r;
 }
 
-/* Compare the COPIED flags of the active tables with the refcounts
- * (COPIED must be set exactly when the refcount is 1), count the
+/* Compare the COPIED flags of the active tables with the stored
+ * refcounts (COPIED must be set exactly when the refcount is 1; after a
+ * repair the stored refcounts are the computed ones), count the
  * mismatches as corruption, as qemu-img check does, and with repair
  * rewrite them.
  */
@@ -216,7 +217,7 @@ fix_copied (struct qcow2_image *img, const struct counts *c, bool repair,
             uint64_t *bad)
 {
   uint64_t *buf = malloc (img->cluster_size);
-  uint64_t n = UINT64_C(1) << img->l2_bits, j;
+  uint64_t n = UINT64_C(1) << img->l2_bits, j, rc;
   unsigned step = img->l2_entry_shift == 4 ? 2 : 1;
   uint32_t i;
   bool l1_changed = false;
@@ -230,7 +231,9 @@ fix_copied (struct qcow2_image *img, const struct counts *c, bool repair,
     if (l2 == 0 || offset_into_cluster (img, l2) ||
         (l2 >> img->cluster_bits) >= c->n)
       continue;
-    want = c->ref[l2 >> img->cluster_bits] == 1 ? QCOW_OFLAG_COPIED : 0;
+    if (refcount_get (img, l2 >> img->cluster_bits, &rc) == -1)
+      goto out;
+    want = rc == 1 ? QCOW_OFLAG_COPIED : 0;
     if ((img->l1[i] & QCOW_OFLAG_COPIED) != want) {
       (*bad)++;
       if (repair) {
@@ -245,7 +248,9 @@ fix_copied (struct qcow2_image *img, const struct counts *c, bool repair,
       if ((e & QCOW_OFLAG_COMPRESSED) || host == 0 || img->data_file_name ||
           (host >> img->cluster_bits) >= c->n)
         continue;
-      want = c->ref[host >> img->cluster_bits] == 1 ? QCOW_OFLAG_COPIED : 0;
+      if (refcount_get (img, host >> img->cluster_bits, &rc) == -1)
+        goto out;
+      want = rc == 1 ? QCOW_OFLAG_COPIED : 0;
       if ((e & QCOW_OFLAG_COPIED) != want) {
         (*bad)++;
         buf[j * step] = htobe64 ((e & ~QCOW_OFLAG_COPIED) | want);

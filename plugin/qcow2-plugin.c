@@ -33,6 +33,7 @@
 static char *filename;
 static char *file_arg;          /* file= as given; resolved once it exists */
 static char *snapshot;          /* snapshot=: serve only this one */
+static enum { CHECK_OFF, CHECK_REPORT, CHECK_REPAIR } check_mode;
 static struct qcow2_config cfg;
 static struct qcow2_image *img; /* the active image */
 
@@ -282,6 +283,18 @@ qcow2_plugin_config (const char *key, const char *value)
       return -1;
     }
   }
+  else if (strcmp (key, "check") == 0) {
+    if (strcmp (value, "off") == 0)
+      check_mode = CHECK_OFF;
+    else if (strcmp (value, "report") == 0)
+      check_mode = CHECK_REPORT;
+    else if (strcmp (value, "repair") == 0)
+      check_mode = CHECK_REPAIR;
+    else {
+      nbdkit_error ("check must be off, report or repair");
+      return -1;
+    }
+  }
   else if (strcmp (key, "locking") == 0) {
     int r = nbdkit_parse_bool (value);
     if (r == -1)
@@ -333,6 +346,7 @@ qcow2_plugin_config_complete (void)
   "overlap-check=none|constant|cached|all\n" \
   "                             Metadata overlap checks (default all).\n" \
   "locking=on|off               QEMU-compatible image locking (default on).\n" \
+  "check=off|report|repair      Check refcounts at start (default off).\n" \
   "create=true|force            Create the image first (force: replace an\n" \
   "                             existing file).  With create:\n" \
   "  size=<SIZE>                Virtual size (default: backing file's).\n" \
@@ -354,11 +368,41 @@ qcow2_plugin_dump_plugin (void)
   printf ("qcow2_create=yes\n");
 }
 
+/* check=report|repair: like qemu-img check [-r all] at start.  Repair
+ * needs the writer's locks; leaks are repaired, corruption too.
+ */
+static int
+run_check (void)
+{
+  struct qcow2_check_result res;
+  bool repair = check_mode == CHECK_REPAIR;
+
+  if (repair && (qcow2_is_readonly (img) || qcow2_lock_for_write (img) == -1)) {
+    nbdkit_error ("%s: check=repair needs a writable image", filename);
+    return -1;
+  }
+  if (qcow2_check (img, repair, &res) == -1)
+    return -1;
+  if (res.corruptions || res.leaks || res.errors)
+    nbdkit_error ("%s: check: %" PRIu64 " corruptions, %" PRIu64 " leaked "
+                  "clusters, %" PRIu64 " references outside the file%s",
+                  filename, res.corruptions, res.leaks, res.errors,
+                  repair ? "; repaired" : "");
+  else
+    nbdkit_debug ("%s: check: no errors", filename);
+  /* Served anyway: reads of valid data work, and writes stop at the
+   * first sign of corruption.
+   */
+  return 0;
+}
+
 static int
 qcow2_plugin_get_ready (void)
 {
   img = qcow2_open (filename, &cfg);
   if (img == NULL)
+    return -1;
+  if (check_mode != CHECK_OFF && run_check () == -1)
     return -1;
   /* Open the one snapshot now so that a bad name fails at start. */
   if (snapshot && get_view (snapshot) == NULL)
