@@ -248,6 +248,14 @@ qcow2_close (struct qcow2_image *img)
     r = -1;
   if (r == 0 && !img->readonly && header_mark_clean (img) == -1)
     r = -1;
+  /* Give back disk blocks reserved past the end of the file (truncating
+   * to the same size frees them).
+   */
+  if (img->reserved_end != 0 && img->reserved_end != UINT64_MAX) {
+    int64_t size = io_size (img->io);
+    if (size != -1)
+      img->io->ops->truncate (img->io, size);
+  }
   image_free (img);
   return r;
 }

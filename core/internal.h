@@ -129,6 +129,7 @@ struct qcow2_image {
   struct overlap_map *overlap;
   uint64_t free_hint;           /* no free cluster below this index */
   uint64_t host_end;            /* bytes: end of allocated clusters */
+  uint64_t reserved_end;        /* bytes: disk blocks reserved up to */
   bool corrupt;                 /* sticky: every write fails with EIO */
   bool write_locked;            /* holds QEMU's writer locks */
   bool dirty_written;           /* dirty bit is set on disk */

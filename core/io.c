@@ -118,6 +118,17 @@ file_preallocate (struct qcow2_io *io, uint64_t count, uint64_t offset)
   return 0;
 }
 
+static int
+file_reserve (struct qcow2_io *io, uint64_t count, uint64_t offset)
+{
+#ifdef FALLOC_FL_KEEP_SIZE
+  return fallocate (io->fd, FALLOC_FL_KEEP_SIZE, offset, count);
+#else
+  errno = EOPNOTSUPP;
+  return -1;
+#endif
+}
+
 static void
 file_close (struct qcow2_io *io)
 {
@@ -133,6 +144,7 @@ static const struct qcow2_io_ops file_ops = {
   .truncate = file_truncate,
   .zero = file_zero,
   .preallocate = file_preallocate,
+  .reserve = file_reserve,
   .close = file_close,
 };
 

@@ -38,6 +38,11 @@ struct qcow2_io_ops {
   int (*zero) (struct qcow2_io *io, uint64_t count, uint64_t offset);
   /* Optional: reserve space (fallocate).  NULL means "do nothing". */
   int (*preallocate) (struct qcow2_io *io, uint64_t count, uint64_t offset);
+  /* Optional: reserve disk blocks past the end of the file without
+   * changing its size (fallocate KEEP_SIZE): the file then grows into
+   * them in large steps.  Advisory; NULL means "do nothing".
+   */
+  int (*reserve) (struct qcow2_io *io, uint64_t count, uint64_t offset);
   void (*close) (struct qcow2_io *io);
 };
 

@@ -455,6 +455,30 @@ ensure_refblock (struct qcow2_image *img, uint64_t c)
   return create_refblock (img, ti, b);
 }
 
+/* Grow the file in large steps: keep disk blocks reserved (without
+ * changing the file size, so fresh clusters still read as zeroes past
+ * EOF) 8 to 16 MiB beyond the last allocated cluster, instead of
+ * letting the file system allocate one cluster at a time.  qcow2_close
+ * gives back what was not used.
+ */
+#define RESERVE_STEP (UINT64_C(8) << 20)
+
+static void
+reserve_ahead (struct qcow2_image *img)
+{
+  uint64_t from, to;
+
+  if (img->io->ops->reserve == NULL || img->host_end <= img->reserved_end)
+    return;
+  from = img->reserved_end > img->host_end - img->cluster_size
+    ? img->reserved_end : img->host_end - img->cluster_size;
+  to = round_up_pow2 (img->host_end + RESERVE_STEP, RESERVE_STEP);
+  if (img->io->ops->reserve (img->io, to - from, from) == 0)
+    img->reserved_end = to;
+  else
+    img->reserved_end = UINT64_MAX;     /* not supported: stop trying */
+}
+
 /* Allocate n contiguous clusters with refcount 1; returns the host
  * offset of the first.  The search starts at the free hint, so it never
  * rescans the used part of the file; it ends at the first run long
@@ -519,6 +543,7 @@ refcount_alloc (struct qcow2_image *img, uint64_t n)
     img->free_hint = start + n;
   if (img->host_end < (start + n) << img->cluster_bits)
     img->host_end = (start + n) << img->cluster_bits;
+  reserve_ahead (img);
   return start << img->cluster_bits;
 }
 
