@@ -214,7 +214,7 @@ compute (struct qcow2_image *img, struct counts *c)
  */
 static int
 fix_copied (struct qcow2_image *img, const struct counts *c, bool repair,
-            uint64_t *bad)
+            bool clear_only, uint64_t *bad)
 {
   uint64_t *buf = malloc (img->cluster_size);
   uint64_t n = UINT64_C(1) << img->l2_bits, j, rc;
@@ -231,11 +231,15 @@ fix_copied (struct qcow2_image *img, const struct counts *c, bool repair,
     if (l2 == 0 || offset_into_cluster (img, l2) ||
         (l2 >> img->cluster_bits) >= c->n)
       continue;
-    if (refcount_get (img, l2 >> img->cluster_bits, &rc) == -1)
+    if (clear_only)
+      rc = c->ref[l2 >> img->cluster_bits];
+    else if (refcount_get (img, l2 >> img->cluster_bits, &rc) == -1)
       goto out;
     want = rc == 1 ? QCOW_OFLAG_COPIED : 0;
-    if ((img->l1[i] & QCOW_OFLAG_COPIED) != want) {
-      (*bad)++;
+    if ((img->l1[i] & QCOW_OFLAG_COPIED) != want &&
+        (!clear_only || want == 0)) {
+      if (!clear_only)
+        (*bad)++;
       if (repair) {
         img->l1[i] = (img->l1[i] & ~QCOW_OFLAG_COPIED) | want;
         l1_changed = true;
@@ -248,11 +252,14 @@ fix_copied (struct qcow2_image *img, const struct counts *c, bool repair,
       if ((e & QCOW_OFLAG_COMPRESSED) || host == 0 || img->data_file_name ||
           (host >> img->cluster_bits) >= c->n)
         continue;
-      if (refcount_get (img, host >> img->cluster_bits, &rc) == -1)
+      if (clear_only)
+        rc = c->ref[host >> img->cluster_bits];
+      else if (refcount_get (img, host >> img->cluster_bits, &rc) == -1)
         goto out;
       want = rc == 1 ? QCOW_OFLAG_COPIED : 0;
-      if ((e & QCOW_OFLAG_COPIED) != want) {
-        (*bad)++;
+      if ((e & QCOW_OFLAG_COPIED) != want && (!clear_only || want == 0)) {
+        if (!clear_only)
+          (*bad)++;
         buf[j * step] = htobe64 ((e & ~QCOW_OFLAG_COPIED) | want);
         changed = true;
       }
@@ -310,6 +317,12 @@ check_image (struct qcow2_image *img, bool repair,
   if (compute (img, &c) == -1)
     goto out;
   res->errors = c.errors;
+  /* First step of a repair (see below): clear COPIED flags that the new
+   * refcounts will make wrong, before any refcount reaches the disk.
+   */
+  if (repair && (fix_copied (img, &c, true, true, NULL) == -1 ||
+                 io_flush (img->io) == -1))
+    goto out;
 
   for (i = 0; i < c.n; i++) {
     uint64_t v;
@@ -363,13 +376,14 @@ check_image (struct qcow2_image *img, bool repair,
     }
   }
 
-  /* Refcounts first, then COPIED flags: a repair interrupted between
-   * the two is covered by the dirty bit (see qcow2_check).
+  /* Order, so that every intermediate state is consistent even without
+   * a dirty bit (v2): clear COPIED flags that will be wrong, sync; write
+   * the refcounts, sync; then set the COPIED flags that are now right.
    */
   if (repair && (cache_flush (img->rc_cache) == -1 ||
                  io_flush (img->io) == -1))
     goto out;
-  if (fix_copied (img, &c, repair, &res->corruptions) == -1)
+  if (fix_copied (img, &c, repair, false, &res->corruptions) == -1)
     goto out;
   if (repair) {
     if (io_flush (img->io) == -1)
