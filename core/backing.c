@@ -44,7 +44,10 @@ resolve (const char *dir, const char *name)
   return path;
 }
 
-static char *
+/* The directory part of a path ("." if none), for resolving the names
+ * an image holds.  Caller frees.
+ */
+char *
 dir_of (const char *path)
 {
   const char *slash = strrchr (path, '/');

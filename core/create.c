@@ -236,18 +236,6 @@ check_options (const char *name, const struct qcow2_create_options *opts,
   return 0;
 }
 
-static char *
-dir_of (const char *path)
-{
-  const char *slash = strrchr (path, '/');
-
-  if (slash == NULL)
-    return strdup (".");
-  if (slash == path)
-    return strdup ("/");
-  return strndup (path, slash - path);
-}
-
 /* Open the backing file, as the image will name it (relative names are
  * relative to the image's directory), to check that it exists, is not
  * the image itself and has the stated format, and to read its size.

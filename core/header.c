@@ -29,22 +29,6 @@
 
 #include "internal.h"
 
-static uint32_t
-get32 (const uint8_t *p)
-{
-  uint32_t v;
-  memcpy (&v, p, 4);
-  return be32toh (v);
-}
-
-static uint64_t
-get64 (const uint8_t *p)
-{
-  uint64_t v;
-  memcpy (&v, p, 8);
-  return be64toh (v);
-}
-
 /* Name a feature bit from the image's own feature table if it has one. */
 static void
 name_features (const uint8_t *table, uint32_t table_len, int type,
@@ -98,8 +82,8 @@ read_extensions (struct qcow2_image *img, const uint8_t *buf, uint64_t end,
   uint32_t seen = 0;
 
   while (off + 8 <= end) {
-    uint32_t type = get32 (&buf[off]);
-    uint32_t len = get32 (&buf[off+4]);
+    uint32_t type = get_be32 (&buf[off]);
+    uint32_t len = get_be32 (&buf[off+4]);
     const uint8_t *data = &buf[off+8];
 
     if (type == EXT_END)
@@ -135,9 +119,9 @@ read_extensions (struct qcow2_image *img, const uint8_t *buf, uint64_t end,
         errno = EIO;
         return -1;
       }
-      img->nb_bitmaps = get32 (data);
-      img->bitmap_dir_size = get64 (data + 8);
-      img->bitmap_dir_offset = get64 (data + 16);
+      img->nb_bitmaps = get_be32 (data);
+      img->bitmap_dir_size = get_be64 (data + 8);
+      img->bitmap_dir_offset = get_be64 (data + 16);
       break;
     case EXT_CRYPTO:
       if (seen & 8) goto dup;
@@ -148,8 +132,8 @@ read_extensions (struct qcow2_image *img, const uint8_t *buf, uint64_t end,
         errno = EIO;
         return -1;
       }
-      img->crypto_offset = get64 (data);
-      img->crypto_length = get64 (data + 8);
+      img->crypto_offset = get_be64 (data);
+      img->crypto_length = get_be64 (data + 8);
       break;
     case EXT_DATA_FILE:
       if (seen & 16) goto dup;
@@ -169,13 +153,13 @@ read_extensions (struct qcow2_image *img, const uint8_t *buf, uint64_t end,
 
  dup:
   nbdkit_error ("%s: header extension %#" PRIx64 " appears twice",
-                img->name, (uint64_t) get32 (&buf[off]));
+                img->name, (uint64_t) get_be32 (&buf[off]));
   errno = EIO;
   return -1;
  toolong:
   nbdkit_error ("%s: header extension %#" PRIx32 " string is too long "
-                "(%" PRIu32 " bytes)", img->name, get32 (&buf[off]),
-                get32 (&buf[off+4]));
+                "(%" PRIu32 " bytes)", img->name, get_be32 (&buf[off]),
+                get_be32 (&buf[off+4]));
   errno = EIO;
   return -1;
 }
@@ -266,28 +250,28 @@ header_read (struct qcow2_image *img)
     goto out;
   }
 
-  magic = get32 (&buf[HDR_MAGIC]);
+  magic = get_be32 (&buf[HDR_MAGIC]);
   if (magic != QCOW2_MAGIC) {
     fail (img, EIO, "not a qcow2 image (bad magic %#" PRIx32 ")", magic);
     goto out;
   }
-  img->version = get32 (&buf[HDR_VERSION]);
+  img->version = get_be32 (&buf[HDR_VERSION]);
   if (img->version != 2 && img->version != 3) {
     fail (img, ENOTSUP, "unsupported qcow2 version %" PRIu32
           " (only 2 and 3 are supported)", img->version);
     goto out;
   }
-  img->backing_file_offset = get64 (&buf[HDR_BACKING_FILE_OFFSET]);
-  img->backing_file_size = get32 (&buf[HDR_BACKING_FILE_SIZE]);
-  img->cluster_bits = get32 (&buf[HDR_CLUSTER_BITS]);
-  img->size = get64 (&buf[HDR_SIZE]);
-  img->crypt_method = get32 (&buf[HDR_CRYPT_METHOD]);
-  img->l1_size = get32 (&buf[HDR_L1_SIZE]);
-  img->l1_offset = get64 (&buf[HDR_L1_TABLE_OFFSET]);
-  img->reftable_offset = get64 (&buf[HDR_REFCOUNT_TABLE_OFFSET]);
-  img->reftable_clusters = get32 (&buf[HDR_REFCOUNT_TABLE_CLUSTERS]);
-  img->nb_snapshots = get32 (&buf[HDR_NB_SNAPSHOTS]);
-  img->snapshots_offset = get64 (&buf[HDR_SNAPSHOTS_OFFSET]);
+  img->backing_file_offset = get_be64 (&buf[HDR_BACKING_FILE_OFFSET]);
+  img->backing_file_size = get_be32 (&buf[HDR_BACKING_FILE_SIZE]);
+  img->cluster_bits = get_be32 (&buf[HDR_CLUSTER_BITS]);
+  img->size = get_be64 (&buf[HDR_SIZE]);
+  img->crypt_method = get_be32 (&buf[HDR_CRYPT_METHOD]);
+  img->l1_size = get_be32 (&buf[HDR_L1_SIZE]);
+  img->l1_offset = get_be64 (&buf[HDR_L1_TABLE_OFFSET]);
+  img->reftable_offset = get_be64 (&buf[HDR_REFCOUNT_TABLE_OFFSET]);
+  img->reftable_clusters = get_be32 (&buf[HDR_REFCOUNT_TABLE_CLUSTERS]);
+  img->nb_snapshots = get_be32 (&buf[HDR_NB_SNAPSHOTS]);
+  img->snapshots_offset = get_be64 (&buf[HDR_SNAPSHOTS_OFFSET]);
 
   if (img->cluster_bits < MIN_CLUSTER_BITS ||
       img->cluster_bits > MAX_CLUSTER_BITS) {
@@ -307,11 +291,11 @@ header_read (struct qcow2_image *img)
             "header: %" PRIi64 " bytes)", file_size);
       goto out;
     }
-    img->incompat = get64 (&buf[HDR_INCOMPATIBLE_FEATURES]);
-    img->compat = get64 (&buf[HDR_COMPATIBLE_FEATURES]);
-    img->autoclear = get64 (&buf[HDR_AUTOCLEAR_FEATURES]);
-    img->refcount_order = get32 (&buf[HDR_REFCOUNT_ORDER]);
-    img->header_length = get32 (&buf[HDR_HEADER_LENGTH]);
+    img->incompat = get_be64 (&buf[HDR_INCOMPATIBLE_FEATURES]);
+    img->compat = get_be64 (&buf[HDR_COMPATIBLE_FEATURES]);
+    img->autoclear = get_be64 (&buf[HDR_AUTOCLEAR_FEATURES]);
+    img->refcount_order = get_be32 (&buf[HDR_REFCOUNT_ORDER]);
+    img->header_length = get_be32 (&buf[HDR_HEADER_LENGTH]);
     if (img->header_length < HDR_V3_MIN_LENGTH ||
         img->header_length % 8 != 0 ||
         img->header_length > img->cluster_size ||

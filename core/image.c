@@ -30,18 +30,6 @@
 #define DEFAULT_RC_CACHE         (UINT64_C(256) << 10)
 #define DEFAULT_SLICE_SIZE       4096
 
-static char *
-dir_of (const char *path)
-{
-  const char *slash = strrchr (path, '/');
-
-  if (slash == NULL)
-    return strdup (".");
-  if (slash == path)
-    return strdup ("/");
-  return strndup (path, slash - path);
-}
-
 static int
 setup_caches (struct qcow2_image *img)
 {

@@ -15,6 +15,7 @@
 #include <stddef.h>
 #include <pthread.h>
 #include <endian.h>
+#include <string.h>
 
 #define NBDKIT_API_VERSION 2
 #include <nbdkit-plugin.h>
@@ -146,6 +147,31 @@ struct qcow2_image {
   pthread_rwlock_t io_lock;
 };
 
+/* Big-endian fields of on-disk structures, at any alignment. */
+static inline uint16_t
+get_be16 (const uint8_t *p)
+{
+  uint16_t v;
+  memcpy (&v, p, 2);
+  return be16toh (v);
+}
+
+static inline uint32_t
+get_be32 (const uint8_t *p)
+{
+  uint32_t v;
+  memcpy (&v, p, 4);
+  return be32toh (v);
+}
+
+static inline uint64_t
+get_be64 (const uint8_t *p)
+{
+  uint64_t v;
+  memcpy (&v, p, 8);
+  return be64toh (v);
+}
+
 /* Index math (all sizes are powers of two). */
 static inline uint64_t
 offset_into_cluster (const struct qcow2_image *img, uint64_t off)
@@ -247,6 +273,7 @@ extern struct qcow2_image *image_open (struct qcow2_io *io, const char *name,
 extern int backing_open (struct qcow2_image *img);
 extern int backing_open_data_file (struct qcow2_image *img);
 extern void backing_close (struct qcow2_image *img);
+extern char *dir_of (const char *path);
 extern int backing_read (struct qcow2_image *img, void *buf,
                          uint64_t count, uint64_t offset);
 

@@ -22,30 +22,6 @@
 
 #include "internal.h"
 
-static uint32_t
-get32 (const uint8_t *p)
-{
-  uint32_t v;
-  memcpy (&v, p, 4);
-  return be32toh (v);
-}
-
-static uint16_t
-get16 (const uint8_t *p)
-{
-  uint16_t v;
-  memcpy (&v, p, 2);
-  return be16toh (v);
-}
-
-static uint64_t
-get64 (const uint8_t *p)
-{
-  uint64_t v;
-  memcpy (&v, p, 8);
-  return be64toh (v);
-}
-
 /* Longest snapshot table we read: each entry is at most 40 + 64 KiB of
  * extra data + 2 * 64 KiB of names, times MAX_SNAPSHOTS, but we cap the
  * whole table more tightly, as QEMU does (64 MiB).
@@ -79,23 +55,23 @@ snapshot_read_table (struct qcow2_image *img)
 
     if (len - pos < SN_FIXED_SIZE)
       goto overrun;
-    sn->l1_offset = get64 (p + SN_L1_TABLE_OFFSET);
-    sn->l1_size = get32 (p + SN_L1_SIZE);
-    id_len = get16 (p + SN_ID_STR_SIZE);
-    name_len = get16 (p + SN_NAME_SIZE);
-    sn->date_sec = get32 (p + SN_DATE_SEC);
-    sn->date_nsec = get32 (p + SN_DATE_NSEC);
-    sn->vm_clock_nsec = get64 (p + SN_VM_CLOCK_NSEC);
-    sn->vm_state_size = get32 (p + SN_VM_STATE_SIZE);
-    extra = get32 (p + SN_EXTRA_DATA_SIZE);
+    sn->l1_offset = get_be64 (p + SN_L1_TABLE_OFFSET);
+    sn->l1_size = get_be32 (p + SN_L1_SIZE);
+    id_len = get_be16 (p + SN_ID_STR_SIZE);
+    name_len = get_be16 (p + SN_NAME_SIZE);
+    sn->date_sec = get_be32 (p + SN_DATE_SEC);
+    sn->date_nsec = get_be32 (p + SN_DATE_NSEC);
+    sn->vm_clock_nsec = get_be64 (p + SN_VM_CLOCK_NSEC);
+    sn->vm_state_size = get_be32 (p + SN_VM_STATE_SIZE);
+    extra = get_be32 (p + SN_EXTRA_DATA_SIZE);
     sn->disk_size = img->size;
     if ((uint64_t) SN_FIXED_SIZE + extra + id_len + name_len > len - pos)
       goto overrun;
     p += SN_FIXED_SIZE;
     if (extra >= SN_EXTRA_VM_STATE_SIZE_64 + 8)
-      sn->vm_state_size = get64 (p + SN_EXTRA_VM_STATE_SIZE_64);
+      sn->vm_state_size = get_be64 (p + SN_EXTRA_VM_STATE_SIZE_64);
     if (extra >= SN_EXTRA_DISK_SIZE + 8)
-      sn->disk_size = get64 (p + SN_EXTRA_DISK_SIZE);
+      sn->disk_size = get_be64 (p + SN_EXTRA_DISK_SIZE);
     p += extra;
     sn->id = strndup ((const char *) p, id_len);
     sn->name = strndup ((const char *) p + id_len, name_len);
