@@ -380,7 +380,7 @@ past_eof (struct qcow2_image *img, uint64_t host)
  */
 static int
 alloc_clusters (struct qcow2_image *img, const uint8_t *buf, uint64_t off,
-                uint64_t len, uint64_t c0, uint64_t n)
+                uint64_t len, uint64_t c0, uint64_t n, bool edges_zero)
 {
   uint64_t cs = img->cluster_size, i;
   uint8_t *data = NULL;
@@ -388,27 +388,40 @@ alloc_clusters (struct qcow2_image *img, const uint8_t *buf, uint64_t off,
   struct l2_ref ref;
   int r = -1;
 
+  if (img->data_file_name)
+    host = c0;                  /* external data: host offset = guest */
+  else if ((host = refcount_alloc (img, n)) == -1)
+    return -1;
+  /* Clusters past the end of the file already read as zeroes: when the
+   * head and tail are zeroes too (known from the kind of the run, or
+   * checked), write only the guest data (a 4 KiB write into a fresh
+   * 64 KiB cluster writes 4 KiB, not 64, and builds no padding).
+   */
+  if (edges_zero && past_eof (img, host)) {
+    if (data_write (img, buf, len, host + (off - c0)) == -1)
+      return -1;
+    goto link;
+  }
+
   data = malloc (n * cs);
   if (data == NULL)
     return -1;
   /* Head and tail keep what the guest saw before (rule 2: one write). */
-  if (off > c0 && cluster_read (img, data, off - c0, c0, true) == -1)
-    goto out;
-  if (off + len < c0 + n * cs &&
-      cluster_read (img, data + (off + len - c0), c0 + n * cs - off - len,
-                    off + len, true) == -1)
-    goto out;
+  if (edges_zero) {
+    memset (data, 0, off - c0);
+    memset (data + (off + len - c0), 0, c0 + n * cs - off - len);
+  }
+  else {
+    if (off > c0 && cluster_read (img, data, off - c0, c0, true) == -1)
+      goto out;
+    if (off + len < c0 + n * cs &&
+        cluster_read (img, data + (off + len - c0), c0 + n * cs - off - len,
+                      off + len, true) == -1)
+      goto out;
+  }
   memcpy (data + (off - c0), buf, len);
 
-  if (img->data_file_name)
-    host = c0;                  /* external data: host offset = guest */
-  else if ((host = refcount_alloc (img, n)) == -1)
-    goto out;
-  /* Clusters past the end of the file already read as zeroes: when the
-   * head and tail are zeroes too, write only the guest data (a 4 KiB
-   * write into a fresh 64 KiB cluster writes 4 KiB, not 64).
-   */
-  if (past_eof (img, host) && is_zero (data, off - c0) &&
+  if (!edges_zero && past_eof (img, host) && is_zero (data, off - c0) &&
       is_zero (data + (off + len - c0), c0 + n * cs - off - len)) {
     if (data_write (img, buf, len, host + (off - c0)) == -1)
       goto out;
@@ -416,6 +429,7 @@ alloc_clusters (struct qcow2_image *img, const uint8_t *buf, uint64_t off,
   else if (data_write (img, data, n * cs, host) == -1)
     goto out;
 
+ link:
   /* Link the entries, one slice lookup per slice, not per cluster. */
   for (i = 0; i < n; ) {
     uint64_t per_slice = (UINT64_C(1) << img->slice_bits) >> img->l2_entry_shift;
@@ -524,6 +538,7 @@ write_run_locked (struct qcow2_image *img, const uint8_t *buf, uint64_t off,
                   const struct mapping *m)
 {
   uint64_t cs = img->cluster_size, c0, c1, len = m->length;
+  bool edges_zero;
 
   if (img->ext_l2) {
     uint64_t n = min_u64 (len, cs - offset_into_cluster (img, off));
@@ -533,7 +548,14 @@ write_run_locked (struct qcow2_image *img, const uint8_t *buf, uint64_t off,
   }
   c0 = off & ~(cs - 1);
   c1 = round_up_pow2 (off + len, cs);
-  if (alloc_clusters (img, buf, off, len, c0, (c1 - c0) / cs) == -1)
+  /* For standard entries the kind is per cluster, so the head and tail
+   * of the run's clusters are of the run's kind: zero flag, or
+   * unallocated with nothing behind it.
+   */
+  edges_zero = m->kind == MAP_ZERO ||
+    (m->kind == MAP_UNALLOCATED && c0 >= img->backing_size);
+  if (alloc_clusters (img, buf, off, len, c0, (c1 - c0) / cs,
+                      edges_zero) == -1)
     return -1;
   return len;
 }
