@@ -14,7 +14,11 @@
  *   lru: head <-> most recent ... least recent <-> head
  *
  * Lookup is O(1) through the hash; eviction takes the least recently
- * used unpinned entry (entries in use by a caller are pinned).  Dirty
+ * used unpinned entry (entries in use by a caller are pinned).
+ * cache_peek serves readers that hold img->lock shared: it cannot move
+ * the entry in the list, so it sets the entry's referenced flag, and
+ * eviction gives a referenced entry a second chance (moves it to the
+ * front and clears the flag) instead of evicting it.  Dirty
  * entries are written back when evicted and on cache_flush; before any
  * dirty slice is written, the writeback hook runs, which is how the
  * image orders refcount blocks before the L2 slices that depend on them
@@ -23,7 +27,8 @@
  * Slice buffers are allocated on first use, so a large cache costs
  * memory only as it fills and never more than its configured size.
  *
- * Locking: all functions are called with img->lock held.
+ * Locking: all functions are called with img->lock held exclusively,
+ * except cache_peek, which needs it held at least shared.
  */
 
 #ifdef HAVE_CONFIG_H
@@ -43,6 +48,7 @@ struct cache_entry {
   struct cache_entry *hnext;    /* hash chain */
   struct cache_entry *prev, *next;   /* LRU list */
   uint32_t pins;
+  bool referenced;              /* hit by cache_peek since last eviction */
   bool dirty;
   bool valid;                   /* in the hash */
   void *data;
@@ -190,8 +196,19 @@ victim (struct cache *c)
     c->used++;
     return e;
   }
-  for (e = c->lru.prev; e != &c->lru; e = e->prev) {
-    if (e->pins == 0) {
+  e = c->lru.prev;
+  while (e != &c->lru) {
+    struct cache_entry *newer = e->prev;
+
+    if (e->referenced) {
+      /* Second chance: recently used by cache_peek.  It comes round
+       * again, unreferenced, at the end of this walk, so the walk ends.
+       */
+      e->referenced = false;
+      lru_unlink (e);
+      lru_push_front (c, e);
+    }
+    else if (e->pins == 0) {
       if (e->dirty && write_back (c, e) == -1)
         return NULL;
       lru_unlink (e);
@@ -199,6 +216,7 @@ victim (struct cache *c)
         hash_remove (c, e);
       return e;
     }
+    e = newer;
   }
   nbdkit_error ("%s: table cache exhausted (all %" PRIu32 " entries in use)",
                 c->img->name, c->nr);
@@ -243,12 +261,30 @@ cache_get (struct cache *c, uint64_t off, bool fill, struct cache_entry **ep)
     memset (e->data, 0, len);
   e->offset = off;
   e->pins = 1;
+  e->referenced = false;
   e->dirty = false;
   e->valid = true;
   e->hnext = c->hash[hash_off (c, off)];
   c->hash[hash_off (c, off)] = e;
   lru_push_front (c, e);
   *ep = e;
+  return e->data;
+}
+
+/* Look only: the slice at off if it is cached, else NULL.  Safe with
+ * img->lock held shared by several threads at once: it changes nothing
+ * but the entry's referenced flag.  The data stays valid while the lock
+ * is held (eviction needs it exclusively).
+ */
+const void *
+cache_peek (struct cache *c, uint64_t off)
+{
+  struct cache_entry *e = lookup (c, off);
+
+  if (e == NULL)
+    return NULL;
+  if (!__atomic_load_n (&e->referenced, __ATOMIC_RELAXED))
+    __atomic_store_n (&e->referenced, true, __ATOMIC_RELAXED);
   return e->data;
 }
 

@@ -407,7 +407,7 @@ qcow2_check (struct qcow2_image *img, bool repair,
     errno = EROFS;
     return -1;
   }
-  pthread_mutex_lock (&img->lock);
+  pthread_rwlock_wrlock (&img->lock);
   /* Metadata still in the caches is part of the image. */
   r = img->readonly ? 0 : write_flush_locked (img);
   /* A repair rewrites refcounts and COPIED flags in two steps; the
@@ -432,6 +432,6 @@ qcow2_check (struct qcow2_image *img, bool repair,
     if (r == 0)
       r = io_flush (img->io);
   }
-  pthread_mutex_unlock (&img->lock);
+  pthread_rwlock_unlock (&img->lock);
   return r;
 }

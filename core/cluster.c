@@ -18,7 +18,10 @@
  * image corrupt (writes stop, reads elsewhere go on) and fails the
  * request with EIO.
  *
- * Locking: cluster_map needs img->lock; cluster_read takes it only
+ * Locking: cluster_map needs img->lock exclusively; cluster_map_cached
+ * needs it at least shared and only looks (a slice not in the cache, or
+ * an entry that would mark the image corrupt, returns 1: take the lock
+ * exclusively and call cluster_map).  cluster_read holds the lock only
  * around the mapping and does the data I/O without it.
  */
 
@@ -55,7 +58,8 @@ cluster_load_l1 (struct qcow2_image *img)
 
 /* The L2 table offset for a guest offset, 0 if there is none. */
 static int
-l2_table_offset (struct qcow2_image *img, uint64_t offset, uint64_t *l2)
+l2_table_offset (struct qcow2_image *img, uint64_t offset, uint64_t *l2,
+                 bool peek)
 {
   uint64_t i = l1_index (img, offset);
   uint64_t e, off;
@@ -66,16 +70,22 @@ l2_table_offset (struct qcow2_image *img, uint64_t offset, uint64_t *l2)
   }
   e = img->l1[i];
   off = e & L1E_OFFSET_MASK;
-  if (off && offset_into_cluster (img, off) != 0)
+  if (off && offset_into_cluster (img, off) != 0) {
+    if (peek)
+      return 1;
     return header_mark_corrupt (img, "L2 table offset %#" PRIx64
                                 " in L1 entry %" PRIu64 " is not cluster "
                                 "aligned", off, i);
+  }
   if (off && (off >= img->host_end ||
-              img->host_end - off < img->cluster_size))
+              img->host_end - off < img->cluster_size)) {
+    if (peek)
+      return 1;
     return header_mark_corrupt (img, "L2 table offset %#" PRIx64
                                 " in L1 entry %" PRIu64 " is beyond the end "
                                 "of the file (%#" PRIx64 ")", off, i,
                                 img->host_end);
+  }
   *l2 = off;
   return 0;
 }
@@ -85,7 +95,8 @@ l2_table_offset (struct qcow2_image *img, uint64_t offset, uint64_t *l2)
  */
 static int
 classify (struct qcow2_image *img, uint64_t e, uint64_t bitmap,
-          unsigned sc, uint64_t guest, struct mapping *m, uint64_t *host)
+          unsigned sc, uint64_t guest, struct mapping *m, uint64_t *host,
+          bool peek)
 {
   uint64_t off;
 
@@ -94,13 +105,19 @@ classify (struct qcow2_image *img, uint64_t e, uint64_t bitmap,
     uint64_t sectors = ((e & L2E_COMPRESSED_MASK) >> x) + 1;
 
     off = e & ((UINT64_C(1) << x) - 1);
-    if (img->data_file_name)
+    if (img->data_file_name) {
+      if (peek)
+        return 1;
       return header_mark_corrupt (img, "compressed cluster at guest offset "
                                   "%#" PRIx64 " in an image with an "
                                   "external data file", guest);
-    if (off >= MAX_HOST_OFFSET)
+    }
+    if (off >= MAX_HOST_OFFSET) {
+      if (peek)
+        return 1;
       return header_mark_corrupt (img, "compressed cluster offset %#"
                                   PRIx64 " is invalid", off);
+    }
     m->kind = MAP_COMPRESSED;
     m->host_offset = off;
     m->csize = sectors * 512 - (off & 511);
@@ -111,10 +128,13 @@ classify (struct qcow2_image *img, uint64_t e, uint64_t bitmap,
   if (img->ext_l2) {
     bool alloc = bitmap & (UINT64_C(1) << sc);
     bool zero = bitmap & (UINT64_C(1) << (sc + 32));
-    if (alloc && zero)
+    if (alloc && zero) {
+      if (peek)
+        return 1;
       return header_mark_corrupt (img, "subcluster %u at guest offset %#"
                                   PRIx64 " is both allocated and zero",
                                   sc, guest);
+    }
     if (zero) {
       m->kind = MAP_ZERO;
       return 0;
@@ -133,34 +153,45 @@ classify (struct qcow2_image *img, uint64_t e, uint64_t bitmap,
     return 0;
   }
 
-  if (off == 0 && !img->data_file_name)
+  if (off == 0 && !img->data_file_name) {
+    if (peek)
+      return 1;
     return header_mark_corrupt (img, "allocated subcluster at guest offset "
                                 "%#" PRIx64 " has no host offset", guest);
-  if (offset_into_cluster (img, off) != 0)
+  }
+  if (offset_into_cluster (img, off) != 0) {
+    if (peek)
+      return 1;
     return header_mark_corrupt (img, "data cluster offset %#" PRIx64
                                 " for guest offset %#" PRIx64 " is not "
                                 "cluster aligned", off, guest);
+  }
   m->kind = MAP_DATA;
   m->copied = (e & QCOW_OFLAG_COPIED) != 0;
   *host = off + ((uint64_t) sc << img->subcluster_bits);
   return 0;
 }
 
-int
-cluster_map (struct qcow2_image *img, uint64_t offset, uint64_t count,
-             struct mapping *m)
+/* cluster_map and cluster_map_cached.  With peek, nothing may change:
+ * return 1 instead of loading a slice or marking the image corrupt.
+ */
+static int
+map_run (struct qcow2_image *img, uint64_t offset, uint64_t count,
+         struct mapping *m, bool peek)
 {
   uint64_t l2 = 0, idx, slice_entries, end, cur;
   uint32_t slice_size = UINT32_C(1) << img->slice_bits;
   uint64_t table_span = UINT64_C(1) << (img->cluster_bits + img->l2_bits);
-  struct cache_entry *ce;
+  struct cache_entry *ce = NULL;
   const uint64_t *slice;
   unsigned unit_bits = img->subcluster_bits;
+  int r;
 
   memset (m, 0, sizeof *m);
   m->guest_offset = offset;
-  if (l2_table_offset (img, offset, &l2) == -1)
-    return -1;
+  r = l2_table_offset (img, offset, &l2, peek);
+  if (r != 0)
+    return r;
   if (l2 == 0) {
     m->kind = MAP_UNALLOCATED;
     m->length = min_u64 (count, table_span - (offset & (table_span - 1)));
@@ -169,10 +200,18 @@ cluster_map (struct qcow2_image *img, uint64_t offset, uint64_t count,
 
   slice_entries = slice_size >> img->l2_entry_shift;
   idx = l2_index (img, offset);
-  slice = cache_get (img->l2_cache,
-                     l2 + (idx / slice_entries) * slice_size, true, &ce);
-  if (slice == NULL)
-    return -1;
+  if (peek) {
+    slice = cache_peek (img->l2_cache,
+                        l2 + (idx / slice_entries) * slice_size);
+    if (slice == NULL)
+      return 1;
+  }
+  else {
+    slice = cache_get (img->l2_cache,
+                       l2 + (idx / slice_entries) * slice_size, true, &ce);
+    if (slice == NULL)
+      return -1;
+  }
 
   /* Walk units from offset to the end of the slice or of the request. */
   end = offset + count;
@@ -197,9 +236,11 @@ cluster_map (struct qcow2_image *img, uint64_t offset, uint64_t count,
     }
     else
       e = be64toh (slice[i]);
-    if (classify (img, e, bitmap, sc, cur, &u, &host) == -1) {
-      cache_put (img->l2_cache, ce);
-      return -1;
+    r = classify (img, e, bitmap, sc, cur, &u, &host, peek);
+    if (r != 0) {
+      if (ce)
+        cache_put (img->l2_cache, ce);
+      return r;
     }
     /* A compressed cluster is one whole-cluster unit. */
     if (u.kind == MAP_COMPRESSED)
@@ -231,9 +272,24 @@ cluster_map (struct qcow2_image *img, uint64_t offset, uint64_t count,
     if (m->kind == MAP_COMPRESSED)
       break;
   }
-  cache_put (img->l2_cache, ce);
+  if (ce)
+    cache_put (img->l2_cache, ce);
   m->length = cur - offset;
   return 0;
+}
+
+int
+cluster_map (struct qcow2_image *img, uint64_t offset, uint64_t count,
+             struct mapping *m)
+{
+  return map_run (img, offset, count, m, false);
+}
+
+int
+cluster_map_cached (struct qcow2_image *img, uint64_t offset,
+                    uint64_t count, struct mapping *m)
+{
+  return map_run (img, offset, count, m, true);
 }
 
 static int
@@ -277,10 +333,11 @@ read_compressed (struct qcow2_image *img, void *buf, const struct mapping *m)
   return r;
 }
 
-/* Read guest data.  With locked, img->lock is held by the caller (the
- * write path reading what it copies); otherwise it is taken only for
- * the mapping, and data I/O runs under the shared io_lock so that no
- * cluster is freed while it is being read.
+/* Read guest data.  With locked, img->lock is held exclusively by the
+ * caller (the write path reading what it copies).  Otherwise the lock
+ * is held only for the mapping, shared when the L2 slice is cached and
+ * exclusively when it must be loaded, and data I/O runs under the
+ * shared io_lock so that no cluster is freed while it is being read.
  */
 int
 cluster_read (struct qcow2_image *img, void *buf, uint64_t count,
@@ -292,13 +349,19 @@ cluster_read (struct qcow2_image *img, void *buf, uint64_t count,
     struct mapping m;
     int r;
 
-    if (!locked)
-      pthread_mutex_lock (&img->lock);
-    r = cluster_map (img, offset, count, &m);
-    if (!locked) {
+    if (locked)
+      r = cluster_map (img, offset, count, &m);
+    else {
+      pthread_rwlock_rdlock (&img->lock);
+      r = cluster_map_cached (img, offset, count, &m);
+      if (r == 1) {
+        pthread_rwlock_unlock (&img->lock);
+        pthread_rwlock_wrlock (&img->lock);
+        r = cluster_map (img, offset, count, &m);
+      }
       if (r == 0 && (m.kind == MAP_DATA || m.kind == MAP_COMPRESSED))
         pthread_rwlock_rdlock (&img->io_lock);
-      pthread_mutex_unlock (&img->lock);
+      pthread_rwlock_unlock (&img->lock);
     }
     if (r == -1)
       return -1;

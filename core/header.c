@@ -570,6 +570,18 @@ repair_dirty (struct qcow2_image *img)
   return 0;
 }
 
+/* True when header_prepare_write has nothing left to do (it needs
+ * img->lock only shared).
+ */
+bool
+header_write_ready (const struct qcow2_image *img)
+{
+  if ((img->incompat & INCOMPAT_DIRTY) && !img->dirty_written)
+    return false;
+  return img->autoclear_cleared &&
+    (img->dirty_written || !(img->compat & COMPAT_LAZY_REFCOUNTS));
+}
+
 int
 header_prepare_write (struct qcow2_image *img)
 {

@@ -87,7 +87,7 @@ image_free (struct qcow2_image *img)
   free (img->backing_format);
   free (img->data_file_name);
   io_close (img->io);
-  pthread_mutex_destroy (&img->lock);
+  pthread_rwlock_destroy (&img->lock);
   pthread_rwlock_destroy (&img->io_lock);
   free (img->pending);
   free (img->name);
@@ -105,7 +105,17 @@ image_open (struct qcow2_io *io, const char *name, const char *dir,
     io_close (io);
     return NULL;
   }
-  pthread_mutex_init (&img->lock, NULL);
+  {
+    /* Writer-preferring: a stream of cached reads holding the lock
+     * shared must not starve allocating writes.
+     */
+    pthread_rwlockattr_t attr;
+    pthread_rwlockattr_init (&attr);
+    pthread_rwlockattr_setkind_np
+      (&attr, PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP);
+    pthread_rwlock_init (&img->lock, &attr);
+    pthread_rwlockattr_destroy (&attr);
+  }
   pthread_rwlock_init (&img->io_lock, NULL);
   img->io = io;
   img->cfg = *cfg;
@@ -211,7 +221,7 @@ qcow2_lock_for_write (struct qcow2_image *img)
     errno = EROFS;
     return -1;
   }
-  pthread_mutex_lock (&img->lock);
+  pthread_rwlock_wrlock (&img->lock);
   if (!img->write_locked && !img->cfg.no_locking) {
     r = lock_image_file (img->io, img->name, true);
     if (r == 0 && img->data_io != img->io)
@@ -221,7 +231,7 @@ qcow2_lock_for_write (struct qcow2_image *img)
   }
   if (r == 0)
     img->write_locked = true;
-  pthread_mutex_unlock (&img->lock);
+  pthread_rwlock_unlock (&img->lock);
   return r;
 }
 
@@ -293,7 +303,7 @@ qcow2_prefetch (struct qcow2_image *img, uint64_t count, uint64_t offset)
 
   if (check_range (img, count, offset) == -1)
     return -1;
-  pthread_mutex_lock (&img->lock);
+  pthread_rwlock_wrlock (&img->lock);
   while (count > 0) {
     struct mapping m;
     if (cluster_map (img, offset, count, &m) == -1) {
@@ -303,7 +313,7 @@ qcow2_prefetch (struct qcow2_image *img, uint64_t count, uint64_t offset)
     offset += m.length;
     count -= m.length;
   }
-  pthread_mutex_unlock (&img->lock);
+  pthread_rwlock_unlock (&img->lock);
   return r;
 }
 
@@ -346,9 +356,9 @@ qcow2_extents (struct qcow2_image *img, uint64_t count, uint64_t offset,
     uint32_t type;
     int r;
 
-    pthread_mutex_lock (&img->lock);
+    pthread_rwlock_wrlock (&img->lock);
     r = cluster_map (img, offset, count, &m);
-    pthread_mutex_unlock (&img->lock);
+    pthread_rwlock_unlock (&img->lock);
     if (r == -1 || extent_type (img, &m, &type) == -1)
       return -1;
 

@@ -3,8 +3,12 @@
  *
  * Locking: every field below the "lock" line is protected by img->lock,
  * which public entry points (qcow2.h) take and release; functions
- * declared here assume it is held unless they say otherwise.  Guest data
- * I/O is done outside the lock.
+ * declared here assume it is held exclusively unless they say otherwise.
+ * img->lock is a reader-writer lock: everything that may change state
+ * holds it exclusively; the fast paths of reads and in-place writes hold
+ * it shared and only look (cluster_map_cached, overlap queries), falling
+ * back to the exclusive path for anything else.  Guest data I/O is done
+ * outside the lock.
  */
 
 #ifndef QCOW2_INTERNAL_H
@@ -123,8 +127,8 @@ struct qcow2_image {
   struct qcow2_io *backing_raw;
   uint64_t backing_size;
 
-  /* Everything below is protected by lock. */
-  pthread_mutex_t lock;
+  /* Everything below is protected by lock (see the top of this file). */
+  pthread_rwlock_t lock;
   struct cache *l2_cache;
   struct cache *rc_cache;
   struct overlap_map *overlap;
@@ -221,6 +225,7 @@ extern int header_write_features (struct qcow2_image *img);
 extern int header_mark_corrupt (struct qcow2_image *img, const char *fmt, ...)
   __attribute__ ((format (printf, 2, 3)));
 extern int header_prepare_write (struct qcow2_image *img);
+extern bool header_write_ready (const struct qcow2_image *img);
 extern int header_mark_clean (struct qcow2_image *img);
 
 /* cache.c: a cache of fixed-size table slices keyed by host offset. */
@@ -236,6 +241,7 @@ extern void cache_destroy (struct cache *c);
  */
 extern void *cache_get (struct cache *c, uint64_t off, bool fill,
                         struct cache_entry **ep);
+extern const void *cache_peek (struct cache *c, uint64_t off);
 extern void cache_put (struct cache *c, struct cache_entry *e);
 extern void cache_mark_dirty (struct cache *c, struct cache_entry *e);
 extern int cache_flush (struct cache *c);     /* write back dirty slices */
@@ -252,6 +258,11 @@ extern void cache_stats (struct cache *c, uint64_t *hits, uint64_t *misses);
 extern int cluster_load_l1 (struct qcow2_image *img);
 extern int cluster_map (struct qcow2_image *img, uint64_t offset,
                         uint64_t count, struct mapping *m);
+/* Like cluster_map with img->lock held only shared: 1 if that is not
+ * enough (slice not cached, or the entries need a closer look).
+ */
+extern int cluster_map_cached (struct qcow2_image *img, uint64_t offset,
+                               uint64_t count, struct mapping *m);
 extern int cluster_read (struct qcow2_image *img, void *buf,
                          uint64_t count, uint64_t offset, bool locked);
 

@@ -22,7 +22,8 @@
  *
  * Read-only images build no map: nothing is ever written.
  *
- * Locking: called with img->lock held.
+ * Locking: called with img->lock held exclusively; overlap_write_ok
+ * needs it only shared.
  */
 
 #ifdef HAVE_CONFIG_H
@@ -226,6 +227,20 @@ overlap_free (struct qcow2_image *img)
 {
   overlap_map_free (img->overlap);
   img->overlap = NULL;
+}
+
+bool
+overlap_write_ok (struct qcow2_image *img, uint64_t off, uint64_t len,
+                  unsigned types)
+{
+  unsigned mask = mode_mask (img->cfg.overlap_check) & ~types;
+  uint64_t hit, first, n;
+
+  if (img->overlap == NULL || mask == 0 || len == 0)
+    return true;
+  first = off >> img->cluster_bits;
+  n = ((off + len - 1) >> img->cluster_bits) - first + 1;
+  return overlap_map_query (img->overlap, first, n, mask, &hit) == 0;
 }
 
 int

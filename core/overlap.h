@@ -58,6 +58,11 @@ extern void overlap_free (struct qcow2_image *img);
  */
 extern int overlap_check_write (struct qcow2_image *img, uint64_t off,
                                 uint64_t len, unsigned types);
+/* The same check changing nothing, with img->lock held at least shared:
+ * true if overlap_check_write would let the write through.
+ */
+extern bool overlap_write_ok (struct qcow2_image *img, uint64_t off,
+                              uint64_t len, unsigned types);
 /* Keep the map current as metadata clusters come and go. */
 extern int overlap_add (struct qcow2_image *img, uint64_t off,
                         uint64_t len, unsigned types);

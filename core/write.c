@@ -23,7 +23,9 @@
  *  7. Corruption is sticky (header_mark_corrupt): writes fail with EIO.
  *
  * Writes to clusters the image owns alone (COPIED, refcount 1) are done
- * in place, outside img->lock, under the shared io_lock.  Everything
+ * in place, outside img->lock, under the shared io_lock; when the L2
+ * slice is cached their mapping and checks need img->lock only shared
+ * (write_in_place_cached), so overwrites do not serialize.  Everything
  * else (unallocated, zero, compressed, shared with a snapshot, backing
  * data) is an allocating write done under img->lock: new clusters are
  * allocated contiguously for the whole run, the untouched head and tail
@@ -607,6 +609,41 @@ maybe_commit (struct qcow2_image *img)
   return 0;
 }
 
+/* The fast path of an in-place write: with img->lock held shared, map
+ * [offset, offset+count) and check it.  Returns the length written, 0
+ * if the exclusive path is needed (slice not cached, not a COPIED data
+ * cluster, header not yet prepared, anything to report), -1 on an I/O
+ * error.  Drops img->lock.
+ */
+static int64_t
+write_in_place_cached (struct qcow2_image *img, const uint8_t *p,
+                       uint64_t count, uint64_t offset)
+{
+  struct mapping m;
+  int r;
+
+  if (img->readonly || img->corrupt || !header_write_ready (img) ||
+      cluster_map_cached (img, offset, count, &m) != 0 ||
+      m.kind != MAP_DATA || !m.copied ||
+      (img->data_io == img->io &&
+       (m.host_offset >= img->host_end ||
+        img->host_end - m.host_offset < m.length ||
+        !overlap_write_ok (img, m.host_offset, m.length, 0)))) {
+    pthread_rwlock_unlock (&img->lock);
+    return 0;
+  }
+  pthread_rwlock_rdlock (&img->io_lock);
+  pthread_rwlock_unlock (&img->lock);
+  r = io_pwrite (img->data_io, p, m.length, m.host_offset);
+  pthread_rwlock_unlock (&img->io_lock);
+  if (r == -1) {
+    nbdkit_error ("%s: writing data at %#" PRIx64 ": %m", img->name,
+                  m.host_offset);
+    return -1;
+  }
+  return m.length;
+}
+
 int
 qcow2_pwrite (struct qcow2_image *img, const void *buf, uint64_t count,
               uint64_t offset, unsigned flags)
@@ -622,7 +659,14 @@ qcow2_pwrite (struct qcow2_image *img, const void *buf, uint64_t count,
     struct mapping m;
     int64_t n;
 
-    pthread_mutex_lock (&img->lock);
+    pthread_rwlock_rdlock (&img->lock);
+    n = write_in_place_cached (img, p, count, offset);
+    if (n == -1)
+      return -1;
+    if (n > 0)
+      goto next;
+
+    pthread_rwlock_wrlock (&img->lock);
     if (check_writable (img) == -1 ||
         cluster_map (img, offset, count, &m) == -1)
       goto err;
@@ -632,7 +676,7 @@ qcow2_pwrite (struct qcow2_image *img, const void *buf, uint64_t count,
       if (data_check (img, m.host_offset, m.length) == -1)
         goto err;
       pthread_rwlock_rdlock (&img->io_lock);
-      pthread_mutex_unlock (&img->lock);
+      pthread_rwlock_unlock (&img->lock);
       r = io_pwrite (img->data_io, p, m.length, m.host_offset);
       pthread_rwlock_unlock (&img->io_lock);
       if (r == -1) {
@@ -646,8 +690,9 @@ qcow2_pwrite (struct qcow2_image *img, const void *buf, uint64_t count,
       n = write_run_locked (img, p, offset, &m);
       if (n == -1 || maybe_commit (img) == -1)
         goto err;
-      pthread_mutex_unlock (&img->lock);
+      pthread_rwlock_unlock (&img->lock);
     }
+  next:
     p += n;
     offset += n;
     count -= n;
@@ -657,7 +702,7 @@ qcow2_pwrite (struct qcow2_image *img, const void *buf, uint64_t count,
   return 0;
 
  err:
-  pthread_mutex_unlock (&img->lock);
+  pthread_rwlock_unlock (&img->lock);
   return -1;
 }
 
@@ -668,13 +713,13 @@ qcow2_flush (struct qcow2_image *img)
 
   if (img->readonly)
     return 0;
-  pthread_mutex_lock (&img->lock);
+  pthread_rwlock_wrlock (&img->lock);
   r = write_flush_locked (img);
   if (r == 0 && img->data_io != img->io && io_flush (img->data_io) == -1) {
     nbdkit_error ("%s: syncing data file: %m", img->name);
     r = -1;
   }
-  pthread_mutex_unlock (&img->lock);
+  pthread_rwlock_unlock (&img->lock);
   return r;
 }
 
@@ -793,7 +838,7 @@ qcow2_zero (struct qcow2_image *img, uint64_t count, uint64_t offset,
     nbdkit_error ("%s: zero beyond end of disk", img->name);
     return -1;
   }
-  pthread_mutex_lock (&img->lock);
+  pthread_rwlock_wrlock (&img->lock);
   if (check_writable (img) == -1)
     goto out;
   /* Whole clusters [a, b) change metadata; the ragged edges (and
@@ -839,7 +884,7 @@ qcow2_zero (struct qcow2_image *img, uint64_t count, uint64_t offset,
     goto out;
   r = 0;
  out:
-  pthread_mutex_unlock (&img->lock);
+  pthread_rwlock_unlock (&img->lock);
   if (r == 0 && (flags & QCOW2_F_FUA))
     return qcow2_flush (img);
   return r;
@@ -857,7 +902,7 @@ qcow2_trim (struct qcow2_image *img, uint64_t count, uint64_t offset,
     nbdkit_error ("%s: trim beyond end of disk", img->name);
     return -1;
   }
-  pthread_mutex_lock (&img->lock);
+  pthread_rwlock_wrlock (&img->lock);
   if (check_writable (img) == -1)
     goto out;
   /* Trim is advisory: only whole clusters, and nothing with an external
@@ -874,7 +919,7 @@ qcow2_trim (struct qcow2_image *img, uint64_t count, uint64_t offset,
     goto out;
   r = 0;
  out:
-  pthread_mutex_unlock (&img->lock);
+  pthread_rwlock_unlock (&img->lock);
   if (r == 0 && (flags & QCOW2_F_FUA))
     return qcow2_flush (img);
   return r;

@@ -459,6 +459,48 @@ test_cache (void)
   mem = qcow2_io_memory_data (img->io, &memsize);
   assert (mem[7 * cs + 512] == 0x77);
 
+  /* cache_peek (readers holding img->lock shared) only looks: a miss
+   * loads nothing, a hit moves nothing and counts nothing, but marks the
+   * entry so that eviction gives it a second chance.
+   */
+  for (i = 0; i < 16; i++) {                 /* 0x200000 + 0 is oldest */
+    assert (cache_get (c, 0x200000 + (uint64_t) i * 512, true, &e2));
+    cache_put (c, e2);
+  }
+  cache_stats (c, &hits, &misses);
+  assert (cache_peek (c, 0x300000) == NULL);
+  mem = cache_peek (c, 5 * cs);
+  assert (mem == NULL);                      /* evicted long ago */
+  mem = cache_peek (c, 0x200000);
+  assert (mem != NULL);
+  {
+    uint64_t h2, m2;
+    cache_stats (c, &h2, &m2);
+    assert (h2 == hits && m2 == misses);
+  }
+  assert (cache_get (c, 0x300000, true, &e2));  /* evicts one entry */
+  cache_put (c, e2);
+  assert (cache_peek (c, 0x200000) != NULL);        /* second chance */
+  assert (cache_peek (c, 0x200000 + 512) == NULL);  /* evicted instead */
+  assert (cache_peek (c, 0x300000) != NULL);
+  /* Both are peeked now.  15 loads evict the 14 older slices, then
+   * skip both (flags cleared) and take the first of the 15 loaded.
+   */
+  for (i = 0; i < 15; i++) {
+    assert (cache_get (c, 0x400000 + (uint64_t) i * 512, true, &e2));
+    cache_put (c, e2);
+  }
+  assert (cache_peek (c, 0x400000) == NULL);
+  /* Not peeked since, they age normally: 14 more loads evict the 13
+   * slices older than 0x200000, then 0x200000; 0x300000 is left.
+   */
+  for (i = 0; i < 14; i++) {
+    assert (cache_get (c, 0x500000 + (uint64_t) i * 512, true, &e2));
+    cache_put (c, e2);
+  }
+  assert (cache_peek (c, 0x200000) == NULL);
+  assert (cache_peek (c, 0x300000) != NULL);
+
   cache_destroy (c);
   qcow2_close (img);
   free (b);
