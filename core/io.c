@@ -17,6 +17,7 @@
 #include <unistd.h>
 #include <pthread.h>
 #include <sys/stat.h>
+#include <sys/vfs.h>
 
 #include "io.h"
 
@@ -118,9 +119,20 @@ file_preallocate (struct qcow2_io *io, uint64_t count, uint64_t offset)
   return 0;
 }
 
+/* On a disk file system the reserved range is unwritten extents, which
+ * cost nothing until written and keep the file contiguous.  tmpfs has
+ * no layout to keep and allocates (and clears) memory pages for the
+ * whole range, including the parts of clusters a small write never
+ * touches: measured there, 4 KiB allocating writes ran at half speed
+ * with it.  So none on tmpfs or ramfs.
+ */
 static int
 file_reserve (struct qcow2_io *io, uint64_t count, uint64_t offset)
 {
+  if (io->in_memory_fs) {
+    errno = EOPNOTSUPP;
+    return -1;
+  }
 #ifdef FALLOC_FL_KEEP_SIZE
   return fallocate (io->fd, FALLOC_FL_KEEP_SIZE, offset, count);
 #else
@@ -158,6 +170,13 @@ qcow2_io_from_fd (int fd, bool readonly)
   io->ops = &file_ops;
   io->fd = fd;
   io->readonly = readonly;
+  {
+    struct statfs fs;
+    if (fstatfs (fd, &fs) == 0 &&
+        (fs.f_type == 0x01021994 /* TMPFS_MAGIC */ ||
+         fs.f_type == 0x858458f6 /* RAMFS_MAGIC */))
+      io->in_memory_fs = true;
+  }
   return io;
 }
 

@@ -40,7 +40,8 @@ struct qcow2_io_ops {
   int (*preallocate) (struct qcow2_io *io, uint64_t count, uint64_t offset);
   /* Optional: reserve disk blocks past the end of the file without
    * changing its size (fallocate KEEP_SIZE): the file then grows into
-   * them in large steps.  Advisory; NULL means "do nothing".
+   * them in large steps.  Advisory; NULL or -1 means "do nothing"
+   * (the file backend refuses on tmpfs, see io.c).
    */
   int (*reserve) (struct qcow2_io *io, uint64_t count, uint64_t offset);
   void (*close) (struct qcow2_io *io);
@@ -50,6 +51,7 @@ struct qcow2_io {
   const struct qcow2_io_ops *ops;
   int fd;                       /* the file descriptor, or -1 */
   bool readonly;
+  bool in_memory_fs;            /* on tmpfs or ramfs: no reserve */
 };
 
 /* Open a file.  readonly: O_RDONLY.  Returns NULL with errno set. */
