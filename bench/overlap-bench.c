@@ -6,13 +6,22 @@
  * L1 table, then an L2 table before each run of data clusters it maps,
  * and a refcount block each time allocation passes the end of the last
  * one), then times queries of small random ranges, as the checker does
- * before every guest write.  Reports ns a query and the map's memory
- * next to the 2014 estimate of 40 * image_size / cluster_size^2.
+ * before every guest write.  Reports ns an add and a query, and the
+ * map's memory next to the 2014 estimate of 40 * image_size /
+ * cluster_size^2 (image_size: the file's), as a ratio: both what
+ * overlap_map_memory counts (everything the map malloc'd) and what the
+ * heap really gave out (malloc_usable_size plus glibc's 8-byte chunk
+ * header of every block, counted by taking over malloc: see heap_used).
+ *
+ * Layouts: 512 byte clusters (1 and 4 GiB), 64 KiB (1 TiB, and a small
+ * 64 GiB image where the map's fixed costs show), 2 MiB (1 PiB, and
+ * 64 TiB), and a pathological one with metadata in every third cluster.
  *
  *   gcc -std=gnu11 -O2 -I core bench/overlap-bench.c core/overlap-map.c \
  *     -o /tmp/overlap-bench && /tmp/overlap-bench [queries [layout]]
  *
- * Add -DOVERLAP_WINDOW_BITS=n to both files to try another window size.
+ * Add -DOVERLAP_WINDOW_EXTRA=n, -DOVERLAP_WINDOW_EXTRA_BIG=n or
+ * -DOVERLAP_SUB_BITS=n to try another geometry (see overlap-map.c).
  */
 
 #include <stdio.h>
@@ -22,6 +31,7 @@
 #include <string.h>
 #include <inttypes.h>
 #include <time.h>
+#include <errno.h>
 
 #undef NDEBUG
 #include <assert.h>
@@ -30,18 +40,6 @@
 #endif
 
 #include "overlap.h"
-
-/* Introspection, defined in overlap-map.c but not in overlap.h. */
-struct overlap_map_stats {
-  unsigned window_bits;
-  size_t windows;
-  size_t bitmaps;
-  size_t runs;
-  uint64_t to_bitmap;
-  uint64_t to_list;
-};
-extern int overlap_map_get_stats (const struct overlap_map *m,
-                                  struct overlap_map_stats *st, size_t size);
 
 struct layout {
   const char *name;
@@ -55,8 +53,11 @@ static const struct layout layouts[] = {
   { "1 GiB, 512 B clusters", 9, UINT64_C (1) << 30, 16, 0 },
   { "4 GiB, 512 B clusters", 9, UINT64_C (1) << 32, 16, 0 },
   { "1 TiB, 64 KiB clusters", 16, UINT64_C (1) << 40, 16, 0 },
-  /* Pathological: metadata in one cluster of three (bitmap windows). */
+  /* Pathological: metadata in one cluster of three. */
   { "1 GiB, 512 B, 1/3 metadata", 9, UINT64_C (1) << 30, 16, 3 },
+  { "64 GiB, 64 KiB clusters", 16, UINT64_C (1) << 36, 16, 0 },
+  { "1 PiB, 2 MiB clusters", 21, UINT64_C (1) << 50, 16, 0 },
+  { "64 TiB, 2 MiB clusters", 21, UINT64_C (1) << 46, 16, 0 },
 };
 
 static uint64_t rng_state = 0x2545f4914f6cdd1d;
@@ -79,15 +80,97 @@ now (void)
   return ts.tv_sec + ts.tv_nsec / 1e9;
 }
 
+/* What the heap really gives out: every block's malloc_usable_size plus
+ * the 8-byte chunk header glibc puts in front of it, kept up to date by
+ * taking over malloc and friends (the map's and everyone else's; only
+ * the difference around building a map is used).  mallinfo2 is no good
+ * for this: blocks freed to the thread cache still count as in use.
+ */
+#ifdef __GLIBC__
+extern void *__libc_malloc (size_t size);
+extern void *__libc_calloc (size_t nmemb, size_t size);
+extern void *__libc_realloc (void *ptr, size_t size);
+extern void *__libc_memalign (size_t align, size_t size);
+extern void __libc_free (void *ptr);
+
+static size_t heap_live;
+
+static size_t
+block (void *p)
+{
+  return p ? malloc_usable_size (p) + 8 : 0;
+}
+
+void *
+malloc (size_t size)
+{
+  void *p = __libc_malloc (size);
+
+  heap_live += block (p);
+  return p;
+}
+
+void *
+calloc (size_t nmemb, size_t size)
+{
+  void *p = __libc_calloc (nmemb, size);
+
+  heap_live += block (p);
+  return p;
+}
+
+void *
+realloc (void *ptr, size_t size)
+{
+  size_t old = block (ptr);
+  void *p = __libc_realloc (ptr, size);
+
+  if (p != NULL || size == 0)
+    heap_live += block (p) - old;
+  return p;
+}
+
+void *
+memalign (size_t align, size_t size)
+{
+  void *p = __libc_memalign (align, size);
+
+  heap_live += block (p);
+  return p;
+}
+
+void *
+aligned_alloc (size_t align, size_t size)
+{
+  return memalign (align, size);
+}
+
+int
+posix_memalign (void **pp, size_t align, size_t size)
+{
+  *pp = memalign (align, size);
+  return *pp ? 0 : ENOMEM;
+}
+
+void
+free (void *ptr)
+{
+  heap_live -= block (ptr);
+  __libc_free (ptr);
+}
+
 static size_t
 heap_used (void)
 {
-#if defined (__GLIBC__) && (__GLIBC__ > 2 || __GLIBC_MINOR__ >= 33)
-  return mallinfo2 ().uordblks;
-#else
-  return 0;
-#endif
+  return heap_live;
 }
+#else
+static size_t
+heap_used (void)
+{
+  return 0;
+}
+#endif
 
 /* The allocator of the synthetic image. */
 struct add_op {
@@ -97,6 +180,7 @@ struct add_op {
 
 struct image {
   struct overlap_map *m;
+  unsigned cluster_bits;
   uint64_t next;                /* next free host cluster */
   uint64_t refblock_end;        /* clusters covered by refcount blocks */
   uint64_t per_refblock;
@@ -122,7 +206,7 @@ replay (struct image *img)
   double t = now ();
   size_t i;
 
-  img->m = overlap_map_new ();
+  img->m = overlap_map_new (img->cluster_bits);
   assert (img->m != NULL);
   for (i = 0; i < img->nadds; i++) {
     if (overlap_map_add (img->m, img->log[i].first, img->log[i].n,
@@ -142,6 +226,27 @@ alloc (struct image *img, uint64_t n, unsigned types)
 {
   uint64_t c;
 
+  if (types == 0) {
+    /* Data: as if one cluster at a time, so a refcount block may land
+     * among them.
+     */
+    c = img->next;
+    while (n > 0) {
+      uint64_t chunk;
+
+      while (img->next >= img->refblock_end) {
+        add (img, img->next, 1, OV_REFCOUNT_BLOCK);
+        img->next++;
+        img->refblock_end += img->per_refblock;
+      }
+      chunk = img->refblock_end - img->next;
+      if (chunk > n)
+        chunk = n;
+      img->next += chunk;
+      n -= chunk;
+    }
+    return c;
+  }
   while (img->next + n > img->refblock_end) {
     add (img, img->next, 1, OV_REFCOUNT_BLOCK);
     img->next++;
@@ -165,6 +270,7 @@ build (const struct layout *l, struct image *img)
   uint64_t i, j;
 
   memset (img, 0, sizeof *img);
+  img->cluster_bits = l->cluster_bits;
   img->per_refblock = cs * 8 / l->refcount_bits;
   img->refblock_end = 0;
   /* Header, then a refcount table big enough for the whole file. */
@@ -176,8 +282,13 @@ build (const struct layout *l, struct image *img)
   alloc (img, l1_clusters, OV_ACTIVE_L1);
   for (i = 0; i < nl2; i++) {
     alloc (img, 1, OV_ACTIVE_L2);
+    if (l->meta_every == 0) {
+      /* The data clusters an L2 table maps, at once. */
+      alloc (img, l2_entries, 0);
+      continue;
+    }
     for (j = 0; j < l2_entries; j++) {
-      if (l->meta_every && j % (l->meta_every - 1) == 0)
+      if (j % (l->meta_every - 1) == 0)
         alloc (img, 1, OV_INACTIVE_L2);
       alloc (img, 1, 0);
     }
@@ -259,16 +370,21 @@ main (int argc, char *argv[])
     /* IS = file size = host clusters * CS. */
     bound = 40.0 * (double) (host * cs) / (double) (cs * cs);
 
-    printf ("\n%s (windows of %u clusters)\n", l->name, 1u << st.window_bits);
+    printf ("\n%s (windows of %" PRIu64 " clusters%s)\n", l->name,
+            UINT64_C (1) << st.window_bits,
+            st.regrains ? ", regrained" : "");
     printf ("  file %.2f GiB, %" PRIu64 " clusters; %zu adds in %.3f s "
             "(%.0f ns an add)\n",
             (double) (host * cs) / (1 << 30), host, img.nadds, t,
             t * 1e9 / img.nadds);
-    printf ("  %zu runs in %zu windows (%zu bitmaps)\n",
-            st.runs, st.windows, st.bitmaps);
-    printf ("  memory: %zu bytes counted (%.1f a run), %zu heap with "
-            "malloc overhead; 40*IS/CS^2 = %.0f (ratio %.2f)\n",
-            mem, (double) mem / st.runs, heap, bound, mem / bound);
+    printf ("  %zu runs in %zu windows, %.2f type sets a window, "
+            "entries of %.2f bytes (at most %u)\n",
+            st.runs, st.windows, (double) st.type_sets / st.windows,
+            (double) st.entry_bytes / st.runs, st.max_entry);
+    printf ("  2014 bound 40*IS/CS^2 = %.0f bytes\n", bound);
+    printf ("  memory: %zu bytes counted (%.2f a run, ratio %.2f); "
+            "%zu heap with malloc's overhead (ratio %.2f)\n",
+            mem, (double) mem / st.runs, mem / bound, heap, heap / bound);
     ns = time_queries (img.m, host, nq, RANDOM, &hits);
     printf ("  random ranges: %.1f ns/query (%.1f%% hit)\n",
             ns, 100.0 * hits / nq);

@@ -172,7 +172,7 @@ overlap_build (struct qcow2_image *img)
 
   if (img->readonly || mode_mask (img->cfg.overlap_check) == 0)
     return 0;
-  img->overlap = overlap_map_new ();
+  img->overlap = overlap_map_new (img->cluster_bits);
   if (img->overlap == NULL)
     return -1;
 
@@ -225,6 +225,12 @@ overlap_build (struct qcow2_image *img)
 void
 overlap_free (struct qcow2_image *img)
 {
+  struct overlap_map_stats st;
+
+  if (img->overlap != NULL &&
+      overlap_map_get_stats (img->overlap, &st, sizeof st) == 0)
+    nbdkit_debug ("%s: overlap map at close: %zu bytes, %zu runs, "
+                  "%zu windows", img->name, st.bytes, st.runs, st.windows);
   overlap_map_free (img->overlap);
   img->overlap = NULL;
 }

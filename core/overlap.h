@@ -12,6 +12,7 @@
 
 #include <stdint.h>
 #include <stddef.h>
+#include <stdbool.h>
 
 struct qcow2_image;
 struct overlap_map;
@@ -33,8 +34,8 @@ struct overlap_map;
 #define OV_NR_TYPES          11
 #define OV_ALL               ((1u << OV_NR_TYPES) - 1)
 
-/* Pure map. */
-extern struct overlap_map *overlap_map_new (void);
+/* Pure map.  The window size follows cluster_bits (overlap-map.c). */
+extern struct overlap_map *overlap_map_new (unsigned cluster_bits);
 extern void overlap_map_free (struct overlap_map *m);
 /* OR 'types' into clusters [first, first+n).  -1 on ENOMEM. */
 extern int overlap_map_add (struct overlap_map *m, uint64_t first,
@@ -47,8 +48,28 @@ extern int overlap_map_remove (struct overlap_map *m, uint64_t first,
  */
 extern unsigned overlap_map_query (struct overlap_map *m, uint64_t first,
                                    uint64_t n, unsigned mask, uint64_t *hit);
-/* Bytes of memory the map uses now. */
+/* Bytes of memory the map uses now: everything it malloc'd. */
 extern size_t overlap_map_memory (const struct overlap_map *m);
+
+/* What the map holds, for debug output, tests and benchmarks.  'size'
+ * is sizeof *st (catches a stale caller); -1 with EINVAL otherwise.
+ */
+struct overlap_map_stats {
+  unsigned window_bits;         /* clusters a window, log2, now */
+  unsigned sub_bits;            /* clusters a sub-window, log2 */
+  unsigned fine_bits;           /* the window size after a regrain */
+  size_t windows;
+  size_t runs;                  /* runs (maximal within sub-windows) */
+  size_t type_sets;             /* palette entries, all windows */
+  size_t entry_bytes;           /* bytes of run entries, all windows */
+  size_t index_bytes;           /* bytes of sub-window indexes */
+  unsigned max_entry;           /* the largest entry, bytes */
+  size_t bytes;                 /* overlap_map_memory */
+  uint64_t regrains;            /* coarse -> fine windows, so far */
+  uint64_t reencodes;           /* windows rebuilt in a new format */
+};
+extern int overlap_map_get_stats (const struct overlap_map *m,
+                                  struct overlap_map_stats *st, size_t size);
 
 /* Image glue (overlap.c), called with img->lock held. */
 extern int overlap_build (struct qcow2_image *img);
