@@ -88,14 +88,17 @@
  * old uint16_t per cluster took 8 KiB a window).
  *
  * Costs (r = runs in a window, n = clusters asked):
- * - query: for each window the range touches, one hash probe (usually
- *   one slot), the summary (no wanted type: done, the common case),
- *   then for each sub-window touched two index reads, a binary search
- *   if it has more than 4 runs (O(log r)), and a scan of its runs that
- *   start before the end of the range.  Entries are read with 8-byte
- *   loads, the code inlined for each entry size.  A range covering more
- *   windows than the table has slots walks the table instead.  The cost
- *   never depends on the image size or on how many windows exist.
+ * - query: nothing if the range starts past the highest cluster ever
+ *   added (m->hi: allocations at the end of the file, the usual case
+ *   for new data).  Else for each window the range touches, one hash
+ *   probe (usually one slot), the summary (no wanted type: done, the
+ *   common case), then for each sub-window touched two index reads, a
+ *   binary search if it has more than 4 runs (O(log r)), and a scan of
+ *   its runs that start before the end of the range.  Entries are read
+ *   with 8-byte loads, the code inlined for each entry size.  A range
+ *   covering more windows than the table has slots walks the table
+ *   instead.  The cost never depends on the image size or on how many
+ *   windows exist.
  * - add/remove: two binary searches, then O(r) (the entries after the
  *   change move, the index entries after it are adjusted 8 at a time);
  *   adding a run of a known type set is a short path.  When the format
@@ -249,6 +252,12 @@ struct overlap_map {
   unsigned runs_cap;            /* most runs of a coarse window */
   size_t nwindows;
   size_t bytes;                 /* sum of the windows' alloc */
+  uint64_t hi;                  /* no cluster above holds types: an upper
+                                 * bound, only raised (queries past the
+                                 * last metadata, such as writes to
+                                 * clusters just allocated at the end of
+                                 * the file, stop here)
+                                 */
   uint64_t regrains;            /* counters, for tests and benchmarks */
   uint64_t reencodes;
 };
@@ -1631,6 +1640,8 @@ int
 overlap_map_add (struct overlap_map *m, uint64_t first, uint64_t n,
                  unsigned types)
 {
+  if (n > 0 && (types & TYPES_MASK) && range_last (first, n) > m->hi)
+    m->hi = range_last (first, n);
   return update_range (m, first, n, 0, types & TYPES_MASK);
 }
 
@@ -1650,7 +1661,7 @@ overlap_map_query (struct overlap_map *m, uint64_t first, uint64_t n,
   unsigned a, b, t, pos = 0, types = 0;
 
   mask &= TYPES_MASK;
-  if (n == 0 || mask == 0 || m->nwindows == 0)
+  if (n == 0 || mask == 0 || m->nwindows == 0 || first > m->hi)
     return 0;
   last = range_last (first, n);
   fw = window_of (m, first);
