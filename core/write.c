@@ -609,6 +609,29 @@ maybe_commit (struct qcow2_image *img)
   return 0;
 }
 
+/* Write p to the COPIED data run m in place, with img->lock held
+ * (shared or exclusive): the lock is dropped before the data I/O, which
+ * runs under the shared io_lock (rule 3 keeps the cluster ours).
+ * Returns m->length, or -1.
+ */
+static int64_t
+write_in_place_unlock (struct qcow2_image *img, const uint8_t *p,
+                       const struct mapping *m)
+{
+  int r;
+
+  pthread_rwlock_rdlock (&img->io_lock);
+  pthread_rwlock_unlock (&img->lock);
+  r = io_pwrite (img->data_io, p, m->length, m->host_offset);
+  pthread_rwlock_unlock (&img->io_lock);
+  if (r == -1) {
+    nbdkit_error ("%s: writing data at %#" PRIx64 ": %m", img->name,
+                  m->host_offset);
+    return -1;
+  }
+  return m->length;
+}
+
 /* The fast path of an in-place write: with img->lock held shared, map
  * [offset, offset+count) and check it.  Returns the length written, 0
  * if the exclusive path is needed (slice not cached, not a COPIED data
@@ -620,7 +643,6 @@ write_in_place_cached (struct qcow2_image *img, const uint8_t *p,
                        uint64_t count, uint64_t offset)
 {
   struct mapping m;
-  int r;
 
   if (img->readonly || img->corrupt || !header_write_ready (img) ||
       cluster_map_cached (img, offset, count, &m) != 0 ||
@@ -632,16 +654,7 @@ write_in_place_cached (struct qcow2_image *img, const uint8_t *p,
     pthread_rwlock_unlock (&img->lock);
     return 0;
   }
-  pthread_rwlock_rdlock (&img->io_lock);
-  pthread_rwlock_unlock (&img->lock);
-  r = io_pwrite (img->data_io, p, m.length, m.host_offset);
-  pthread_rwlock_unlock (&img->io_lock);
-  if (r == -1) {
-    nbdkit_error ("%s: writing data at %#" PRIx64 ": %m", img->name,
-                  m.host_offset);
-    return -1;
-  }
-  return m.length;
+  return write_in_place_unlock (img, p, &m);
 }
 
 int
@@ -671,20 +684,11 @@ qcow2_pwrite (struct qcow2_image *img, const void *buf, uint64_t count,
         cluster_map (img, offset, count, &m) == -1)
       goto err;
     if (m.kind == MAP_DATA && m.copied) {
-      /* In place, outside the lock (rule 3 keeps the cluster ours). */
-      int r;
       if (data_check (img, m.host_offset, m.length) == -1)
         goto err;
-      pthread_rwlock_rdlock (&img->io_lock);
-      pthread_rwlock_unlock (&img->lock);
-      r = io_pwrite (img->data_io, p, m.length, m.host_offset);
-      pthread_rwlock_unlock (&img->io_lock);
-      if (r == -1) {
-        nbdkit_error ("%s: writing data at %#" PRIx64 ": %m", img->name,
-                      m.host_offset);
+      n = write_in_place_unlock (img, p, &m);
+      if (n == -1)
         return -1;
-      }
-      n = m.length;
     }
     else {
       n = write_run_locked (img, p, offset, &m);
