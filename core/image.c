@@ -89,6 +89,8 @@ image_free (struct qcow2_image *img)
   io_close (img->io);
   pthread_rwlock_destroy (&img->lock);
   pthread_rwlock_destroy (&img->io_lock);
+  pthread_mutex_destroy (&img->inflight_lock);
+  pthread_cond_destroy (&img->inflight_done);
   free (img->pending);
   free (img->name);
   free (img->dir);
@@ -117,6 +119,8 @@ image_open (struct qcow2_io *io, const char *name, const char *dir,
     pthread_rwlockattr_destroy (&attr);
   }
   pthread_rwlock_init (&img->io_lock, NULL);
+  pthread_mutex_init (&img->inflight_lock, NULL);
+  pthread_cond_init (&img->inflight_done, NULL);
   img->io = io;
   img->cfg = *cfg;
   img->readonly = cfg->readonly || io->readonly;

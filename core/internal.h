@@ -65,6 +65,14 @@ struct snapshot {
   uint64_t disk_size;           /* virtual size when it was taken */
 };
 
+/* A guest range whose new host clusters are being written outside
+ * img->lock (write.c); it lives on the writer's stack.
+ */
+struct inflight {
+  uint64_t start, end;          /* guest bytes, cluster aligned */
+  struct inflight *next;
+};
+
 struct qcow2_image {
   char *name;                   /* for messages (the path) */
   char *dir;                    /* relative names resolve here, or NULL */
@@ -149,6 +157,14 @@ struct qcow2_image {
    * takes it exclusively, so no cluster is freed under in-flight I/O.
    */
   pthread_rwlock_t io_lock;
+  /* Allocating writes whose data is being written with 'lock' dropped:
+   * changed with both 'lock' (exclusive) and inflight_lock held, so
+   * either is enough to read it.  Until an entry goes, no other write,
+   * zero or trim may touch its guest range (write.c: inflight_wait).
+   */
+  pthread_mutex_t inflight_lock;
+  pthread_cond_t inflight_done;
+  struct inflight *inflight;
 };
 
 /* Big-endian fields of on-disk structures, at any alignment. */

@@ -27,11 +27,16 @@
  * slice is cached their mapping and checks need img->lock only shared
  * (write_in_place_cached), so overwrites do not serialize.  Everything
  * else (unallocated, zero, compressed, shared with a snapshot, backing
- * data) is an allocating write done under img->lock: new clusters are
+ * data) is an allocating write under img->lock: new clusters are
  * allocated contiguously for the whole run, the untouched head and tail
  * are copied from the old contents into the same buffer, and the run is
- * written with one host write.  With extended L2 entries only the
- * touched subclusters of a cluster are written and marked allocated.
+ * written with one host write.  A guest write drops the lock for that
+ * host write (the clusters are not linked yet, so nothing else can
+ * reach them) and takes it again to link them; meanwhile its guest
+ * range is "in flight" and other writes, zeroes and trims that touch
+ * its clusters wait (struct inflight).  With extended L2 entries only
+ * the touched subclusters of a cluster are written and marked
+ * allocated, under the lock.
  *
  * L2 tables shared with a snapshot (refcount > 1) are copied before
  * they are changed; the copy gets refcount 1 and COPIED flags
@@ -377,18 +382,90 @@ past_eof (struct qcow2_image *img, uint64_t host)
   return size != -1 && host >= (uint64_t) size;
 }
 
+/* Guest ranges in flight (struct inflight): clusters that an allocating
+ * write has taken from the allocator and is filling with img->lock
+ * dropped, before it links them.  Anything else that would change the
+ * same guest clusters meanwhile (a write to another part of one of
+ * them, a zero, a trim) would work from the old mapping and one of the
+ * two would be lost, so it waits.  Reads need not: until the link they
+ * see the old contents, which is a valid answer for a read racing a
+ * write.
+ */
+static bool
+inflight_overlaps (const struct qcow2_image *img, uint64_t a, uint64_t b)
+{
+  const struct inflight *f;
+
+  for (f = img->inflight; f != NULL; f = f->next)
+    if (f->start < b && a < f->end)
+      return true;
+  return false;
+}
+
+/* With img->lock held exclusively: if guest [off, off+len) shares a
+ * cluster with a range in flight, drop the lock, wait until it has
+ * gone, and return true (the caller starts again); else false.
+ */
+static bool
+inflight_wait (struct qcow2_image *img, uint64_t off, uint64_t len)
+{
+  uint64_t cs = img->cluster_size;
+  uint64_t a = off & ~(cs - 1), b = round_up_pow2 (off + len, cs);
+
+  if (img->inflight == NULL || !inflight_overlaps (img, a, b))
+    return false;
+  pthread_mutex_lock (&img->inflight_lock);
+  pthread_rwlock_unlock (&img->lock);
+  while (inflight_overlaps (img, a, b))
+    pthread_cond_wait (&img->inflight_done, &img->inflight_lock);
+  pthread_mutex_unlock (&img->inflight_lock);
+  return true;
+}
+
+static void
+inflight_add (struct qcow2_image *img, struct inflight *f, uint64_t a,
+              uint64_t b)
+{
+  f->start = a;
+  f->end = b;
+  pthread_mutex_lock (&img->inflight_lock);
+  f->next = img->inflight;
+  img->inflight = f;
+  pthread_mutex_unlock (&img->inflight_lock);
+}
+
+static void
+inflight_remove (struct qcow2_image *img, struct inflight *f)
+{
+  struct inflight **pp;
+
+  pthread_mutex_lock (&img->inflight_lock);
+  for (pp = &img->inflight; *pp != f; pp = &(*pp)->next)
+    ;
+  *pp = f->next;
+  pthread_cond_broadcast (&img->inflight_done);
+  pthread_mutex_unlock (&img->inflight_lock);
+}
+
 /* Allocating write of whole clusters [c0, c0 + n*cs) all of one kind
  * (standard L2 entries), with the guest data at [off, off+len) inside.
+ * With unlock, img->lock is dropped while the data is written (and
+ * taken again, exclusively, to link it): nothing can reach clusters
+ * not yet linked, and the guest range is marked in flight.
  */
 static int
 alloc_clusters (struct qcow2_image *img, const uint8_t *buf, uint64_t off,
-                uint64_t len, uint64_t c0, uint64_t n, bool edges_zero)
+                uint64_t len, uint64_t c0, uint64_t n, bool edges_zero,
+                bool unlock)
 {
-  uint64_t cs = img->cluster_size, i;
+  uint64_t cs = img->cluster_size, i, wlen, whost;
   uint8_t *data = NULL;
+  const uint8_t *src;
+  struct inflight f;
+  bool in_flight = false;
   int64_t host;
   struct l2_ref ref;
-  int r = -1;
+  int r = -1, w;
 
   if (img->data_file_name)
     host = c0;                  /* external data: host offset = guest */
@@ -399,39 +476,58 @@ alloc_clusters (struct qcow2_image *img, const uint8_t *buf, uint64_t off,
    * checked), write only the guest data (a 4 KiB write into a fresh
    * 64 KiB cluster writes 4 KiB, not 64, and builds no padding).
    */
-  if (edges_zero && past_eof (img, host)) {
-    if (data_write (img, buf, len, host + (off - c0)) == -1)
+  src = buf;
+  wlen = len;
+  whost = host + (off - c0);
+  if (!(edges_zero && past_eof (img, host))) {
+    data = malloc (n * cs);
+    if (data == NULL)
       return -1;
-    goto link;
+    /* Head and tail keep what the guest saw before (rule 2: one write). */
+    if (edges_zero) {
+      memset (data, 0, off - c0);
+      memset (data + (off + len - c0), 0, c0 + n * cs - off - len);
+    }
+    else {
+      if (off > c0 && cluster_read (img, data, off - c0, c0, true) == -1)
+        goto out;
+      if (off + len < c0 + n * cs &&
+          cluster_read (img, data + (off + len - c0), c0 + n * cs - off - len,
+                        off + len, true) == -1)
+        goto out;
+    }
+    if (edges_zero || !past_eof (img, host) || !is_zero (data, off - c0) ||
+        !is_zero (data + (off + len - c0), c0 + n * cs - off - len)) {
+      memcpy (data + (off - c0), buf, len);
+      src = data;
+      wlen = n * cs;
+      whost = host;
+    }
   }
 
-  data = malloc (n * cs);
-  if (data == NULL)
-    return -1;
-  /* Head and tail keep what the guest saw before (rule 2: one write). */
-  if (edges_zero) {
-    memset (data, 0, off - c0);
-    memset (data + (off + len - c0), 0, c0 + n * cs - off - len);
-  }
-  else {
-    if (off > c0 && cluster_read (img, data, off - c0, c0, true) == -1)
-      goto out;
-    if (off + len < c0 + n * cs &&
-        cluster_read (img, data + (off + len - c0), c0 + n * cs - off - len,
-                      off + len, true) == -1)
-      goto out;
-  }
-  memcpy (data + (off - c0), buf, len);
-
-  if (!edges_zero && past_eof (img, host) && is_zero (data, off - c0) &&
-      is_zero (data + (off + len - c0), c0 + n * cs - off - len)) {
-    if (data_write (img, buf, len, host + (off - c0)) == -1)
-      goto out;
-  }
-  else if (data_write (img, data, n * cs, host) == -1)
+  if (data_check (img, whost, wlen) == -1)
     goto out;
+  if (unlock) {
+    inflight_add (img, &f, c0, c0 + n * cs);
+    in_flight = true;
+    pthread_rwlock_rdlock (&img->io_lock);
+    pthread_rwlock_unlock (&img->lock);
+    w = io_pwrite (img->data_io, src, wlen, whost);
+    pthread_rwlock_unlock (&img->io_lock);
+    pthread_rwlock_wrlock (&img->lock);
+  }
+  else
+    w = io_pwrite (img->data_io, src, wlen, whost);
+  if (w == -1) {
+    nbdkit_error ("%s: writing data at %#" PRIx64 ": %m", img->name, whost);
+    goto out;
+  }
+  img->need_sync = true;
+  if (img->corrupt) {           /* marked while the lock was dropped */
+    errno = EIO;
+    goto out;
+  }
 
- link:
   /* Link the entries, one slice lookup per slice, not per cluster. */
   for (i = 0; i < n; ) {
     uint64_t per_slice = (UINT64_C(1) << img->slice_bits) >> img->l2_entry_shift;
@@ -451,6 +547,8 @@ alloc_clusters (struct qcow2_image *img, const uint8_t *buf, uint64_t off,
   }
   r = 0;
  out:
+  if (in_flight)
+    inflight_remove (img, &f);
   free (data);
   return r;
 }
@@ -533,11 +631,11 @@ write_subclusters (struct qcow2_image *img, const uint8_t *buf, uint64_t off,
 }
 
 /* Write one run (as cluster_map describes it) that cannot be written in
- * place.  Returns bytes consumed.
+ * place; unlock as for alloc_clusters.  Returns bytes consumed.
  */
 static int64_t
 write_run_locked (struct qcow2_image *img, const uint8_t *buf, uint64_t off,
-                  const struct mapping *m)
+                  const struct mapping *m, bool unlock)
 {
   uint64_t cs = img->cluster_size, c0, c1, len = m->length;
   bool edges_zero;
@@ -557,7 +655,7 @@ write_run_locked (struct qcow2_image *img, const uint8_t *buf, uint64_t off,
   edges_zero = m->kind == MAP_ZERO ||
     (m->kind == MAP_UNALLOCATED && c0 >= img->backing_size);
   if (alloc_clusters (img, buf, off, len, c0, (c1 - c0) / cs,
-                      edges_zero) == -1)
+                      edges_zero, unlock) == -1)
     return -1;
   return len;
 }
@@ -592,7 +690,7 @@ write_locked (struct qcow2_image *img, const uint8_t *buf, uint64_t count,
         return -1;
       n = m.length;
     }
-    else if ((n = write_run_locked (img, buf, offset, &m)) == -1)
+    else if ((n = write_run_locked (img, buf, offset, &m, false)) == -1)
       return -1;
     buf += n;
     offset += n;
@@ -683,6 +781,8 @@ qcow2_pwrite (struct qcow2_image *img, const void *buf, uint64_t count,
     if (check_writable (img) == -1 ||
         cluster_map (img, offset, count, &m) == -1)
       goto err;
+    if (inflight_wait (img, offset, m.length))
+      continue;                 /* lock dropped: map again */
     if (m.kind == MAP_DATA && m.copied) {
       if (data_check (img, m.host_offset, m.length) == -1)
         goto err;
@@ -691,7 +791,7 @@ qcow2_pwrite (struct qcow2_image *img, const void *buf, uint64_t count,
         return -1;
     }
     else {
-      n = write_run_locked (img, p, offset, &m);
+      n = write_run_locked (img, p, offset, &m, true);
       if (n == -1 || maybe_commit (img) == -1)
         goto err;
       pthread_rwlock_unlock (&img->lock);
@@ -842,7 +942,9 @@ qcow2_zero (struct qcow2_image *img, uint64_t count, uint64_t offset,
     nbdkit_error ("%s: zero beyond end of disk", img->name);
     return -1;
   }
-  pthread_rwlock_wrlock (&img->lock);
+  do
+    pthread_rwlock_wrlock (&img->lock);
+  while (inflight_wait (img, offset, count));
   if (check_writable (img) == -1)
     goto out;
   /* Whole clusters [a, b) change metadata; the ragged edges (and
@@ -906,7 +1008,9 @@ qcow2_trim (struct qcow2_image *img, uint64_t count, uint64_t offset,
     nbdkit_error ("%s: trim beyond end of disk", img->name);
     return -1;
   }
-  pthread_rwlock_wrlock (&img->lock);
+  do
+    pthread_rwlock_wrlock (&img->lock);
+  while (inflight_wait (img, offset, count));
   if (check_writable (img) == -1)
     goto out;
   /* Trim is advisory: only whole clusters, and nothing with an external
