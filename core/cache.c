@@ -27,8 +27,25 @@
  * Slice buffers are allocated on first use, so a large cache costs
  * memory only as it fills and never more than its configured size.
  *
+ * Staging: a reader holding img->lock shared that misses must not take
+ * the lock exclusively for every miss (on a metadata-bound workload,
+ * with most reads missing, the lock flipping between shared and
+ * exclusive cost more CPU than everything else).  Instead it reads the
+ * slice into a staging slot, a small fixed pool beside the cache, maps
+ * from it and marks it ready; when half the slots are ready, one reader
+ * takes the lock exclusively and moves them all into the cache
+ * (cache_stage_drain).  What a slot holds was read under the shared
+ * lock, when the file had the slice's current contents (a slice that
+ * differs from the file would be in the cache, dirty).  Until the drain
+ * it may go stale: every change that could make it so (a slice marked
+ * dirty, slices dropped, cache_stage_invalidate for L1 changes) bumps a
+ * generation number, and a slot read under an older generation is
+ * thrown away, as is one whose slice was cached meanwhile.
+ *
  * Locking: all functions are called with img->lock held exclusively,
- * except cache_peek, which needs it held at least shared.
+ * except cache_peek, cache_stage_get, cache_stage_ready and
+ * cache_stage_abort, which need it held at least shared (the staging
+ * slots have their own mutex).
  */
 
 #ifdef HAVE_CONFIG_H
@@ -42,6 +59,18 @@
 
 #include "internal.h"
 #include "overlap.h"
+
+/* Staging slots: at most this many, and at most STAGE_BYTES of them. */
+#define STAGE_SLOTS 32
+#define STAGE_BYTES (128 * 1024)
+
+enum { SLOT_FREE, SLOT_BUSY, SLOT_READY };
+
+struct stage_slot {
+  uint64_t offset, gen;
+  int state;
+  void *data;
+};
 
 struct cache_entry {
   uint64_t offset;              /* host offset of the slice */
@@ -67,6 +96,14 @@ struct cache {
   uint32_t ndirty;
   int (*hook) (struct qcow2_image *img);
   uint64_t hits, misses;
+
+  /* Staging (see the top of this file).  gen changes only with
+   * img->lock held exclusively; the slots are guarded by stage_lock.
+   */
+  uint64_t gen;
+  pthread_mutex_t stage_lock;
+  unsigned nslots, nready;
+  struct stage_slot slots[STAGE_SLOTS];
 };
 
 static uint32_t
@@ -119,6 +156,12 @@ cache_create (struct qcow2_image *img, enum cache_type type,
     return NULL;
   }
   c->lru.next = c->lru.prev = &c->lru;
+  c->nslots = STAGE_BYTES >> slice_bits;
+  if (c->nslots > STAGE_SLOTS)
+    c->nslots = STAGE_SLOTS;
+  if (c->nslots < 2)
+    c->nslots = 2;
+  pthread_mutex_init (&c->stage_lock, NULL);
   return c;
 }
 
@@ -131,6 +174,10 @@ cache_destroy (struct cache *c)
     return;
   for (i = 0; i < c->used; i++)
     free (c->entries[i].data);
+  for (i = 0; i < c->nslots; i++)
+    free (c->slots[i].data);
+  if (c->nslots)
+    pthread_mutex_destroy (&c->stage_lock);
   free (c->entries);
   free (c->hash);
   free (c);
@@ -224,12 +271,32 @@ victim (struct cache *c)
   return NULL;
 }
 
+/* Make e (just taken by victim, data filled) the slice at off. */
+static void
+insert (struct cache *c, struct cache_entry *e, uint64_t off, uint32_t pins)
+{
+  e->offset = off;
+  e->pins = pins;
+  e->referenced = false;
+  e->dirty = false;
+  e->valid = true;
+  e->hnext = c->hash[hash_off (c, off)];
+  c->hash[hash_off (c, off)] = e;
+  lru_push_front (c, e);
+}
+
 void *
 cache_get (struct cache *c, uint64_t off, bool fill, struct cache_entry **ep)
 {
-  struct cache_entry *e = lookup (c, off);
+  struct cache_entry *e;
   size_t len = (size_t) 1 << c->slice_bits;
 
+  /* Staged slices first, so that a slice is never cached twice.  (No
+   * shared holder can stage now, so nready can be read.)
+   */
+  if (c->nready > 0)
+    cache_stage_drain (c);
+  e = lookup (c, off);
   if (e) {
     c->hits++;
     lru_unlink (e);
@@ -259,14 +326,7 @@ cache_get (struct cache *c, uint64_t off, bool fill, struct cache_entry **ep)
   }
   else
     memset (e->data, 0, len);
-  e->offset = off;
-  e->pins = 1;
-  e->referenced = false;
-  e->dirty = false;
-  e->valid = true;
-  e->hnext = c->hash[hash_off (c, off)];
-  c->hash[hash_off (c, off)] = e;
-  lru_push_front (c, e);
+  insert (c, e, off, 1);
   *ep = e;
   return e->data;
 }
@@ -288,6 +348,99 @@ cache_peek (struct cache *c, uint64_t off)
   return e->data;
 }
 
+/* Staging, with img->lock held at least shared: a free slot (its
+ * buffer in *data and the generation now in *gen), or -1 if there is
+ * none free.
+ */
+int
+cache_stage_get (struct cache *c, void **data, uint64_t *gen)
+{
+  unsigned i;
+  int r = -1;
+
+  pthread_mutex_lock (&c->stage_lock);
+  for (i = 0; i < c->nslots; i++) {
+    struct stage_slot *s = &c->slots[i];
+    if (s->state != SLOT_FREE)
+      continue;
+    if (s->data == NULL &&
+        (s->data = malloc ((size_t) 1 << c->slice_bits)) == NULL)
+      break;
+    s->state = SLOT_BUSY;
+    *data = s->data;
+    r = i;
+    break;
+  }
+  pthread_mutex_unlock (&c->stage_lock);
+  *gen = c->gen;
+  return r;
+}
+
+/* Slot i holds the slice at off, read under generation gen.  Returns
+ * true when it is time to drain.
+ */
+bool
+cache_stage_ready (struct cache *c, int i, uint64_t off, uint64_t gen)
+{
+  bool drain;
+
+  pthread_mutex_lock (&c->stage_lock);
+  c->slots[i].offset = off;
+  c->slots[i].gen = gen;
+  c->slots[i].state = SLOT_READY;
+  c->nready++;
+  c->misses++;
+  drain = c->nready >= c->nslots / 2;
+  pthread_mutex_unlock (&c->stage_lock);
+  return drain;
+}
+
+void
+cache_stage_abort (struct cache *c, int i)
+{
+  pthread_mutex_lock (&c->stage_lock);
+  c->slots[i].state = SLOT_FREE;
+  pthread_mutex_unlock (&c->stage_lock);
+}
+
+/* Every staged slice is stale (the L1 table changed). */
+void
+cache_stage_invalidate (struct cache *c)
+{
+  c->gen++;
+}
+
+/* With img->lock held exclusively: move the ready slots into the cache,
+ * except stale ones and slices cached meanwhile.
+ */
+void
+cache_stage_drain (struct cache *c)
+{
+  unsigned i;
+
+  pthread_mutex_lock (&c->stage_lock);
+  for (i = 0; i < c->nslots && c->nready > 0; i++) {
+    struct stage_slot *s = &c->slots[i];
+    struct cache_entry *e;
+
+    if (s->state != SLOT_READY)
+      continue;
+    s->state = SLOT_FREE;
+    c->nready--;
+    if (s->gen != c->gen || lookup (c, s->offset) != NULL)
+      continue;
+    /* Errors (a failed write-back of a dirty victim) only cost the
+     * slice: a later miss reads it again.
+     */
+    e = victim (c);
+    if (e == NULL)
+      continue;
+    memcpy (e->data, s->data, (size_t) 1 << c->slice_bits);
+    insert (c, e, s->offset, 0);
+  }
+  pthread_mutex_unlock (&c->stage_lock);
+}
+
 void
 cache_put (struct cache *c, struct cache_entry *e)
 {
@@ -297,6 +450,7 @@ cache_put (struct cache *c, struct cache_entry *e)
 void
 cache_mark_dirty (struct cache *c, struct cache_entry *e)
 {
+  c->gen++;
   if (!e->dirty) {
     e->dirty = true;
     c->ndirty++;
@@ -349,6 +503,7 @@ cache_drop (struct cache *c, uint64_t off, uint64_t len)
   uint64_t slices = len >> c->slice_bits;
   uint32_t i;
 
+  c->gen++;
   /* A cluster or two (a freed or new table): look each slice up. */
   if (slices <= 64) {
     uint64_t s;

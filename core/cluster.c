@@ -19,8 +19,9 @@
  * request with EIO.
  *
  * Locking: cluster_map needs img->lock exclusively; cluster_map_cached
- * needs it at least shared and only looks (a slice not in the cache, or
- * an entry that would mark the image corrupt, returns 1: take the lock
+ * needs it at least shared and changes nothing but the staging slots (a
+ * slice not in the cache is staged, see cache.c; when it cannot be, or
+ * an entry would mark the image corrupt, it returns 1: take the lock
  * exclusively and call cluster_map).  cluster_read holds the lock only
  * around the mapping and does the data I/O without it.
  */
@@ -173,19 +174,22 @@ classify (struct qcow2_image *img, uint64_t e, uint64_t bitmap,
 }
 
 /* cluster_map and cluster_map_cached.  With peek, nothing may change:
- * return 1 instead of loading a slice or marking the image corrupt.
+ * return 1 instead of marking the image corrupt, and instead of loading
+ * a slice into the cache, either stage it (when drain is not NULL; set
+ * *drain when the staging slots want draining; a failed read is -1) or
+ * return 1.
  */
 static int
 map_run (struct qcow2_image *img, uint64_t offset, uint64_t count,
-         struct mapping *m, bool peek)
+         struct mapping *m, bool peek, bool *drain)
 {
-  uint64_t l2 = 0, idx, slice_entries, end, cur;
+  uint64_t l2 = 0, idx, slice_entries, end, cur, soff, gen = 0;
   uint32_t slice_size = UINT32_C(1) << img->slice_bits;
   uint64_t table_span = UINT64_C(1) << (img->cluster_bits + img->l2_bits);
   struct cache_entry *ce = NULL;
   const uint64_t *slice;
   unsigned unit_bits = img->subcluster_bits;
-  int r;
+  int r, slot = -1;
 
   memset (m, 0, sizeof *m);
   m->guest_offset = offset;
@@ -200,15 +204,25 @@ map_run (struct qcow2_image *img, uint64_t offset, uint64_t count,
 
   slice_entries = slice_size >> img->l2_entry_shift;
   idx = l2_index (img, offset);
+  soff = l2 + (idx / slice_entries) * slice_size;
   if (peek) {
-    slice = cache_peek (img->l2_cache,
-                        l2 + (idx / slice_entries) * slice_size);
-    if (slice == NULL)
-      return 1;
+    slice = cache_peek (img->l2_cache, soff);
+    if (slice == NULL) {
+      void *buf;
+      if (drain == NULL ||
+          (slot = cache_stage_get (img->l2_cache, &buf, &gen)) == -1)
+        return 1;
+      if (io_pread (img->io, buf, slice_size, soff) == -1) {
+        nbdkit_error ("%s: reading L2 slice at %#" PRIx64 ": %m",
+                      img->name, soff);
+        cache_stage_abort (img->l2_cache, slot);
+        return -1;
+      }
+      slice = buf;
+    }
   }
   else {
-    slice = cache_get (img->l2_cache,
-                       l2 + (idx / slice_entries) * slice_size, true, &ce);
+    slice = cache_get (img->l2_cache, soff, true, &ce);
     if (slice == NULL)
       return -1;
   }
@@ -240,6 +254,8 @@ map_run (struct qcow2_image *img, uint64_t offset, uint64_t count,
     if (r != 0) {
       if (ce)
         cache_put (img->l2_cache, ce);
+      if (slot != -1)
+        cache_stage_abort (img->l2_cache, slot);
       return r;
     }
     /* A compressed cluster is one whole-cluster unit. */
@@ -274,6 +290,8 @@ map_run (struct qcow2_image *img, uint64_t offset, uint64_t count,
   }
   if (ce)
     cache_put (img->l2_cache, ce);
+  if (slot != -1 && cache_stage_ready (img->l2_cache, slot, soff, gen))
+    *drain = true;
   m->length = cur - offset;
   return 0;
 }
@@ -282,14 +300,14 @@ int
 cluster_map (struct qcow2_image *img, uint64_t offset, uint64_t count,
              struct mapping *m)
 {
-  return map_run (img, offset, count, m, false);
+  return map_run (img, offset, count, m, false, NULL);
 }
 
 int
 cluster_map_cached (struct qcow2_image *img, uint64_t offset,
-                    uint64_t count, struct mapping *m)
+                    uint64_t count, struct mapping *m, bool *drain)
 {
-  return map_run (img, offset, count, m, true);
+  return map_run (img, offset, count, m, true, drain);
 }
 
 static int
@@ -335,9 +353,10 @@ read_compressed (struct qcow2_image *img, void *buf, const struct mapping *m)
 
 /* Read guest data.  With locked, img->lock is held exclusively by the
  * caller (the write path reading what it copies).  Otherwise the lock
- * is held only for the mapping, shared when the L2 slice is cached and
- * exclusively when it must be loaded, and data I/O runs under the
- * shared io_lock so that no cluster is freed while it is being read.
+ * is held only for the mapping, shared when the L2 slice is cached or
+ * can be staged and exclusively otherwise (and once per batch to drain
+ * the staged slices), and data I/O runs under the shared io_lock so
+ * that no cluster is freed while it is being read.
  */
 int
 cluster_read (struct qcow2_image *img, void *buf, uint64_t count,
@@ -347,13 +366,14 @@ cluster_read (struct qcow2_image *img, void *buf, uint64_t count,
 
   while (count > 0) {
     struct mapping m;
+    bool drain = false;
     int r;
 
     if (locked)
       r = cluster_map (img, offset, count, &m);
     else {
       pthread_rwlock_rdlock (&img->lock);
-      r = cluster_map_cached (img, offset, count, &m);
+      r = cluster_map_cached (img, offset, count, &m, &drain);
       if (r == 1) {
         pthread_rwlock_unlock (&img->lock);
         pthread_rwlock_wrlock (&img->lock);
@@ -391,6 +411,12 @@ cluster_read (struct qcow2_image *img, void *buf, uint64_t count,
       if (r == -1)
         return -1;
       break;
+    }
+    /* Only now, with no lock held (io_lock comes after img->lock). */
+    if (drain) {
+      pthread_rwlock_wrlock (&img->lock);
+      cache_stage_drain (img->l2_cache);
+      pthread_rwlock_unlock (&img->lock);
     }
     p += m.length;
     offset += m.length;

@@ -6,9 +6,10 @@
  * declared here assume it is held exclusively unless they say otherwise.
  * img->lock is a reader-writer lock: everything that may change state
  * holds it exclusively; the fast paths of reads and in-place writes hold
- * it shared and only look (cluster_map_cached, overlap queries), falling
- * back to the exclusive path for anything else.  Guest data I/O is done
- * outside the lock.
+ * it shared and only look (cluster_map_cached, overlap queries; the L2
+ * cache's staging slots have their own mutex), falling back to the
+ * exclusive path for anything else.  Guest data I/O is done outside the
+ * lock.
  */
 
 #ifndef QCOW2_INTERNAL_H
@@ -269,16 +270,27 @@ extern uint32_t cache_nr_entries (struct cache *c);
 extern void cache_set_writeback_hook (struct cache *c,
                                       int (*hook) (struct qcow2_image *));
 extern void cache_stats (struct cache *c, uint64_t *hits, uint64_t *misses);
+extern int cache_stage_get (struct cache *c, void **data, uint64_t *gen);
+extern bool cache_stage_ready (struct cache *c, int slot, uint64_t off,
+                               uint64_t gen);
+extern void cache_stage_abort (struct cache *c, int slot);
+extern void cache_stage_invalidate (struct cache *c);
+extern void cache_stage_drain (struct cache *c);
 
 /* cluster.c */
 extern int cluster_load_l1 (struct qcow2_image *img);
 extern int cluster_map (struct qcow2_image *img, uint64_t offset,
                         uint64_t count, struct mapping *m);
 /* Like cluster_map with img->lock held only shared: 1 if that is not
- * enough (slice not cached, or the entries need a closer look).
+ * enough (the entries need a closer look, or the slice is not cached
+ * and cannot be staged).  With drain not NULL a slice not cached is
+ * staged (cache.c; -1 if reading it fails); *drain is set when the
+ * caller, once it holds no lock, should take img->lock exclusively for
+ * cache_stage_drain.
  */
 extern int cluster_map_cached (struct qcow2_image *img, uint64_t offset,
-                               uint64_t count, struct mapping *m);
+                               uint64_t count, struct mapping *m,
+                               bool *drain);
 extern int cluster_read (struct qcow2_image *img, void *buf,
                          uint64_t count, uint64_t offset, bool locked);
 

@@ -113,6 +113,7 @@ static void
 l1_set (struct qcow2_image *img, uint64_t i, uint64_t v)
 {
   img->l1[i] = v;
+  cache_stage_invalidate (img->l2_cache);
   if (!img->l1_dirty) {
     img->l1_dirty = true;
     img->l1_dirty_lo = img->l1_dirty_hi = i;
@@ -743,7 +744,7 @@ write_in_place_cached (struct qcow2_image *img, const uint8_t *p,
   struct mapping m;
 
   if (img->readonly || img->corrupt || !header_write_ready (img) ||
-      cluster_map_cached (img, offset, count, &m) != 0 ||
+      cluster_map_cached (img, offset, count, &m, NULL) != 0 ||
       m.kind != MAP_DATA || !m.copied ||
       (img->data_io == img->io &&
        (m.host_offset >= img->host_end ||
