@@ -18,6 +18,9 @@
 #include <errno.h>
 #include <inttypes.h>
 
+#include <pthread.h>
+#include <unistd.h>
+
 #include "internal.h"
 
 extern char stub_last_error[];
@@ -586,6 +589,166 @@ test_stage (void)
   free (b);
 }
 
+/* In-flight allocating writes (write.c): a write whose data is being
+ * written with img->lock dropped holds up other changes to its
+ * clusters.  A gate io holds the first write at or past gate_from until
+ * the test opens it.
+ */
+struct gate_io {
+  struct qcow2_io io;             /* must be first */
+  struct qcow2_io *inner;
+  pthread_mutex_t mu;
+  pthread_cond_t cv;
+  uint64_t gate_from;
+  bool armed, held, open;
+};
+
+static int
+gate_pread (struct qcow2_io *io, void *buf, size_t n, uint64_t off)
+{
+  return io_pread (((struct gate_io *) io)->inner, buf, n, off);
+}
+
+static int
+gate_pwrite (struct qcow2_io *io, const void *buf, size_t n, uint64_t off)
+{
+  struct gate_io *g = (struct gate_io *) io;
+
+  pthread_mutex_lock (&g->mu);
+  if (g->armed && off >= g->gate_from) {
+    g->armed = false;
+    g->held = true;
+    pthread_cond_broadcast (&g->cv);
+    while (!g->open)
+      pthread_cond_wait (&g->cv, &g->mu);
+  }
+  pthread_mutex_unlock (&g->mu);
+  return io_pwrite (g->inner, buf, n, off);
+}
+
+static int
+gate_flush (struct qcow2_io *io)
+{
+  return io_flush (((struct gate_io *) io)->inner);
+}
+
+static int64_t
+gate_size (struct qcow2_io *io)
+{
+  return io_size (((struct gate_io *) io)->inner);
+}
+
+static int
+gate_truncate (struct qcow2_io *io, uint64_t size)
+{
+  struct qcow2_io *in = ((struct gate_io *) io)->inner;
+  return in->ops->truncate (in, size);
+}
+
+static void
+gate_close (struct qcow2_io *io)
+{
+  struct gate_io *g = (struct gate_io *) io;
+
+  io_close (g->inner);
+  pthread_mutex_destroy (&g->mu);
+  pthread_cond_destroy (&g->cv);
+  free (g);
+}
+
+static const struct qcow2_io_ops gate_ops = {
+  .pread = gate_pread, .pwrite = gate_pwrite, .flush = gate_flush,
+  .size = gate_size, .truncate = gate_truncate, .close = gate_close,
+};
+
+struct inflight_job {
+  struct qcow2_image *img;
+  uint64_t off, len;
+  bool zero;
+  int r;
+};
+
+static void *
+inflight_job (void *arg)
+{
+  struct inflight_job *j = arg;
+  uint8_t buf[1024];
+
+  if (j->zero)
+    j->r = qcow2_zero (j->img, j->len, j->off, 0);
+  else {
+    memset (buf, 0xaa, sizeof buf);
+    j->r = qcow2_pwrite (j->img, buf, j->len, j->off, 0);
+  }
+  return NULL;
+}
+
+static void
+test_inflight (void)
+{
+  const unsigned cb = 12;
+  size_t size, cs = (size_t) 1 << cb;
+  uint8_t *b = build (cb, 4, &size);
+  struct gate_io *g = calloc (1, sizeof *g);
+  struct qcow2_config cfg = { 0 };
+  struct qcow2_image *img;
+  struct inflight_job w, z;
+  pthread_t tw, tz;
+  uint8_t *buf = malloc (cs);
+
+  /* Guest cluster 0 (0x11) shared, as with a snapshot: refcount 2, no
+   * COPIED flag, so a write to part of it copies the rest.
+   */
+  assert (g && buf);
+  put64 (b + 4 * cs, 5 * cs);
+  put_refcount (b + 2 * cs, 4, 5, 2);
+  g->inner = qcow2_io_new_memory (b, size);
+  assert (g->inner);
+  g->io.ops = &gate_ops;
+  g->io.fd = -1;
+  pthread_mutex_init (&g->mu, NULL);
+  pthread_cond_init (&g->cv, NULL);
+  g->gate_from = NCLUSTERS * cs;        /* new clusters: past the end */
+  g->armed = true;
+  img = qcow2_open_io (&g->io, "test.qcow2", NULL, &cfg);
+  assert (img);
+
+  /* The write of [0, 1 KiB) copies cluster 0 to a new cluster and is
+   * held in its data write, lock dropped.  A zero of [2, 3 KiB) of the
+   * same cluster meanwhile must wait: done from the old mapping, it
+   * would copy cluster 0 on its own and one of the two would be lost.
+   */
+  w = (struct inflight_job) { img, 0, 1024, false, -1 };
+  z = (struct inflight_job) { img, 2048, 1024, true, -1 };
+  assert (pthread_create (&tw, NULL, inflight_job, &w) == 0);
+  pthread_mutex_lock (&g->mu);
+  while (!g->held)
+    pthread_cond_wait (&g->cv, &g->mu);
+  pthread_mutex_unlock (&g->mu);
+  assert (pthread_create (&tz, NULL, inflight_job, &z) == 0);
+  usleep (200000);                      /* time to get it wrong */
+  pthread_mutex_lock (&g->mu);
+  g->open = true;
+  pthread_cond_broadcast (&g->cv);
+  pthread_mutex_unlock (&g->mu);
+  assert (pthread_join (tw, NULL) == 0 && pthread_join (tz, NULL) == 0);
+  assert (w.r == 0 && z.r == 0);
+
+  assert (qcow2_pread (img, buf, cs, 0) == 0);
+  assert (all_bytes (buf, 1024, 0xaa));
+  assert (all_bytes (buf + 1024, 1024, 0x11));
+  if (!all_bytes (buf + 2048, 1024, 0)) {
+    fprintf (stderr, "test_inflight: the zero of [2048, 3072) was lost "
+             "(reads %#x)\n", buf[2048]);
+    abort ();
+  }
+  assert (all_bytes (buf + 3072, cs - 3072, 0x11));
+
+  qcow2_close (img);
+  free (buf);
+  free (b);
+}
+
 static void
 test_refcount_widths (void)
 {
@@ -626,6 +789,7 @@ main (void)
   test_corrupt_l2 ();
   test_cache ();
   test_stage ();
+  test_inflight ();
   test_refcount_widths ();
   test_fuzz_regressions ();
   printf ("test-core: all passed\n");
