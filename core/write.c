@@ -326,7 +326,6 @@ put_entry (struct qcow2_image *img, struct l2_ref *ref, bool dirty)
   cache_put (img->l2_cache, ref->ce);
 }
 
-/* Write buf to host [host, host+len) of the data file. */
 /* Before writing guest data at host [host, host+len) of the image file:
  * the overlap check, and a bound (an entry pointing far past the end of
  * the file is corruption, not a reason to grow it).
@@ -343,6 +342,7 @@ data_check (struct qcow2_image *img, uint64_t host, uint64_t len)
   return overlap_check_write (img, host, len, 0);
 }
 
+/* Write buf to host [host, host+len) of the data file. */
 static int
 data_write (struct qcow2_image *img, const void *buf, uint64_t len,
             uint64_t host)
@@ -506,9 +506,13 @@ alloc_clusters (struct qcow2_image *img, const uint8_t *buf, uint64_t off,
     }
   }
 
-  if (data_check (img, whost, wlen) == -1)
-    goto out;
-  if (unlock) {
+  if (!unlock) {
+    if (data_write (img, src, wlen, whost) == -1)
+      goto out;
+  }
+  else {
+    if (data_check (img, whost, wlen) == -1)
+      goto out;
     inflight_add (img, &f, c0, c0 + n * cs);
     in_flight = true;
     pthread_rwlock_rdlock (&img->io_lock);
@@ -516,17 +520,16 @@ alloc_clusters (struct qcow2_image *img, const uint8_t *buf, uint64_t off,
     w = io_pwrite (img->data_io, src, wlen, whost);
     pthread_rwlock_unlock (&img->io_lock);
     pthread_rwlock_wrlock (&img->lock);
-  }
-  else
-    w = io_pwrite (img->data_io, src, wlen, whost);
-  if (w == -1) {
-    nbdkit_error ("%s: writing data at %#" PRIx64 ": %m", img->name, whost);
-    goto out;
-  }
-  img->need_sync = true;
-  if (img->corrupt) {           /* marked while the lock was dropped */
-    errno = EIO;
-    goto out;
+    if (w == -1) {
+      nbdkit_error ("%s: writing data at %#" PRIx64 ": %m", img->name,
+                    whost);
+      goto out;
+    }
+    img->need_sync = true;
+    if (img->corrupt) {         /* marked while the lock was dropped */
+      errno = EIO;
+      goto out;
+    }
   }
 
   /* Link the entries, one slice lookup per slice, not per cluster. */
