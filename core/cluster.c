@@ -18,6 +18,19 @@
  * image corrupt (writes stop, reads elsewhere go on) and fails the
  * request with EIO.
  *
+ * Empty slices: an image whose L2 tables are mostly zero entries (a
+ * thin disk: QEMU allocates a whole L2 table, 512 MiB of guest with 64
+ * KiB clusters, for the first write into it) would fill the cache with
+ * slices that say nothing but "unallocated".  So a reader that reads a
+ * slice into a staging slot and finds it all zero sets the slice's bit
+ * in img->empty_slices instead of caching it, and later lookups in that
+ * slice answer "unallocated" from the bit alone.  One bit per slice of
+ * the guest disk: 4 KiB per TiB with 64 KiB clusters and 4 KiB slices.
+ * The bit is set only under img->lock (shared), where the file holds
+ * the slice's current contents; every change to a slice (get_entry in
+ * write.c) or to an L1 entry (l1_set), and every cache_drop of all L2
+ * slices, clears the bits concerned first, with the lock exclusive.
+ *
  * Locking: cluster_map needs img->lock exclusively; cluster_map_cached
  * needs it at least shared and changes nothing but the staging slots (a
  * slice not in the cache is staged, see cache.c; when it cannot be, or
@@ -89,6 +102,95 @@ l2_table_offset (struct qcow2_image *img, uint64_t offset, uint64_t *l2,
   }
   *l2 = off;
   return 0;
+}
+
+bool
+is_zero (const void *buf, size_t n)
+{
+  static const uint8_t zero[4096];
+  const uint8_t *p = buf;
+
+  while (n > 0) {
+    size_t k = n < sizeof zero ? n : sizeof zero;
+    if (memcmp (p, zero, k) != 0)
+      return false;
+    p += k;
+    n -= k;
+  }
+  return true;
+}
+
+/* log2 of the guest bytes one L2 slice maps. */
+static unsigned
+slice_span_bits (const struct qcow2_image *img)
+{
+  return img->cluster_bits + img->slice_bits - img->l2_entry_shift;
+}
+
+/* The empty-slice bitmap: one bit per slice the L1 table can reach,
+ * unless that is more than max_bytes (then there is none).
+ */
+int
+cluster_empty_init (struct qcow2_image *img, uint64_t max_bytes)
+{
+  uint64_t nbits = (uint64_t) img->l1_size << (img->cluster_bits -
+                                               img->slice_bits);
+
+  img->empty_slices = NULL;
+  img->empty_nbits = 0;
+  if (nbits == 0 || (nbits + 63) / 64 * 8 > max_bytes) {
+    nbdkit_debug ("%s: no empty-slice bitmap (%" PRIu64 " slices)",
+                  img->name, nbits);
+    return 0;
+  }
+  img->empty_slices = calloc ((nbits + 63) / 64, 8);
+  if (img->empty_slices == NULL)
+    return -1;
+  img->empty_nbits = nbits;
+  return 0;
+}
+
+static bool
+slice_is_empty (const struct qcow2_image *img, uint64_t guest)
+{
+  uint64_t g = guest >> slice_span_bits (img);
+
+  return g < img->empty_nbits &&
+    (__atomic_load_n (&img->empty_slices[g / 64], __ATOMIC_RELAXED) >>
+     (g % 64) & 1);
+}
+
+/* With img->lock held at least shared, and the slice's contents read
+ * under it: the slice mapping guest is all zero.
+ */
+static void
+slice_set_empty (struct qcow2_image *img, uint64_t guest)
+{
+  uint64_t g = guest >> slice_span_bits (img);
+
+  if (g < img->empty_nbits)
+    __atomic_fetch_or (&img->empty_slices[g / 64], UINT64_C(1) << (g % 64),
+                       __ATOMIC_RELAXED);
+}
+
+/* With img->lock held exclusively, before the slices mapping guest
+ * [guest, guest+len) change: they may not be empty any more.
+ */
+void
+cluster_empty_forget (struct qcow2_image *img, uint64_t guest, uint64_t len)
+{
+  unsigned b = slice_span_bits (img);
+  uint64_t g, last;
+
+  if (len == 0)
+    return;
+  last = len - 1 > UINT64_MAX - guest ? UINT64_MAX : guest + (len - 1);
+  last >>= b;
+  if (last >= img->empty_nbits)
+    last = img->empty_nbits - 1;        /* no bitmap: the loop is empty */
+  for (g = guest >> b; g <= last && g < img->empty_nbits; g++)
+    __atomic_fetch_and (&img->empty_slices[g / 64],
+                        ~(UINT64_C(1) << (g % 64)), __ATOMIC_RELAXED);
 }
 
 /* Classify one unit (a cluster, or a subcluster with extended L2) from
@@ -205,6 +307,8 @@ map_run (struct qcow2_image *img, uint64_t offset, uint64_t count,
   slice_entries = slice_size >> img->l2_entry_shift;
   idx = l2_index (img, offset);
   soff = l2 + (idx / slice_entries) * slice_size;
+  if (slice_is_empty (img, offset))
+    goto empty;
   if (peek) {
     slice = cache_peek (img->l2_cache, soff);
     if (slice == NULL) {
@@ -217,6 +321,11 @@ map_run (struct qcow2_image *img, uint64_t offset, uint64_t count,
                       img->name, soff);
         cache_stage_abort (img->l2_cache, slot);
         return -1;
+      }
+      if (img->empty_slices && is_zero (buf, slice_size)) {
+        cache_stage_abort (img->l2_cache, slot);
+        slice_set_empty (img, offset);
+        goto empty;
       }
       slice = buf;
     }
@@ -293,6 +402,15 @@ map_run (struct qcow2_image *img, uint64_t offset, uint64_t count,
   if (slot != -1 && cache_stage_ready (img->l2_cache, slot, soff, gen))
     *drain = true;
   m->length = cur - offset;
+  return 0;
+
+ empty:
+  /* Every entry of the slice is 0: unallocated to the slice's end. */
+  {
+    uint64_t span = UINT64_C(1) << slice_span_bits (img);
+    m->kind = MAP_UNALLOCATED;
+    m->length = min_u64 (count, span - (offset & (span - 1)));
+  }
   return 0;
 }
 

@@ -63,6 +63,10 @@ setup_caches (struct qcow2_image *img)
                                 rc_bytes);
   if (!img->l2_cache || !img->rc_cache)
     return -1;
+  /* Beside the cache, at most 1/8 of its size (cluster.c). */
+  if (cluster_empty_init (img, l2_bytes / 8 > 65536 ? l2_bytes / 8
+                                                    : 65536) == -1)
+    return -1;
   cache_set_writeback_hook (img->l2_cache, write_barrier);
   nbdkit_debug ("%s: L2 cache %" PRIu32 " slices of %" PRIu32 " bytes, "
                 "refcount cache %" PRIu32 " slices", img->name,
@@ -79,6 +83,7 @@ image_free (struct qcow2_image *img)
   backing_close (img);
   overlap_free (img);
   cache_destroy (img->l2_cache);
+  free (img->empty_slices);
   cache_destroy (img->rc_cache);
   snapshot_free_table (img);
   free (img->l1);

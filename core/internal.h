@@ -140,6 +140,14 @@ struct qcow2_image {
   pthread_rwlock_t lock;
   struct cache *l2_cache;
   struct cache *rc_cache;
+  /* One bit per L2 slice of the active L1 (by guest position): set when
+   * the slice is known to be all zero, so lookups in it need neither
+   * the cache nor a read (cluster.c).  NULL when too large.  Set by
+   * readers holding 'lock' shared (atomically), cleared with it held
+   * exclusively before any change to the slice or its L1 entry.
+   */
+  uint64_t *empty_slices;
+  uint64_t empty_nbits;
   struct overlap_map *overlap;
   uint64_t free_hint;           /* no free cluster below this index */
   uint64_t host_end;            /* bytes: end of allocated clusters */
@@ -293,6 +301,10 @@ extern int cluster_map_cached (struct qcow2_image *img, uint64_t offset,
                                bool *drain);
 extern int cluster_read (struct qcow2_image *img, void *buf,
                          uint64_t count, uint64_t offset, bool locked);
+extern bool is_zero (const void *buf, size_t n);
+extern int cluster_empty_init (struct qcow2_image *img, uint64_t max_bytes);
+extern void cluster_empty_forget (struct qcow2_image *img, uint64_t guest,
+                                  uint64_t len);
 
 /* check.c */
 extern int check_image (struct qcow2_image *img, bool repair,

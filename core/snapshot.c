@@ -238,6 +238,7 @@ qcow2_open_snapshot (struct qcow2_image *img, const char *name)
   }
   view->l1_size = sn->l1_size;
   view->l1_offset = sn->l1_offset;
+  cluster_empty_forget (view, 0, UINT64_MAX);   /* nothing known of this L1 */
   view->size = sn->disk_size;
   return view;
 }

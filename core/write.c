@@ -114,6 +114,8 @@ l1_set (struct qcow2_image *img, uint64_t i, uint64_t v)
 {
   img->l1[i] = v;
   cache_stage_invalidate (img->l2_cache);
+  cluster_empty_forget (img, i << (img->cluster_bits + img->l2_bits),
+                        UINT64_C(1) << (img->cluster_bits + img->l2_bits));
   if (!img->l1_dirty) {
     img->l1_dirty = true;
     img->l1_dirty_lo = img->l1_dirty_hi = i;
@@ -308,6 +310,7 @@ get_entry (struct qcow2_image *img, uint64_t guest, struct l2_ref *ref)
   uint64_t per_slice = slice_size >> img->l2_entry_shift;
   bool fresh;
 
+  cluster_empty_forget (img, guest, 1);    /* the caller changes it */
   if (l2_for_write (img, guest, &l2, &fresh) == -1)
     return -1;
   ref->slice = cache_get (img->l2_cache, l2 + (idx / per_slice) * slice_size,
@@ -355,21 +358,6 @@ data_write (struct qcow2_image *img, const void *buf, uint64_t len,
   }
   img->need_sync = true;
   return 0;
-}
-
-static bool
-is_zero (const uint8_t *p, size_t n)
-{
-  static const uint8_t zero[4096];
-
-  while (n > 0) {
-    size_t k = n < sizeof zero ? n : sizeof zero;
-    if (memcmp (p, zero, k) != 0)
-      return false;
-    p += k;
-    n -= k;
-  }
-  return true;
 }
 
 /* Is host offset at or past the end of the data file (so reads there

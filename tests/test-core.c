@@ -4,8 +4,9 @@
  * Images are built by hand in memory (no binary images in the tree) and
  * opened through the memory io backend: reads of every cluster kind,
  * run merging, extents, header validation on corrupted headers, index
- * math, the table cache (hit, miss, LRU eviction, pinning, write-back)
- * and refcount entries of every width.
+ * math, the table cache (hit, miss, LRU eviction, pinning, write-back,
+ * staging, empty slices), in-flight writes and refcount entries of every
+ * width.
  */
 
 #include <config.h>
@@ -589,6 +590,86 @@ test_stage (void)
   free (b);
 }
 
+static bool
+empty_bit (const struct qcow2_image *img, uint64_t g)
+{
+  return g < img->empty_nbits && (img->empty_slices[g / 64] >> (g % 64) & 1);
+}
+
+/* Empty L2 slices (cluster.c): a read that stages an all-zero slice
+ * remembers it in a bit instead of caching it; a write into the slice
+ * forgets it.  64 KiB clusters: 16 slices of 4 KiB per L2 table, each
+ * mapping 32 MiB; slice 0 has the test image's entries, the rest are
+ * zero.
+ */
+static void
+test_empty_slices (void)
+{
+  const unsigned cb = 16;
+  size_t size, cs = (size_t) 1 << cb;
+  uint8_t *b = build (cb, 4, &size);
+  const uint64_t span = UINT64_C(32) << 20;
+  struct qcow2_image *img;
+  struct mapping m;
+  uint64_t l2, hits, misses, m2;
+  uint8_t buf[4096];
+  bool drain = false;
+
+  put64 (b + HDR_SIZE, 4 * span);
+  img = open_rw (b, size);
+  assert (img && img->empty_slices && img->empty_nbits == 16);
+  l2 = img->l1[0] & L1E_OFFSET_MASK;
+
+  /* A read of slice 1 stages it, finds it empty, and does not cache it;
+   * slice 0 is not empty.
+   */
+  memset (buf, 0xee, sizeof buf);
+  assert (qcow2_pread (img, buf, sizeof buf, span + 3 * cs) == 0);
+  assert (all_bytes (buf, sizeof buf, 0));
+  assert (empty_bit (img, 1) && !empty_bit (img, 2));
+  assert (cache_peek (img->l2_cache, l2 + 4096) == NULL);
+  assert (qcow2_pread (img, buf, sizeof buf, 0) == 0);
+  assert (all_bytes (buf, sizeof buf, 0x11) && !empty_bit (img, 0));
+
+  /* Later lookups in slice 1 are answered from the bit, on either
+   * path, up to the slice's end, without the cache.
+   */
+  cache_stats (img->l2_cache, &hits, &misses);
+  assert (cluster_map_cached (img, span + 100, 4 * span, &m, &drain) == 0);
+  assert (m.kind == MAP_UNALLOCATED && m.length == span - 100 && !drain);
+  assert (cluster_map (img, 2 * span - 512, 4096, &m) == 0);
+  assert (m.kind == MAP_UNALLOCATED && m.length == 512);
+  cache_stats (img->l2_cache, &hits, &m2);
+  assert (m2 == misses);
+
+  /* A write into the slice forgets it: the data is read back. */
+  memset (buf, 0x77, sizeof buf);
+  assert (qcow2_pwrite (img, buf, sizeof buf, span + 5 * cs, 0) == 0);
+  assert (!empty_bit (img, 1));
+  memset (buf, 0, sizeof buf);
+  assert (qcow2_pread (img, buf, sizeof buf, span + 5 * cs) == 0);
+  assert (all_bytes (buf, sizeof buf, 0x77));
+  assert (cluster_map_cached (img, span, span, &m, &drain) == 0);
+  assert (m.kind == MAP_UNALLOCATED && m.length == 5 * cs);
+
+  /* A zero (zero flags, or trim) into an empty slice changes it too. */
+  assert (qcow2_pread (img, buf, sizeof buf, 3 * span) == 0);
+  assert (empty_bit (img, 3));
+  assert (qcow2_zero (img, cs, 3 * span + cs, 0) == 0);
+  assert (!empty_bit (img, 3));
+  assert (cluster_map_cached (img, 3 * span + cs, cs, &m, &drain) == 0);
+  assert (m.kind == MAP_ZERO);
+
+  /* Forgetting everything (repair, snapshot views) clears every bit. */
+  assert (qcow2_pread (img, buf, sizeof buf, 2 * span) == 0);
+  assert (empty_bit (img, 2));
+  cluster_empty_forget (img, 0, UINT64_MAX);
+  assert (img->empty_slices[0] == 0);
+
+  qcow2_close (img);
+  free (b);
+}
+
 /* In-flight allocating writes (write.c): a write whose data is being
  * written with img->lock dropped holds up other changes to its
  * clusters.  A gate io holds the first write at or past gate_from until
@@ -789,6 +870,7 @@ main (void)
   test_corrupt_l2 ();
   test_cache ();
   test_stage ();
+  test_empty_slices ();
   test_inflight ();
   test_refcount_widths ();
   test_fuzz_regressions ();
