@@ -40,7 +40,9 @@
  * it may go stale: every change that could make it so (a slice marked
  * dirty, slices dropped, cache_stage_invalidate for L1 changes) bumps a
  * generation number, and a slot read under an older generation is
- * thrown away, as is one whose slice was cached meanwhile.
+ * thrown away, as is one whose slice was cached meanwhile.  (A staged
+ * L2 slice that turns out all zero is not kept at all: cluster.c
+ * remembers it as one bit, see "Empty slices" there.)
  *
  * Locking: all functions are called with img->lock held exclusively,
  * except cache_peek, cache_stage_get, cache_stage_ready and
