@@ -182,13 +182,17 @@ cluster_empty_forget (struct qcow2_image *img, uint64_t guest, uint64_t len)
   unsigned b = slice_span_bits (img);
   uint64_t g, last;
 
-  if (len == 0)
+  if (len == 0 || img->empty_nbits == 0)
     return;
+  if (guest == 0 && len == UINT64_MAX) {
+    memset (img->empty_slices, 0, (img->empty_nbits + 63) / 64 * 8);
+    return;
+  }
   last = len - 1 > UINT64_MAX - guest ? UINT64_MAX : guest + (len - 1);
   last >>= b;
   if (last >= img->empty_nbits)
-    last = img->empty_nbits - 1;        /* no bitmap: the loop is empty */
-  for (g = guest >> b; g <= last && g < img->empty_nbits; g++)
+    last = img->empty_nbits - 1;
+  for (g = guest >> b; g <= last; g++)
     __atomic_fetch_and (&img->empty_slices[g / 64],
                         ~(UINT64_C(1) << (g % 64)), __ATOMIC_RELAXED);
 }
