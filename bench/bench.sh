@@ -358,6 +358,27 @@ stop_server ()
 
 # cpu_ticks PID: utime + stime of the whole process (all threads, also
 # those that have exited), in clock ticks.
+# steal_ticks: the whole machine's CPU ticks stolen by the hypervisor,
+# and all its CPU ticks, from /proc/stat ("0 0" if there is none).
+steal_ticks ()
+{
+    local label u n s i w q sq st rest
+    read -r label u n s i w q sq st rest < /proc/stat 2>/dev/null ||
+        { echo "0 0"; return; }
+    st=${st:-0}
+    echo "$st $(( u + n + s + i + w + q + sq + st ))"
+}
+
+# steal_pct "S0 T0" "S1 T1": stolen share of the machine's CPU time.
+steal_pct ()
+{
+    python3 -c '
+import sys
+s0, t0 = map(int, sys.argv[1].split()); s1, t1 = map(int, sys.argv[2].split())
+print("%.1f" % (100.0 * (s1 - s0) / (t1 - t0)) if t1 > t0 else "-")
+' "$1" "$2"
+}
+
 cpu_ticks ()
 {
     local line rest
@@ -433,7 +454,7 @@ run_one ()
     local tag=$wl.$srv.r$round img fresh=0 st=ok
     local json=$OUT_DIR/fio/$tag.json clog=$OUT_DIR/logs/$tag.client.log
     local slog=$OUT_DIR/logs/$tag.server.log
-    local t0f=$OUT_DIR/logs/$tag.t0 c0 c1 rss=0 check=- iops=0 bw=0 ios=0
+    local t0f=$OUT_DIR/logs/$tag.t0 c0 c1 st0 st1 steal=- rss=0 check=- iops=0 bw=0 ios=0
     local secs=0 cli_ms=0 r
     perfpid=
     [ -n "$perf" ] && tag=$wl.$srv.perf
@@ -468,7 +489,7 @@ run_one ()
 
     if ! start_server "$srv" "$img" "$slog"; then
         log "$tag: server did not start (see $slog)"
-        printf '%s\t%s\t%s\tfail\t0\t0\t0\t0\t0\t0\t0\t-\n' "$wl" "$srv" "$round" >> "$runs"
+        printf '%s\t%s\t%s\tfail\t0\t0\t0\t0\t0\t0\t0\t-\t-\n' "$wl" "$srv" "$round" >> "$runs"
         [ $fresh = 1 ] && rm -f "$img"
         return 0
     fi
@@ -480,10 +501,10 @@ run_one ()
             limit="--io_size=$(python3 -c "print(int($ALLOC_BUDGET_BYTES / $W_AMP) // (1 << 20) << 20)")"
         fi
         if [ "$RAMP" -gt 0 ]; then
-            ( sleep "$RAMP"; cpu_ticks "$spid" > "$t0f" ) &
+            ( sleep "$RAMP"; { cpu_ticks "$spid"; steal_ticks; } > "$t0f" ) &
             helpers+=($!)
         else
-            cpu_ticks "$spid" > "$t0f"
+            { cpu_ticks "$spid"; steal_ticks; } > "$t0f"
         fi
         if [ -n "$perf" ]; then
             ( sleep "$RAMP"; perf record -q -g -p "$spid" -o "$OUT_DIR/perf-$wl.data" \
@@ -497,13 +518,17 @@ run_one ()
             --norandommap --randrepeat=1 --group_reporting \
             --output-format=json --output="$json" >"$clog" 2>&1 || r=$?
         c1=$(cpu_ticks "$spid")
+        st1=$(steal_ticks)
         rss=$(vm_hwm "$spid")
         if [ ${#helpers[@]} -gt 0 ]; then
             wait "${helpers[@]}" 2>/dev/null || true
             helpers=()
         fi
         [ -n "$perfpid" ] && { wait "$perfpid" || true; perfpid=; }
-        c0=$(cat "$t0f" 2>/dev/null || echo -1)
+        c0=$(head -1 "$t0f" 2>/dev/null)
+        c0=${c0:--1}
+        st0=$(sed -n 2p "$t0f" 2>/dev/null)
+        [ -n "$st0" ] && steal=$(steal_pct "$st0" "$st1")
         if [ $r -ne 0 ] || [ "$c0" -lt 0 ]; then
             st=fail
             log "$tag: fio failed (exit $r, see $clog)"
@@ -528,12 +553,14 @@ EOF
     else
         # qemu-img bench: a fixed number of requests, no warm-up.
         c0=$(cpu_ticks "$spid")
+        st0=$(steal_ticks)
         r=0
         # shellcheck disable=SC2086
         { TIMEFORMAT='cpu %U %S'; time \
             qemu-img bench -f raw -c "$QB_COUNT" -d 32 -s 4096 -S $qb_step \
                 $W_ARGS "$uri" >"$clog" 2>&1 || r=$?; } 2>"$clog.time"
         c1=$(cpu_ticks "$spid")
+        steal=$(steal_pct "$st0" "$(steal_ticks)")
         rss=$(vm_hwm "$spid")
         secs=$(sed -n 's/^Run completed in \([0-9.]*\) seconds.*/\1/p' "$clog")
         if [ $r -ne 0 ] || [ -z "$secs" ]; then
@@ -560,12 +587,12 @@ print("%.1f %.0f %.1f" % (n / s, n * 4096 / s, (float(u[-2]) + float(u[-1])) * 1
         python3 "$bench_src/mkimg.py" dropcache "$img"
     fi
     [ -n "$perf" ] && return 0
-    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' \
+    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' \
         "$wl" "$srv" "$round" "$st" "$iops" "$bw" "$ios" "$secs" \
-        "$(( c1 - c0 ))" "$rss" "$cli_ms" "$check" >> "$runs"
-    log "$(printf '%-22s %-13s round %s: %s iops %s MB/s, cpu %s ticks, rss %s KiB, check %s' \
+        "$(( c1 - c0 ))" "$rss" "$cli_ms" "$check" "$steal" >> "$runs"
+    log "$(printf '%-22s %-13s round %s: %s iops %s MB/s, cpu %s ticks, rss %s KiB, steal %s%%, check %s' \
         "$wl" "$srv" "$round" "${iops%.*}" "$(( ${bw%.*} / 1000000 ))" \
-        "$(( c1 - c0 ))" "$rss" "$check")"
+        "$(( c1 - c0 ))" "$rss" "$steal" "$check")"
 }
 
 # ---- main ---------------------------------------------------------------

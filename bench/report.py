@@ -59,6 +59,9 @@ class Run:
         self.ticks = int(ticks)
         self.rss = int(rss)
         self.cli_ms = float(cli_ms)
+        # Host steal % over the run (later runs.tsv files only).
+        st = f[12] if len(f) > 12 else "-"
+        self.steal = float(st) if st not in ("", "-") else None
 
     def value(self, unit):
         return self.iops if unit == "iops" else self.bw / 1e6
@@ -209,9 +212,13 @@ def main(out):
     # ---- per server --------------------------------------------------------
     p("## Per server (median, min-max over rounds)")
     p()
+    p("Host steal: the share of the machine's CPU time the hypervisor took "
+      "during the measured run (/proc/stat); a run with much steal measured "
+      "the host, not the server.")
+    p()
     p("| workload | server | throughput | server CPU us/IO | client CPU us/IO "
-      "| peak RSS MiB | qemu-img check |")
-    p("|---|---|---|---|---|---|---|")
+      "| peak RSS MiB | host steal % | qemu-img check |")
+    p("|---|---|---|---|---|---|---|---|")
     for wl, unit, write, cap, desc in (w[:5] for w in wls):
         unit_s = "IOPS" if unit == "iops" else "MB/s"
         for s in servers:
@@ -224,13 +231,14 @@ def main(out):
             cpu = fmt_range([r.cpu_us() for r in ok], f1)
             cli = fmt_range([r.cli_us() for r in ok], f1)
             rss = fmt_range([r.rss / 1024 for r in ok], f1)
+            steal = fmt_range([r.steal for r in ok if r.steal is not None], f1)
             checks = {}
             for r in rs:
                 if r.check != "-":
                     checks[r.check] = checks.get(r.check, 0) + 1
             chk = ", ".join("%s x%d" % kv for kv in sorted(checks.items())) or "-"
-            p("| %s | %s | %s %s | %s | %s | %s | %s |" % (
-                wl, SERVER_LABEL[s], thr, unit_s, cpu, cli, rss, chk))
+            p("| %s | %s | %s %s | %s | %s | %s | %s | %s |" % (
+                wl, SERVER_LABEL[s], thr, unit_s, cpu, cli, rss, steal, chk))
     p()
 
     # ---- workloads ---------------------------------------------------------

@@ -71,14 +71,15 @@ for w in workloads:
         fail("no well-formed ratio row for %s" % w)
     for s in servers:
         row = re.search(r"^\| %s \| %s \| [0-9.]+k? (IOPS|MB/s) \| "
-                        r"[0-9.]+ \| [0-9.]+ \| [0-9.]+ \| ([^|]*) \|$"
+                        r"[0-9.]+ \| [0-9.]+ \| [0-9.]+ \| (-|[0-9.]+) \| "
+                        r"([^|]*) \|$"
                         % (re.escape(w), re.escape(s)), report, re.M)
         if not row:
             fail("no well-formed row for %s / %s" % (w, s))
         if w.startswith("alloc-") and not s.startswith("D"):
-            if row.group(2).strip() != "ok x1":
+            if row.group(3).strip() != "ok x1":
                 fail("%s / %s: qemu-img check column is %r"
-                     % (w, s, row.group(2)))
+                     % (w, s, row.group(3)))
 
 if len(runs) != len(workloads) * len(servers):
     fail("%d runs recorded, %d expected" % (len(runs),
@@ -88,6 +89,8 @@ for r in runs:
         fail("run %s failed" % " ".join(r[:3]))
     if int(r[6]) <= 0:
         fail("run %s did no I/O" % " ".join(r[:3]))
+    if len(r) < 13 or not re.fullmatch(r"-|[0-9]+\.[0-9]", r[12]):
+        fail("run %s: no host steal column" % " ".join(r[:3]))
 
 m = re.search(r"(\d+) qcow2 images written and checked after the server "
               r"exited: (\d+) clean", report)
