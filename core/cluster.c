@@ -35,8 +35,9 @@
  * needs it at least shared and changes nothing but the staging slots (a
  * slice not in the cache is staged, see cache.c; when it cannot be, or
  * an entry would mark the image corrupt, it returns 1: take the lock
- * exclusively and call cluster_map).  cluster_read holds the lock only
- * around the mapping and does the data I/O without it.
+ * exclusively and call cluster_map).  cluster_map_unlocked does that
+ * dance for cluster_read and qcow2_extents, which hold the lock only
+ * around the mapping and do the data I/O without it.
  */
 
 #ifdef HAVE_CONFIG_H
@@ -473,6 +474,41 @@ read_compressed (struct qcow2_image *img, void *buf, const struct mapping *m)
   return r;
 }
 
+/* Map the first run of [offset, offset+count) with img->lock held only
+ * for the mapping: shared when the L2 slice is cached, empty or can be
+ * staged, exclusively otherwise.  With io and a run of data, io_lock is
+ * taken shared before img->lock is dropped (the caller releases it
+ * after its I/O).  When *drain is set, the caller, holding no lock,
+ * calls cluster_drain.
+ */
+int
+cluster_map_unlocked (struct qcow2_image *img, uint64_t offset,
+                      uint64_t count, struct mapping *m, bool io,
+                      bool *drain)
+{
+  int r;
+
+  pthread_rwlock_rdlock (&img->lock);
+  r = cluster_map_cached (img, offset, count, m, drain);
+  if (r == 1) {
+    pthread_rwlock_unlock (&img->lock);
+    pthread_rwlock_wrlock (&img->lock);
+    r = cluster_map (img, offset, count, m);
+  }
+  if (r == 0 && io && (m->kind == MAP_DATA || m->kind == MAP_COMPRESSED))
+    pthread_rwlock_rdlock (&img->io_lock);
+  pthread_rwlock_unlock (&img->lock);
+  return r;
+}
+
+void
+cluster_drain (struct qcow2_image *img)
+{
+  pthread_rwlock_wrlock (&img->lock);
+  cache_stage_drain (img->l2_cache);
+  pthread_rwlock_unlock (&img->lock);
+}
+
 /* Read guest data.  With locked, img->lock is held exclusively by the
  * caller (the write path reading what it copies).  Otherwise the lock
  * is held only for the mapping, shared when the L2 slice is cached or
@@ -493,18 +529,8 @@ cluster_read (struct qcow2_image *img, void *buf, uint64_t count,
 
     if (locked)
       r = cluster_map (img, offset, count, &m);
-    else {
-      pthread_rwlock_rdlock (&img->lock);
-      r = cluster_map_cached (img, offset, count, &m, &drain);
-      if (r == 1) {
-        pthread_rwlock_unlock (&img->lock);
-        pthread_rwlock_wrlock (&img->lock);
-        r = cluster_map (img, offset, count, &m);
-      }
-      if (r == 0 && (m.kind == MAP_DATA || m.kind == MAP_COMPRESSED))
-        pthread_rwlock_rdlock (&img->io_lock);
-      pthread_rwlock_unlock (&img->lock);
-    }
+    else
+      r = cluster_map_unlocked (img, offset, count, &m, true, &drain);
     if (r == -1)
       return -1;
 
@@ -535,11 +561,8 @@ cluster_read (struct qcow2_image *img, void *buf, uint64_t count,
       break;
     }
     /* Only now, with no lock held (io_lock comes after img->lock). */
-    if (drain) {
-      pthread_rwlock_wrlock (&img->lock);
-      cache_stage_drain (img->l2_cache);
-      pthread_rwlock_unlock (&img->lock);
-    }
+    if (drain)
+      cluster_drain (img);
     p += m.length;
     offset += m.length;
     count -= m.length;

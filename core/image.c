@@ -363,11 +363,12 @@ qcow2_extents (struct qcow2_image *img, uint64_t count, uint64_t offset,
   while (count > 0) {
     struct mapping m;
     uint32_t type;
+    bool drain = false;
     int r;
 
-    pthread_rwlock_wrlock (&img->lock);
-    r = cluster_map (img, offset, count, &m);
-    pthread_rwlock_unlock (&img->lock);
+    r = cluster_map_unlocked (img, offset, count, &m, false, &drain);
+    if (drain)
+      cluster_drain (img);
     if (r == -1 || extent_type (img, &m, &type) == -1)
       return -1;
 

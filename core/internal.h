@@ -299,6 +299,10 @@ extern int cluster_map (struct qcow2_image *img, uint64_t offset,
 extern int cluster_map_cached (struct qcow2_image *img, uint64_t offset,
                                uint64_t count, struct mapping *m,
                                bool *drain);
+extern int cluster_map_unlocked (struct qcow2_image *img, uint64_t offset,
+                                 uint64_t count, struct mapping *m, bool io,
+                                 bool *drain);
+extern void cluster_drain (struct qcow2_image *img);
 extern int cluster_read (struct qcow2_image *img, void *buf,
                          uint64_t count, uint64_t offset, bool locked);
 extern bool is_zero (const void *buf, size_t n);
