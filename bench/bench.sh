@@ -204,9 +204,15 @@ made_bench_dir=0
 if [ -z "${BENCH_DIR:-}" ]; then
     extra=$((6 << 30))
     [ $smoke = 1 ] && extra=$((1 << 30))
+    # Images kept there by an earlier KEEP_IMAGES=1 run are reused, so
+    # the room they take counts as free.
+    kept=0
+    if [ $smoke = 0 ] && [ -d /dev/shm/nbdkit-qcow2-bench ]; then
+        kept=$(du -s -B1 /dev/shm/nbdkit-qcow2-bench | cut -f1)
+    fi
     if [ "$(fs_type /dev/shm 2>/dev/null)" = tmpfs ] &&
-       [ "$(fs_avail /dev/shm)" -gt $((base_need + extra)) ] &&
-       [ "$mem_avail" -gt $((base_need + extra + (2 << 30))) ]; then
+       [ $(( $(fs_avail /dev/shm) + kept )) -gt $((base_need + extra)) ] &&
+       [ $(( mem_avail + kept )) -gt $((base_need + extra + (2 << 30))) ]; then
         base=/dev/shm
     else
         base=${TMPDIR:-/tmp}
