@@ -424,10 +424,8 @@ qcow2_check (struct qcow2_image *img, bool repair,
   }
   if (r == 0)
     r = check_image (img, repair, res);
-  if (r == 0 && repair) {
-    cache_drop (img->l2_cache, 0, UINT64_MAX);
-    cluster_empty_forget (img, 0, UINT64_MAX);
-  }
+  if (r == 0 && repair)
+    cluster_forget_all (img);
   if (r == 0 && set_dirty && !img->dirty_written) {
     img->incompat &= ~INCOMPAT_DIRTY;
     r = header_write_features (img);

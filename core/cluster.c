@@ -28,8 +28,9 @@
  * the guest disk: 4 KiB per TiB with 64 KiB clusters and 4 KiB slices.
  * The bit is set only under img->lock (shared), where the file holds
  * the slice's current contents; every change to a slice (get_entry in
- * write.c) or to an L1 entry (l1_set), and every cache_drop of all L2
- * slices, clears the bits concerned first, with the lock exclusive.
+ * write.c) or to an L1 entry (l1_set), and every repair that rewrites
+ * tables behind the cache (cluster_forget_all), clears the bits
+ * concerned first, with the lock exclusive.
  *
  * Locking: cluster_map needs img->lock exclusively; cluster_map_cached
  * needs it at least shared and changes nothing but the staging slots (a
@@ -196,6 +197,16 @@ cluster_empty_forget (struct qcow2_image *img, uint64_t guest, uint64_t len)
   for (g = guest >> b; g <= last; g++)
     __atomic_fetch_and (&img->empty_slices[g / 64],
                         ~(UINT64_C(1) << (g % 64)), __ATOMIC_RELAXED);
+}
+
+/* With img->lock held exclusively, after L2 tables changed on disk
+ * behind the cache (repair): drop every cached slice and empty bit.
+ */
+void
+cluster_forget_all (struct qcow2_image *img)
+{
+  cache_drop (img->l2_cache, 0, UINT64_MAX);
+  cluster_empty_forget (img, 0, UINT64_MAX);
 }
 
 /* Classify one unit (a cluster, or a subcluster with extended L2) from

@@ -560,8 +560,7 @@ repair_dirty (struct qcow2_image *img)
     }
     return -1;
   }
-  cache_drop (img->l2_cache, 0, UINT64_MAX);
-  cluster_empty_forget (img, 0, UINT64_MAX);
+  cluster_forget_all (img);
   nbdkit_debug ("%s: dirty image repaired: %" PRIu64 " leaked and %" PRIu64
                 " missing references fixed", img->name, res.leaks,
                 res.corruptions);

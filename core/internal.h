@@ -309,6 +309,7 @@ extern bool is_zero (const void *buf, size_t n);
 extern int cluster_empty_init (struct qcow2_image *img, uint64_t max_bytes);
 extern void cluster_empty_forget (struct qcow2_image *img, uint64_t guest,
                                   uint64_t len);
+extern void cluster_forget_all (struct qcow2_image *img);
 
 /* check.c */
 extern int check_image (struct qcow2_image *img, bool repair,
