@@ -180,7 +180,7 @@ make_missing_data_file ()
 # and `qemu-img check` finds no more errors than before.
 #     w NAME 'COMMANDS MAKING $img' OP        OP: trim, zero or write
 # Templates: v3-2data (guest 0: 4 KiB of 0x55, guest 0x20000: 4 KiB of
-# 0x66), v3-comp-eof (guest 0x20000 as above, guest 0 one compressed
+# 0x66), extl2-2data (the same with extended L2 entries), v3-comp-eof (guest 0x20000 as above, guest 0 one compressed
 # cluster at the end of the file).  l2set IMG KIND sets guest cluster
 # 0's L2 entry (found through the header and L1[0]) to KIND:
 #   data-TARGET, shared-TARGET  a standard entry, COPIED set or not,
@@ -190,10 +190,15 @@ make_missing_data_file ()
 #                               header and the refcount table
 #   comp-allones                the existing compressed entry with its
 #                               sector count all ones (past EOF)
-# A standard entry cannot point at the header: offset 0 is unallocated.
+# (With extended L2 a compressed entry gets a zero bitmap; the others
+# keep the bitmap.)  A standard entry cannot point at the header:
+# offset 0 is unallocated.
 qemu-img create -q -f qcow2 "$tpl/v3-2data.qcow2" 64M
 qemu-io -f qcow2 -c 'write -P 0x55 0 4096' -c 'write -P 0x66 128k 4096' \
   "$tpl/v3-2data.qcow2" >/dev/null
+qemu-img create -q -f qcow2 -o extended_l2=on "$tpl/extl2-2data.qcow2" 64M
+qemu-io -f qcow2 -c 'write -P 0x55 0 4096' -c 'write -P 0x66 128k 4096' \
+  "$tpl/extl2-2data.qcow2" >/dev/null
 qemu-img create -q -f qcow2 "$tpl/v3-comp-eof.qcow2" 64M
 qemu-io -f qcow2 -c 'write -P 0x66 128k 4096' -c 'write -c -P 0x77 0 64k' \
   "$tpl/v3-comp-eof.qcow2" >/dev/null
@@ -206,6 +211,7 @@ img, kind = sys.argv[1:3]
 with open(img, "r+b") as f:
     h = f.read(104)
     cb, = struct.unpack(">I", h[20:24])
+    ext = struct.unpack(">Q", h[72:80])[0] & 0x10
     l1off, rtoff = struct.unpack(">QQ", h[40:56])
     f.seek(l1off)
     l2off = struct.unpack(">Q", f.read(8))[0] & 0x00fffffffffffe00
@@ -228,6 +234,8 @@ with open(img, "r+b") as f:
         sys.exit("l2set: unknown kind " + kind)
     f.seek(l2off)
     f.write(struct.pack(">Q", e))
+    if ext and e & (1 << 62):
+        f.write(struct.pack(">Q", 0))
 EOF
 }
 
@@ -252,6 +260,9 @@ w l2-comp-header-zero      'base v3-2data; l2set $img comp-header'     zero
 w l2-comp-header-write     'base v3-2data; l2set $img comp-header'     write
 w l2-comp-allones-trim     'base v3-comp-eof; l2set $img comp-allones' trim
 w l2-comp-allones-write    'base v3-comp-eof; l2set $img comp-allones' write
+w extl2-data-reftable-trim 'base extl2-2data; l2set $img data-reftable' trim
+w extl2-shared-l1-write    'base extl2-2data; l2set $img shared-l1'     write
+w extl2-comp-header-write  'base extl2-2data; l2set $img comp-header'   write
 
 # The client side of a w case (nbdsh); OP comes from the environment.
 w_script='
