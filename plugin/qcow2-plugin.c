@@ -33,6 +33,7 @@
 static char *filename;
 static char *file_arg;          /* file= as given; resolved once it exists */
 static char *snapshot;          /* snapshot=: serve only this one */
+static bool readonly_opt;       /* readonly=true */
 static enum { CHECK_OFF, CHECK_REPORT, CHECK_REPAIR } check_mode;
 static struct qcow2_config cfg;
 static struct qcow2_image *img; /* the active image */
@@ -245,6 +246,12 @@ qcow2_plugin_config (const char *key, const char *value)
   }
   else if ((c = config_create (key, value)) != 0)
     return c == 1 ? 0 : -1;
+  else if (strcmp (key, "readonly") == 0) {
+    int r = nbdkit_parse_bool (value);
+    if (r == -1)
+      return -1;
+    readonly_opt = r;
+  }
   else if (strcmp (key, "snapshot") == 0) {
     free (snapshot);
     snapshot = strdup (value);
@@ -252,7 +259,6 @@ qcow2_plugin_config (const char *key, const char *value)
       nbdkit_error ("strdup: %m");
       return -1;
     }
-    cfg.readonly = true;
   }
   else if (strcmp (key, "l2-cache-size") == 0)
     return parse_size (key, value, &cfg.l2_cache_size);
@@ -332,11 +338,14 @@ qcow2_plugin_config_complete (void)
   filename = nbdkit_realpath (file_arg);
   if (filename == NULL)
     return -1;
+  cfg.readonly = readonly_opt || snapshot != NULL;
   return 0;
 }
 
 #define qcow2_plugin_config_help \
   "file=<IMAGE>                 (required) The qcow2 image to serve.\n" \
+  "readonly=true|false          Open and lock the image read-only, sharing\n" \
+  "                             it with QEMU's readers (default false).\n" \
   "snapshot=<NAME|ID>           Serve this internal snapshot (read-only).\n" \
   "l2-cache-size=<SIZE>         L2 table cache size (default: whole disk,\n" \
   "                             at most 32M).\n" \
