@@ -12,6 +12,14 @@
  * read-only export named after it (or its ID).  A snapshot's view is
  * opened on first use and shared by all connections to it.  With
  * snapshot=NAME the plugin serves that snapshot as its only export.
+ *
+ * Locks: the image is locked in .get_ready, as qemu-nbd locks it at
+ * start: as a writer unless readonly=true or snapshot= (or the file is
+ * not writable), so a second server on a busy image is refused at start
+ * and the first keeps its writes.  nbdkit 1.32 tells a plugin about
+ * `nbdkit -r` only per connection, too late for that choice, so
+ * `nbdkit -r` alone still locks as a writer; readonly=true is the way
+ * to lock only as a reader.
  */
 
 #include <config.h>
@@ -57,7 +65,7 @@ static char *create_backing, *create_backing_format;
 struct handle {
   struct qcow2_image *img;
   bool snapshot;
-  bool writable;                /* active image, write locks held */
+  bool writable;                /* active image, writable connection */
 };
 
 static void
@@ -378,7 +386,8 @@ qcow2_plugin_dump_plugin (void)
 }
 
 /* check=report|repair: like qemu-img check [-r all] at start.  Repair
- * needs the writer's locks; leaks are repaired, corruption too.
+ * needs a writable image (so the writer's locks); leaks are repaired,
+ * corruption too.
  */
 static int
 run_check (void)
@@ -386,7 +395,7 @@ run_check (void)
   struct qcow2_check_result res;
   bool repair = check_mode == CHECK_REPAIR;
 
-  if (repair && (qcow2_is_readonly (img) || qcow2_lock_for_write (img) == -1)) {
+  if (repair && qcow2_is_readonly (img)) {
     nbdkit_error ("%s: check=repair needs a writable image", filename);
     return -1;
   }
@@ -409,8 +418,13 @@ static int
 qcow2_plugin_get_ready (void)
 {
   img = qcow2_open (filename, &cfg);
-  if (img == NULL)
+  if (img == NULL) {
+    if (errno == EBUSY && !cfg.readonly)
+      nbdkit_error ("%s: not served; if the other process only reads "
+                    "the image, readonly=true serves it read-only beside "
+                    "it", filename);
     return -1;
+  }
   if (check_mode != CHECK_OFF && run_check () == -1)
     return -1;
   /* Open the one snapshot now so that a bad name fails at start. */
@@ -477,13 +491,8 @@ qcow2_plugin_open (int readonly)
     h->snapshot = true;
   }
   else {
+    /* A writable image holds the writer's locks since .get_ready. */
     h->img = img;
-    /* The first writable connection takes the writer's locks. */
-    if (!readonly && !qcow2_is_readonly (img) &&
-        qcow2_lock_for_write (img) == -1) {
-      free (h);
-      return NULL;
-    }
     h->writable = !readonly && !qcow2_is_readonly (img);
   }
   if (h->img == NULL) {
