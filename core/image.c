@@ -210,7 +210,11 @@ qcow2_open (const char *filename, const struct qcow2_config *cfg)
    */
   if (!cfg->no_locking &&
       lock_image_file (io, filename, !io->readonly) == -1) {
-    int e = errno;              /* EBUSY: the plugin tells the user */
+    int e = errno;
+    if (e == EBUSY && !io->readonly)
+      nbdkit_error ("%s: not served; if the other process only reads the "
+                    "image, readonly=true serves it read-only beside it",
+                    filename);
     io_close (io);
     errno = e;
     return NULL;

@@ -418,13 +418,8 @@ static int
 qcow2_plugin_get_ready (void)
 {
   img = qcow2_open (filename, &cfg);
-  if (img == NULL) {
-    if (errno == EBUSY && !cfg.readonly)
-      nbdkit_error ("%s: not served; if the other process only reads "
-                    "the image, readonly=true serves it read-only beside "
-                    "it", filename);
+  if (img == NULL)
     return -1;
-  }
   if (check_mode != CHECK_OFF && run_check () == -1)
     return -1;
   /* Open the one snapshot now so that a bad name fails at start. */
