@@ -206,7 +206,7 @@ backing_open_data_file (struct qcow2_image *img)
     return -1;
   }
   if (!img->cfg.no_locking &&
-      lock_data_file (img->data_io, path, false) == -1) {
+      lock_data_file (img->data_io, path, !img->readonly) == -1) {
     io_close (img->data_io);
     img->data_io = NULL;
     free (path);

@@ -138,6 +138,14 @@ image_open (struct qcow2_io *io, const char *name, const char *dir,
 
   if (header_read (img) == -1)
     goto err;
+  /* Decided before the data file is opened, so that it is opened, and
+   * locked, read-only too.
+   */
+  if ((img->incompat & INCOMPAT_CORRUPT) && !img->readonly) {
+    nbdkit_error ("%s: image is marked corrupt: serving it read-only "
+                  "(repair it with 'qemu-img check -r all')", img->name);
+    img->readonly = true;
+  }
   {
     int64_t fs = io_size (img->io);
     if (fs == -1)
@@ -153,11 +161,6 @@ image_open (struct qcow2_io *io, const char *name, const char *dir,
       backing_open_data_file (img) == -1)
     goto err;
 
-  if ((img->incompat & INCOMPAT_CORRUPT) && !img->readonly) {
-    nbdkit_error ("%s: image is marked corrupt: serving it read-only "
-                  "(repair it with 'qemu-img check -r all')", img->name);
-    img->readonly = true;
-  }
   if (img->incompat & INCOMPAT_DIRTY)
     nbdkit_debug ("%s: dirty bit set: refcounts will be rebuilt before "
                   "the first write", img->name);
@@ -200,11 +203,20 @@ qcow2_open (const char *filename, const struct qcow2_config *cfg)
     return NULL;
   }
   /* Lock before reading anything: an image QEMU is writing must not
-   * be read half-written, or marked corrupt or repaired, by us.
+   * be read half-written, or marked corrupt or repaired, by us.  The
+   * role is decided now, as qemu-nbd decides it: the writer's locks if
+   * we may write, so that a second writer is refused at once instead of
+   * both starting as readers and neither being able to write.
    */
   if (!cfg->no_locking &&
-      lock_image_file (io, filename, false) == -1) {
+      lock_image_file (io, filename, !io->readonly) == -1) {
+    int e = errno;
+    if (e == EBUSY && !io->readonly)
+      nbdkit_error ("%s: not served; if the other process only reads the "
+                    "image, readonly=true serves it read-only beside it",
+                    filename);
     io_close (io);
+    errno = e;
     return NULL;
   }
   dir = dir_of (filename);
@@ -214,34 +226,15 @@ qcow2_open (const char *filename, const struct qcow2_config *cfg)
   }
   img = image_open (io, filename, dir, cfg, NULL);
   free (dir);
+  /* Writable file, read-only image (marked corrupt): a reader. */
+  if (img && img->readonly && !io->readonly && !cfg->no_locking &&
+      lock_image_file (io, filename, false) == -1) {
+    int e = errno;
+    image_free (img);
+    errno = e;
+    return NULL;
+  }
   return img;
-}
-
-/* Take the writer's locks, when the first writable connection comes.
- * Until then the image is locked as a reader, like qemu-nbd -r, so that
- * `nbdkit -r` shares the image as QEMU's readers do.
- */
-int
-qcow2_lock_for_write (struct qcow2_image *img)
-{
-  int r = 0;
-
-  if (img->readonly) {
-    errno = EROFS;
-    return -1;
-  }
-  pthread_rwlock_wrlock (&img->lock);
-  if (!img->write_locked && !img->cfg.no_locking) {
-    r = lock_image_file (img->io, img->name, true);
-    if (r == 0 && img->data_io != img->io)
-      r = lock_data_file (img->data_io, img->name, true);
-    if (r == -1)
-      lock_image_file (img->io, img->name, false);
-  }
-  if (r == 0)
-    img->write_locked = true;
-  pthread_rwlock_unlock (&img->lock);
-  return r;
 }
 
 int

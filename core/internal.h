@@ -153,7 +153,6 @@ struct qcow2_image {
   uint64_t host_end;            /* bytes: end of allocated clusters */
   uint64_t reserved_end;        /* bytes: disk blocks reserved up to */
   bool corrupt;                 /* sticky: every write fails with EIO */
-  bool write_locked;            /* holds QEMU's writer locks */
   bool dirty_written;           /* dirty bit is set on disk */
   bool autoclear_cleared;       /* header made writable for us */
   bool need_sync;               /* data or refcounts written since sync */

@@ -143,8 +143,9 @@ lock_error (int fd, const char *name, int byte)
 static int
 conflict (int fd, const char *name, int byte, bool shared, int i)
 {
-  nbdkit_error ("%s: Failed to get %s\"%s\" lock: lock byte %d is held: "
-                "is another process (qemu?) using the image?",
+  nbdkit_error ("%s: Failed to get %s\"%s\" lock: lock byte %d is held, "
+                "the file is in use: is another process (qemu, nbdkit) "
+                "using the image?",
                 name, shared ? "shared " : "", perm_name[i], byte);
   release_all (fd);
   errno = EBUSY;

@@ -29,7 +29,7 @@ enum qcow2_overlap_mode {
 };
 
 struct qcow2_config {
-  bool readonly;                /* never write the image */
+  bool readonly;                /* never write; lock only as a reader */
   uint64_t l2_cache_size;       /* bytes of L2 slices; 0 = default */
   uint64_t refcount_cache_size; /* bytes of refcount slices; 0 = default */
   uint32_t cache_entry_size;    /* slice size in bytes; 0 = default */
@@ -47,7 +47,12 @@ struct qcow2_config {
 #define QCOW2_EXTENT_ZERO  (1 << 1)
 
 /* Open a qcow2 image from a path.  Backing and data files are opened
- * relative to the image's directory.
+ * relative to the image's directory.  Unless no_locking, the image is
+ * locked at once in the role it is opened in, as qemu-nbd locks it:
+ * as a writer if it is writable, as a reader if cfg->readonly, if the
+ * file cannot be opened for writing or if it is marked corrupt.  If
+ * another process (qemu?) holds a conflicting lock, this fails with
+ * errno EBUSY and a message naming the lock.
  */
 extern struct qcow2_image *qcow2_open (const char *filename,
                                        const struct qcow2_config *cfg);
@@ -66,12 +71,6 @@ extern struct qcow2_image *qcow2_open_io (struct qcow2_io *io,
  * the image.  Returns -1 if something could not be written back.
  */
 extern int qcow2_close (struct qcow2_image *img);
-
-/* Upgrade the file locks from reader to writer (a no-op with
- * no_locking).  Fails with a message naming the lock if another process
- * (qemu?) uses the image.
- */
-extern int qcow2_lock_for_write (struct qcow2_image *img);
 
 extern uint64_t qcow2_get_size (struct qcow2_image *img);
 extern bool qcow2_is_readonly (struct qcow2_image *img);

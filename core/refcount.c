@@ -568,15 +568,38 @@ refcount_update (struct qcow2_image *img, uint64_t c, int delta)
   return 0;
 }
 
-/* Frees are deferred: the entry that referenced the clusters must be on
+/* ---- deferred frees ----
+ *
+ * Frees are deferred: the entry that referenced the clusters must be on
  * disk first (rule 3), and nobody may still be doing I/O to them.  They
- * are applied by refcount_commit_frees after the metadata is synced.
+ * are kept as ranges of host clusters, a range extended when the next
+ * free continues it (a trim of a run of clusters is one range), and
+ * applied by refcount_commit_frees after the metadata is synced.
+ *
+ * The commit is idempotent under failure: a decrement is taken off the
+ * list in the same step that applies it to the cached refcount block,
+ * so the list always holds exactly the decrements not yet made, and
+ * the cache (which keeps a slice dirty until it is written) holds the
+ * ones made.  A failed commit (a refcount block that cannot be read, a
+ * dirty one that cannot be written back to make room) leaves both
+ * true, and the next flush goes on from where this one stopped; it
+ * never applies a decrement twice.
  */
+
 int
 refcount_free_later (struct qcow2_image *img, uint64_t off, uint64_t n)
 {
+  uint64_t c = off >> img->cluster_bits;
+  struct pending_free *last;
+
   if (n == 0)
     return 0;
+  last = img->nr_pending ? &img->pending[img->nr_pending - 1] : NULL;
+  if (last && last->cluster + last->n == c) {
+    last->n += n;
+    img->pending_clusters += n;
+    return 0;
+  }
   if (img->nr_pending == img->pending_alloc) {
     size_t na = img->pending_alloc ? img->pending_alloc * 2 : 64;
     struct pending_free *p = realloc (img->pending, na * sizeof *p);
@@ -585,38 +608,84 @@ refcount_free_later (struct qcow2_image *img, uint64_t off, uint64_t n)
     img->pending = p;
     img->pending_alloc = na;
   }
-  img->pending[img->nr_pending].cluster = off >> img->cluster_bits;
+  img->pending[img->nr_pending].cluster = c;
   img->pending[img->nr_pending].n = n;
   img->nr_pending++;
   img->pending_clusters += n;
   return 0;
 }
 
-/* Apply deferred frees.  Freed clusters that held tables are forgotten
- * by the caches and the overlap map.
+/* Decrement one cluster's refcount for a deferred free: -1 on an I/O
+ * error (nothing changed; try again later), 0 when done, 1 when it must
+ * not be done (the image is marked corrupt; the cluster is leaked, which
+ * is safe).  A cluster that would become free while the overlap map
+ * still records metadata there is refused: every legitimate free of a
+ * table takes it out of the map first, so this is an entry that points
+ * at metadata, and freeing it would let guest data overwrite it.
+ */
+static int
+commit_one (struct qcow2_image *img, uint64_t c)
+{
+  uint64_t v, hit;
+  unsigned t;
+
+  if (refcount_get (img, c, &v) == -1)
+    return -1;
+  if (v == 0) {
+    header_mark_corrupt (img, "refcount of cluster %#" PRIx64 " would drop "
+                         "below 0", c << img->cluster_bits);
+    return 1;
+  }
+  if (v == 1 && img->overlap &&
+      (t = overlap_map_query (img->overlap, c, 1, OV_ALL, &hit)) != 0) {
+    header_mark_corrupt (img, "freeing cluster %#" PRIx64 ", which holds %s",
+                         c << img->cluster_bits, overlap_type_name (t));
+    return 1;
+  }
+  /* The slice is cached now (just read), so this cannot fail half way. */
+  if (refcount_set (img, c, v - 1) == -1)
+    return -1;
+  if (v == 1) {
+    if (c < img->free_hint)
+      img->free_hint = c;
+    cache_drop (img->l2_cache, c << img->cluster_bits, img->cluster_size);
+  }
+  return 0;
+}
+
+/* Apply deferred frees (see above).  Freed clusters that held tables are
+ * forgotten by the L2 cache.  The list's memory is given back after a
+ * large commit.
  */
 int
 refcount_commit_frees (struct qcow2_image *img)
 {
-  size_t i;
-  uint64_t j;
+  size_t i = 0;
+  int r = 0;
 
-  for (i = 0; i < img->nr_pending; i++) {
+  while (i < img->nr_pending) {
     struct pending_free *p = &img->pending[i];
-    for (j = 0; j < p->n; j++) {
-      uint64_t c = p->cluster + j, v;
-      if (refcount_update (img, c, -1) == -1)
-        return -1;
-      if (refcount_get (img, c, &v) == -1)
-        return -1;
-      if (v == 0) {
-        cache_drop (img->l2_cache, c << img->cluster_bits, img->cluster_size);
-        overlap_remove (img, c << img->cluster_bits, img->cluster_size,
-                        OV_ALL);
-      }
+
+    if (p->n == 0) {
+      i++;
+      continue;
     }
+    r = commit_one (img, p->cluster);
+    if (r == -1)
+      break;
+    p->cluster++;
+    p->n--;
+    img->pending_clusters--;
+    r = 0;
   }
-  img->nr_pending = 0;
-  img->pending_clusters = 0;
-  return 0;
+  /* Keep what is left (after an error) at the front. */
+  memmove (img->pending, img->pending + i,
+           (img->nr_pending - i) * sizeof *img->pending);
+  img->nr_pending -= i;
+  if (img->nr_pending == 0 && img->pending_alloc > 64) {
+    free (img->pending);
+    img->pending = NULL;
+    img->pending_alloc = 0;
+  }
+  return r;
 }

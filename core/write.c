@@ -64,6 +64,12 @@
  */
 #define MAX_PENDING_FREES 8192
 
+/* One request may free clusters scattered all over the file (a trim of
+ * a disk written in random order): past this many ranges of them (64
+ * KiB of list), it commits them before going on.
+ */
+#define MAX_PENDING_RANGES 4096
+
 /* Rules 1 and 2: before an L2 slice or L1 entry is written. */
 int
 write_barrier (struct qcow2_image *img)
@@ -992,6 +998,9 @@ zero_clusters (struct qcow2_image *img, uint64_t c0, uint64_t n, bool trim,
     if ((img->l1[l1_index (img, g)] & L1E_OFFSET_MASK) == 0 &&
         (!want_zero || !backing))
       continue;
+    if (img->nr_pending >= MAX_PENDING_RANGES &&
+        write_flush_locked (img) == -1)
+      return -1;
     if (get_entry (img, g, &ref) == -1)
       return -1;
     e = be64toh (ref.entry[0]);

@@ -12,6 +12,14 @@
  * read-only export named after it (or its ID).  A snapshot's view is
  * opened on first use and shared by all connections to it.  With
  * snapshot=NAME the plugin serves that snapshot as its only export.
+ *
+ * Locks: the image is locked in .get_ready, as qemu-nbd locks it at
+ * start: as a writer unless readonly=true or snapshot= (or the file is
+ * not writable), so a second server on a busy image is refused at start
+ * and the first keeps its writes.  nbdkit 1.32 tells a plugin about
+ * `nbdkit -r` only per connection, too late for that choice, so
+ * `nbdkit -r` alone still locks as a writer; readonly=true is the way
+ * to lock only as a reader.
  */
 
 #include <config.h>
@@ -33,6 +41,7 @@
 static char *filename;
 static char *file_arg;          /* file= as given; resolved once it exists */
 static char *snapshot;          /* snapshot=: serve only this one */
+static bool readonly_opt;       /* readonly=true */
 static enum { CHECK_OFF, CHECK_REPORT, CHECK_REPAIR } check_mode;
 static struct qcow2_config cfg;
 static struct qcow2_image *img; /* the active image */
@@ -56,7 +65,7 @@ static char *create_backing, *create_backing_format;
 struct handle {
   struct qcow2_image *img;
   bool snapshot;
-  bool writable;                /* active image, write locks held */
+  bool writable;                /* active image, writable connection */
 };
 
 static void
@@ -245,6 +254,12 @@ qcow2_plugin_config (const char *key, const char *value)
   }
   else if ((c = config_create (key, value)) != 0)
     return c == 1 ? 0 : -1;
+  else if (strcmp (key, "readonly") == 0) {
+    int r = nbdkit_parse_bool (value);
+    if (r == -1)
+      return -1;
+    readonly_opt = r;
+  }
   else if (strcmp (key, "snapshot") == 0) {
     free (snapshot);
     snapshot = strdup (value);
@@ -252,7 +267,6 @@ qcow2_plugin_config (const char *key, const char *value)
       nbdkit_error ("strdup: %m");
       return -1;
     }
-    cfg.readonly = true;
   }
   else if (strcmp (key, "l2-cache-size") == 0)
     return parse_size (key, value, &cfg.l2_cache_size);
@@ -332,11 +346,14 @@ qcow2_plugin_config_complete (void)
   filename = nbdkit_realpath (file_arg);
   if (filename == NULL)
     return -1;
+  cfg.readonly = readonly_opt || snapshot != NULL;
   return 0;
 }
 
 #define qcow2_plugin_config_help \
   "file=<IMAGE>                 (required) The qcow2 image to serve.\n" \
+  "readonly=true|false          Open and lock the image read-only, sharing\n" \
+  "                             it with QEMU's readers (default false).\n" \
   "snapshot=<NAME|ID>           Serve this internal snapshot (read-only).\n" \
   "l2-cache-size=<SIZE>         L2 table cache size (default: whole disk,\n" \
   "                             at most 32M).\n" \
@@ -369,7 +386,8 @@ qcow2_plugin_dump_plugin (void)
 }
 
 /* check=report|repair: like qemu-img check [-r all] at start.  Repair
- * needs the writer's locks; leaks are repaired, corruption too.
+ * needs a writable image (so the writer's locks); leaks are repaired,
+ * corruption too.
  */
 static int
 run_check (void)
@@ -377,7 +395,7 @@ run_check (void)
   struct qcow2_check_result res;
   bool repair = check_mode == CHECK_REPAIR;
 
-  if (repair && (qcow2_is_readonly (img) || qcow2_lock_for_write (img) == -1)) {
+  if (repair && qcow2_is_readonly (img)) {
     nbdkit_error ("%s: check=repair needs a writable image", filename);
     return -1;
   }
@@ -468,13 +486,8 @@ qcow2_plugin_open (int readonly)
     h->snapshot = true;
   }
   else {
+    /* A writable image holds the writer's locks since .get_ready. */
     h->img = img;
-    /* The first writable connection takes the writer's locks. */
-    if (!readonly && !qcow2_is_readonly (img) &&
-        qcow2_lock_for_write (img) == -1) {
-      free (h);
-      return NULL;
-    }
     h->writable = !readonly && !qcow2_is_readonly (img);
   }
   if (h->img == NULL) {

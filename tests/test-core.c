@@ -858,6 +858,74 @@ test_refcount_widths (void)
   }
 }
 
+/* Deferred frees are kept as ranges, merged when a free continues the
+ * last one; a request that frees clusters scattered over the file
+ * commits them once the list holds MAX_PENDING_RANGES ranges, instead of
+ * growing it by one entry a cluster; and the list's memory is given
+ * back after a commit.  512-byte clusters, 4 MiB disk.
+ */
+static void
+test_pending_frees (void)
+{
+  struct qcow2_create_options co = { .size = 4 << 20, .cluster_size = 512 };
+  const uint64_t n = (4 << 20) / 512;
+  char dir[] = "/tmp/test-core-XXXXXX", path[64];
+  struct qcow2_check_result cr;
+  struct qcow2_image *img;
+  uint8_t buf[512], *b;
+  uint64_t i;
+  size_t size;
+  FILE *fp;
+
+  assert (mkdtemp (dir));
+  snprintf (path, sizeof path, "%s/disk.qcow2", dir);
+  assert (qcow2_create (path, &co) == 0);
+  fp = fopen (path, "r");
+  assert (fp);
+  b = malloc (1 << 20);
+  assert (b);
+  size = fread (b, 1, 1 << 20, fp);
+  assert (size > 0);
+  fclose (fp);
+  unlink (path);
+  rmdir (dir);
+
+  /* Sequential: the host clusters of a 3 MiB run of guest data are in
+   * few runs, and the trim of it is as few ranges.
+   */
+  img = open_rw (b, size);
+  assert (img);
+  memset (buf, 0x42, sizeof buf);
+  for (i = 0; i < n; i++)
+    assert (qcow2_pwrite (img, buf, sizeof buf, i * 512, 0) == 0);
+  assert (qcow2_flush (img) == 0);
+  assert (qcow2_trim (img, 3 << 20, 0, 0) == 0);
+  assert (img->pending_clusters == 6144);
+  assert (img->nr_pending < 200);
+  assert (qcow2_flush (img) == 0);
+  assert (img->nr_pending == 0 && img->pending_clusters == 0);
+  assert (qcow2_close (img) == 0);
+
+  /* Scattered: written in a permuted order (i * 1021 mod n), so no two
+   * guest neighbours are host neighbours.
+   */
+  img = open_rw (b, size);
+  assert (img);
+  for (i = 0; i < n; i++)
+    assert (qcow2_pwrite (img, buf, sizeof buf, (i * 1021 % n) * 512,
+                          0) == 0);
+  assert (qcow2_flush (img) == 0);
+  assert (qcow2_trim (img, 3 << 20, 0, 0) == 0);
+  assert (img->nr_pending <= 4096 && img->pending_alloc <= 4096);
+  assert (qcow2_trim (img, 1 << 20, 3 << 20, 0) == 0);
+  assert (qcow2_flush (img) == 0);
+  assert (img->nr_pending == 0 && img->pending == NULL);
+  assert (qcow2_check (img, false, &cr) == 0);
+  assert (cr.corruptions == 0 && cr.leaks == 0 && cr.errors == 0);
+  assert (qcow2_close (img) == 0);
+  free (b);
+}
+
 int
 main (void)
 {
@@ -873,6 +941,7 @@ main (void)
   test_empty_slices ();
   test_inflight ();
   test_refcount_widths ();
+  test_pending_frees ();
   test_fuzz_regressions ();
   printf ("test-core: all passed\n");
   return 0;

@@ -744,6 +744,132 @@ test_workload (const struct workload *w)
   free (initial);
 }
 
+static void
+fail_flush (enum qcow2_fault_op op, uint64_t at, const char *fmt, ...)
+{
+  va_list ap;
+
+  fprintf (stderr, "flush-commit: %s fault #%" PRIu64 ": ",
+           op == QCOW2_FAULT_READ ? "read" : op == QCOW2_FAULT_WRITE
+           ? "write" : "no", at);
+  va_start (ap, fmt);
+  vfprintf (stderr, fmt, ap);
+  va_end (ap);
+  fprintf (stderr, "\n");
+  failures++;
+}
+
+/* ---- faults inside the flush that commits deferred frees ---- */
+
+/* Clusters shared with a snapshot are trimmed (every 4th 64 KiB of an
+ * 8 MiB image with 512-byte clusters), so the flush that follows writes
+ * the L2 tables and then applies some 4,000 refcount decrements through
+ * a refcount cache far smaller than the refcount blocks: it reads and
+ * writes them as it goes.  Fail the i-th host read (or write) of that
+ * flush, once; a second flush must succeed, and the image must then be
+ * exactly consistent: no refcount applied twice (the snapshot's
+ * clusters would reach 0 and be handed out again), none lost.  Rewrite
+ * the trimmed ranges and flush again, so that a cluster wrongly freed
+ * would be overwritten, then check the live image and the file.
+ */
+#define FC_SIZE (8 << 20)
+
+static uint64_t
+flush_commit_run (const uint8_t *initial, size_t isize, enum qcow2_fault_op op,
+                  uint64_t at, bool *fired)
+{
+  struct qcow2_io *fio = qcow2_io_new_fault (qcow2_io_new_memory (initial,
+                                                                  isize));
+  struct qcow2_config cfg = {
+    .no_locking = true, .l2_cache_size = 4096,
+    .refcount_cache_size = 4096, .cache_entry_size = 512,
+  };
+  struct qcow2_image *img;
+  struct qcow2_fault_stats st0, st;
+  struct qcow2_check_result cr;
+  static uint8_t buf[65536], got[FC_SIZE];
+  uint64_t off, calls;
+  int r;
+
+  assert (fio);
+  img = qcow2_open_io (fio, "disk.qcow2", dir, &cfg);
+  assert (img);
+  for (off = 0; off < FC_SIZE; off += 4 * 65536)
+    assert (qcow2_trim (img, 65536, off, 0) == 0);
+  qcow2_io_fault_stats (fio, &st0);
+  if (op != QCOW2_FAULT_NR_OPS)
+    qcow2_io_fault_arm (fio, op, st0.calls[op] + at, EIO, false);
+  r = qcow2_flush (img);
+  qcow2_io_fault_disarm (fio);
+  qcow2_io_fault_stats (fio, &st);
+  *fired = st.failed[QCOW2_FAULT_READ] + st.failed[QCOW2_FAULT_WRITE] > 0;
+  calls = op == QCOW2_FAULT_NR_OPS ? 0 : st.calls[op] - st0.calls[op];
+  if (*fired && (r != -1 || errno != EIO))
+    fail_flush (op, at, "flush with a failed host I/O returned %d (%m)", r);
+  if (!*fired && r != 0)
+    fail_flush (op, at, "flush failed with no fault (%m)");
+  /* The second flush, then the same check the client would see. */
+  if (qcow2_flush (img) == -1)
+    fail_flush (op, at, "second flush failed (%m)");
+  if (qcow2_check (img, false, &cr) == -1 || cr.corruptions || cr.errors)
+    fail_flush (op, at, "after the second flush: %" PRIu64 " corruptions, %"
+                PRIu64 " errors", cr.corruptions, cr.errors);
+  memset (buf, 0xc3, sizeof buf);
+  for (off = 0; off < FC_SIZE; off += 4 * 65536)
+    assert (qcow2_pwrite (img, buf, sizeof buf, off, 0) == 0);
+  if (qcow2_flush (img) == -1)
+    fail_flush (op, at, "flush after the rewrites failed (%m)");
+  if (qcow2_check (img, false, &cr) == -1 || cr.corruptions || cr.errors ||
+      cr.leaks)
+    fail_flush (op, at, "after the rewrites: %" PRIu64 " corruptions, %"
+                PRIu64 " errors, %" PRIu64 " leaks", cr.corruptions,
+                cr.errors, cr.leaks);
+  assert (qcow2_pread (img, got, FC_SIZE, 0) == 0);
+  for (off = 0; off < FC_SIZE; off++) {
+    uint8_t want = (off & (4 * 65536 - 1)) < 65536 ? 0xc3 : 0x5a;
+    if (off >= FC_SIZE / 2 && (off & (4 * 65536 - 1)) >= 65536)
+      want = 0;
+    if (off >= FC_SIZE / 4 && off < FC_SIZE / 4 + 65536 &&
+        (off & (4 * 65536 - 1)) >= 65536)
+      want = 0x6b;
+    if (got[off] != want) {
+      fail_flush (op, at, "guest byte %#" PRIx64 " reads %#x, expected %#x",
+                  off, got[off], want);
+      break;
+    }
+  }
+  assert (qcow2_close (img) == 0);
+  return calls;
+}
+
+static void
+test_flush_commit (void)
+{
+  struct workload w = { "flush-commit", "cluster_size=512", FC_SIZE,
+                        SNAPSHOT, 0, 0, 0, 0, 0, 0, 0 };
+  size_t isize;
+  uint8_t *initial = make_image (&w, &isize);
+  uint64_t n[QCOW2_FAULT_NR_OPS] = { 0 }, at, before = failures, nruns = 0;
+  enum qcow2_fault_op op;
+  bool fired;
+
+  for (op = QCOW2_FAULT_READ; op <= QCOW2_FAULT_WRITE; op++) {
+    n[op] = flush_commit_run (initial, isize, op, UINT64_MAX / 2, &fired);
+    for (at = 0; at < n[op] && failures - before < 5; at += step) {
+      flush_commit_run (initial, isize, op, at, &fired);
+      nruns++;
+      assert (fired);
+      faults_fired++;
+    }
+  }
+  printf ("%-18s %4" PRIu64 " reads %4" PRIu64 " writes in the flush: %5"
+          PRIu64 " runs, %" PRIu64 " failures\n", "flush-commit",
+          n[QCOW2_FAULT_READ], n[QCOW2_FAULT_WRITE], nruns,
+          failures - before);
+  runs += nruns;
+  free (initial);
+}
+
 /* The fault backend itself. */
 static void
 test_backend (void)
@@ -824,6 +950,8 @@ main (void)
   printf ("test-faults: seed %" PRIu64 ", every %" PRIu64 ". index\n",
           seed, step);
   test_backend ();
+  if (!only || strcmp (only, "flush-commit") == 0)
+    test_flush_commit ();
   for (i = 0; i < sizeof workloads / sizeof workloads[0]; i++) {
     if (only && strcmp (only, workloads[i].name) != 0)
       continue;

@@ -9,8 +9,9 @@
 # qemu-nbd takes in the same role (writable, or -r), so that it refuses
 # QEMU and QEMU refuses it exactly as if it were another qemu-nbd.
 #
-# Three set-ups, each served writable and read-only (-r), once by
-# qemu-nbd and once by the plugin:
+# Three set-ups, each served writable and read-only, once by qemu-nbd
+# and once by the plugin (read-only: qemu-nbd -r; the plugin
+# readonly=true, with -r too; see (3) for -r alone):
 #   chain:    disk.qcow2 -> base.qcow2 (qcow2 backing); over.qcow2 is an
 #             overlay of disk.qcow2 that only the probes open
 #   datafile: dat.qcow2 with the external data file dat.raw
@@ -22,9 +23,13 @@
 # result written in the table.
 #
 # (3) The other way round: with qemu-nbd serving disk.qcow2 writable or
-# read-only, the plugin (writable or -r) must start exactly when a
-# second qemu-nbd in its role would, and when refused name the lock;
-# with locking=off it always starts.
+# read-only, the plugin (writable or readonly=true) must start exactly
+# when a second qemu-nbd in its role would, and when refused name the
+# lock; with locking=off it always starts.  nbdkit -r without
+# readonly=true cannot be seen by the plugin before a client connects,
+# so it locks as a writer, and says readonly=true when refused.
+#
+# (4) Two plugin servers on one image behave as two qemu-nbd.
 #
 # QEMU 7.2's rules, pinned here: an image served writable refuses other
 # writers ('Failed to get "write" lock') and also plain read-only opens,
@@ -79,7 +84,8 @@ stop_server ()
 }
 cleanup_fn stop_server
 
-# start_server qemu|plugin RO IMG [PLUGIN-PARAMS...]: RO is "" or -r.
+# start_server qemu|plugin RO IMG [PLUGIN-PARAMS...]: RO is "" or -r
+# (for the plugin, -r readonly=true).
 # Returns 1 (stderr in $d/start.err) if the server refused to start.
 start_server ()
 {
@@ -91,7 +97,8 @@ start_server ()
       qemu-nbd $ro -t -f qcow2 --socket="$sock" --pid-file="$pidfile" \
                --fork "$img" 2>"$d/start.err" || r=$? ;;
     plugin)
-      nbdkit $ro -U "$sock" -P "$pidfile" "$PLUGIN" file="$img" "$@" \
+      nbdkit $ro -U "$sock" -P "$pidfile" "$PLUGIN" file="$img" \
+             ${ro:+readonly=true} "$@" \
              2>"$d/start.err" || r=$? ;;
   esac
   [ $r -eq 0 ] || return 1
@@ -271,11 +278,12 @@ second_qemu ()
 }
 
 # plugin_start RO [PARAMS...]: does the plugin start on disk.qcow2?
+# (RO -r means -r readonly=true.)
 plugin_start ()
 {
   local ro=$1 r=0
   shift
-  nbdkit $ro -U - "$PLUGIN" file="$d/disk.qcow2" "$@" \
+  nbdkit $ro -U - "$PLUGIN" file="$d/disk.qcow2" ${ro:+readonly=true} "$@" \
          --run 'nbdinfo --size "$uri"' >/dev/null 2>"$d/plugin.err" || r=$?
   if [ $r -eq 0 ]; then
     echo ok
@@ -285,12 +293,10 @@ plugin_start ()
 }
 
 # qemu role | plugin role | expected of a second qemu-nbd | expected of
-# the plugin | lock byte named by the plugin.  The plugin starts as a
-# reader and takes the writer's locks for its first writable connection,
-# so against a qemu-nbd writer it is refused at start as a reader would
-# be ("shared write", byte 101), and against a qemu-nbd reader it starts
-# but its first writable connection is refused ("write", byte 201).
-for row in "rw|rw|write|shared write|101" "rw|-r|shared write|shared write|101" \
+# the plugin | lock byte named by the plugin.  The plugin takes its
+# role's locks at start, as qemu-nbd does, so it is refused exactly
+# when and as a second qemu-nbd is.
+for row in "rw|rw|write|write|201" "rw|-r|shared write|shared write|101" \
            "-r|rw|write|write|201" "-r|-r|ok|ok|"; do
   IFS='|' read -r qro pro want pwant byte <<< "$row"
   [ "$qro" = rw ] && qro=
@@ -315,6 +321,20 @@ for row in "rw|rw|write|shared write|101" "rw|-r|shared write|shared write|101" 
 done
 sed 's/^/  /' "$d/plugin.err"
 
+# nbdkit -r alone: the writer's locks (nbdkit 1.32 tells the plugin
+# about -r only when a client connects), so a qemu-nbd reader refuses
+# it, and the message says what to use instead.
+start_server qemu -r disk.qcow2 || fail "qemu-nbd -r did not start"
+r=0
+nbdkit -r -U - "$PLUGIN" file="$d/disk.qcow2" --run 'nbdinfo --size "$uri"' \
+       >/dev/null 2>"$d/plugin.err" || r=$?
+[ $r -ne 0 ] && [ "$(classify "$d/plugin.err")" = write ] &&
+  grep -q 'readonly=true' "$d/plugin.err" ||
+  fail "nbdkit -r next to qemu-nbd -r: $(cat "$d/plugin.err")"
+stop_server
+echo "nbdkit -r without readonly=true: locks as a writer, says readonly=true"
+sed 's/^/  /' "$d/plugin.err"
+
 # An overlay of an image qemu-nbd serves writable is refused, as
 # qemu-io refuses it above; of one it serves read-only, allowed.
 start_server qemu "" disk.qcow2 || fail "qemu-nbd did not start"
@@ -328,5 +348,91 @@ nbdkit -U - "$PLUGIN" file="$d/over.qcow2" --run 'nbdinfo --size "$uri"' >/dev/n
   fail "overlay of a read-only qemu-nbd image was refused"
 stop_server
 echo "overlay of a served image: as qemu-io"
+
+#----------------------------------------------------------------------
+# (4) Two plugin servers on one image, as two qemu-nbd: server A,
+# writable, holds the writer's locks from the start, before any client
+# connects, so a second writable server B is refused at start with a
+# message that names the lock and says the image is in use, and A goes
+# on accepting writes.  (The bug: A and B both started as readers, and
+# then neither could take the writer's locks for a writable client.)
+
+qemu-img create -q -f qcow2 two.qcow2 64M
+sock_b=$d/b.sock
+pidfile_b=$d/b.pid
+pid_b=
+stop_b ()
+{
+  [ -n "$pid_b" ] || return 0
+  kill_wait "$pid_b"
+  pid_b=
+}
+cleanup_fn stop_b
+
+# wait_pidfile FILE: the PID a daemon wrote to FILE.
+wait_pidfile ()
+{
+  local i
+  for (( i = 0; i < 100; i++ )); do
+    [ -s "$1" ] && break
+    sleep 0.1
+  done
+  [ -s "$1" ] || fail "no pid file $1"
+  cat "$1"
+}
+
+rm -f "$sock" "$pidfile"
+nbdkit -U "$sock" -P "$pidfile" "$PLUGIN" file="$d/two.qcow2" 2>"$d/a.err" ||
+  fail "server A did not start: $(cat "$d/a.err")"
+server_pid=$(wait_pidfile "$pidfile")
+problems=
+a_locks=$(lockbytes two.qcow2)
+[ "$a_locks" = "100 101 103 201 203" ] ||
+  problems+="server A holds lock bytes '$a_locks' before any client, not the writer's; "
+
+r=0
+nbdkit -U "$sock_b" -P "$pidfile_b" "$PLUGIN" file="$d/two.qcow2" \
+       2>"$d/b.err" || r=$?
+if [ $r -eq 0 ]; then
+  pid_b=$(wait_pidfile "$pidfile_b")
+  problems+="server B started on an image server A serves writable; "
+else
+  [ "$(classify "$d/b.err")" = write ] &&
+    grep -q 'lock byte 201 is held' "$d/b.err" &&
+    grep -q 'in use' "$d/b.err" ||
+    problems+="server B was refused without the lock message: $(cat "$d/b.err"); "
+fi
+
+# A must still take a writable connection and writes.
+if ! nbdsh -u "nbd+unix:///?socket=$sock" -c '
+assert not h.is_read_only()
+h.pwrite(b"\x77" * 65536, 1048576)
+h.flush()
+assert h.pread(65536, 1048576) == b"\x77" * 65536
+' >"$d/a.out" 2>&1; then
+  problems+="server A no longer accepts writes: $(tail -n 1 "$d/a.out"); "
+fi
+stop_b
+stop_server
+[ -z "$problems" ] || fail "two servers on one image: $problems"
+qemu-img check -q two.qcow2 || fail "two.qcow2: qemu-img check failed"
+qemu-io -f qcow2 -r -c 'read -P 0x77 1M 64k' two.qcow2 >/dev/null ||
+  fail "two.qcow2: server A's write is not in the image"
+echo "two servers on one image: the second is refused, the first writes"
+sed 's/^/  /' "$d/b.err"
+
+# snapshot= (without -r) serves read-only, so it locks as a reader from
+# the start: QEMU's readers and a readonly=true server share the image.
+qemu-img snapshot -c snap two.qcow2
+start_server plugin "" two.qcow2 snapshot=snap ||
+  fail "snapshot=snap did not start: $(cat "$d/start.err")"
+[ "$(lockbytes two.qcow2)" = "100 201 203" ] ||
+  fail "snapshot=snap locks $(lockbytes two.qcow2), not a reader's"
+qemu-img info two.qcow2 >/dev/null || fail "snapshot=snap refused qemu-img info"
+nbdkit -U - "$PLUGIN" file="$d/two.qcow2" readonly=true \
+       --run 'nbdinfo --size "$uri"' >/dev/null ||
+  fail "snapshot=snap refused a readonly=true server"
+stop_server
+echo "snapshot=: locks as a reader, shares the image with readers"
 
 echo "$0: ok"
