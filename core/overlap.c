@@ -20,7 +20,13 @@
  * (header_mark_corrupt logs once and sets the corrupt bit) and every
  * later write fails; reads go on.
  *
- * Read-only images build no map: nothing is ever written.
+ * Read-only images build no map: nothing is ever written.  Writable
+ * ones always build it, whatever overlap-check says: the level chooses
+ * which types each host write is checked against, but the allocator
+ * (no cluster holding metadata is handed out, whatever its refcount)
+ * and the frees (no L2 entry over metadata is freed, write.c) consult
+ * the whole map at every level.  overlap-check=none switches off the
+ * per-write check, not those guards.
  *
  * Locking: called with img->lock held exclusively; overlap_write_ok
  * needs it only shared.
@@ -170,7 +176,7 @@ overlap_build (struct qcow2_image *img)
   uint64_t i;
   uint32_t s;
 
-  if (img->readonly || mode_mask (img->cfg.overlap_check) == 0)
+  if (img->readonly)
     return 0;
   img->overlap = overlap_map_new (img->cluster_bits);
   if (img->overlap == NULL)
