@@ -15,6 +15,10 @@
  *     (refcount_free_later) and applied only after the metadata is
  *     written and synced, with io_lock held exclusively so that no
  *     cluster is freed while a read or write to it is in flight.
+ *     What an entry references is checked before it is freed or copied
+ *     from, and before the write allocates anything (entry_host_range):
+ *     a range over metadata the overlap map knows of, or past the end
+ *     of the file, marks the image corrupt and nothing is freed.
  *  4. Every host write passes overlap_check_write first.
  *  5. After qcow2_flush (or a FUA write) returns, everything
  *     acknowledged before it is on stable storage.
@@ -162,25 +166,74 @@ write_flush_locked (struct qcow2_image *img)
   return 0;
 }
 
-/* Host clusters a compressed cluster's stream touches. */
+/* The host clusters [*first, *first + *n) that L2 entry e (of guest
+ * offset guest) holds a reference to (*n = 0: none), checked before
+ * the entry is freed or copied away from.  'bound' is the end of the
+ * file as it was before this request allocated anything: an entry read
+ * before the allocation cannot legitimately point at the new clusters.
+ * A range that is not cluster aligned, reaches past bound, or touches
+ * the header or metadata the overlap map knows of is corruption:
+ * freeing it would hand the metadata to the allocator, and the next
+ * allocating write would put guest data over it.  Nothing is freed
+ * then; the image is marked corrupt.  A compressed entry's sector
+ * field gives at most two clusters of bytes, so its range is at most
+ * three clusters.
+ */
 static int
-free_entry_later (struct qcow2_image *img, uint64_t e)
+entry_host_range (struct qcow2_image *img, uint64_t e, uint64_t guest,
+                  uint64_t bound, uint64_t *first, uint64_t *n)
 {
+  uint64_t off, end, hit;
+  unsigned t = 0;
+
+  *first = *n = 0;
   if (img->data_file_name)
     return 0;                   /* data clusters are not refcounted */
   if (e & QCOW_OFLAG_COMPRESSED) {
     unsigned x = 62 - (img->cluster_bits - 8);
-    uint64_t off = e & ((UINT64_C(1) << x) - 1);
     uint64_t sectors = ((e & L2E_COMPRESSED_MASK) >> x) + 1;
-    uint64_t end = (off & ~UINT64_C(511)) + sectors * 512;
-    uint64_t first = off >> img->cluster_bits;
-    uint64_t last = (end - 1) >> img->cluster_bits;
-    return refcount_free_later (img, first << img->cluster_bits,
-                                last - first + 1);
+    off = e & ((UINT64_C(1) << x) - 1);
+    end = (off & ~UINT64_C(511)) + sectors * 512;  /* < 2^63: no overflow */
   }
-  if (e & L2E_OFFSET_MASK)
-    return refcount_free_later (img, e & L2E_OFFSET_MASK, 1);
+  else {
+    off = e & L2E_OFFSET_MASK;
+    if (off == 0)
+      return 0;
+    if (offset_into_cluster (img, off) != 0)
+      return header_mark_corrupt (img, "data cluster offset %#" PRIx64
+                                  " for guest offset %#" PRIx64 " is not "
+                                  "cluster aligned", off, guest);
+    end = off + img->cluster_size;
+  }
+  if (end > bound)
+    return header_mark_corrupt (img, "L2 entry %#" PRIx64 " for guest "
+                                "offset %#" PRIx64 " reaches past the end "
+                                "of the file (%#" PRIx64 ")", e, guest,
+                                bound);
+  *first = off >> img->cluster_bits;
+  *n = ((end - 1) >> img->cluster_bits) - *first + 1;
+  if (*first == 0 ||
+      (img->overlap &&
+       (t = overlap_map_query (img->overlap, *first, *n, OV_ALL, &hit)))) {
+    *n = 0;
+    return header_mark_corrupt (img, "L2 entry %#" PRIx64 " for guest "
+                                "offset %#" PRIx64 " points at %s",
+                                e, guest, t ? overlap_type_name (t)
+                                : overlap_type_name (OV_MAIN_HEADER));
+  }
   return 0;
+}
+
+/* Free (deferred) what entry e references, after the same checks. */
+static int
+free_entry_later (struct qcow2_image *img, uint64_t e, uint64_t guest,
+                  uint64_t bound)
+{
+  uint64_t first, n;
+
+  if (entry_host_range (img, e, guest, bound, &first, &n) == -1)
+    return -1;
+  return refcount_free_later (img, first << img->cluster_bits, n);
 }
 
 /* Copy a shared L2 table (refcount > 1) so the active L1 owns it. */
@@ -335,6 +388,35 @@ put_entry (struct qcow2_image *img, struct l2_ref *ref, bool dirty)
   cache_put (img->l2_cache, ref->ce);
 }
 
+/* Check the entries of guest clusters [c0, c0 + n*cs) that an
+ * allocating write will free, before it allocates or copies anything
+ * (entry_host_range; the link checks them again, against the same
+ * bound, before it frees them).
+ */
+static int
+check_old_entries (struct qcow2_image *img, uint64_t c0, uint64_t n)
+{
+  uint64_t cs = img->cluster_size, i = 0, first, nc;
+  uint64_t per_slice = (UINT64_C(1) << img->slice_bits) >> img->l2_entry_shift;
+  struct l2_ref ref;
+
+  while (i < n) {
+    uint64_t left = per_slice - l2_index (img, c0 + i * cs) % per_slice;
+    if (get_entry (img, c0 + i * cs, &ref) == -1)
+      return -1;
+    for (; left > 0 && i < n;
+         left--, i++, ref.entry += 1u << (img->l2_entry_shift - 3)) {
+      if (entry_host_range (img, be64toh (ref.entry[0]), c0 + i * cs,
+                            img->host_end, &first, &nc) == -1) {
+        put_entry (img, &ref, false);
+        return -1;
+      }
+    }
+    put_entry (img, &ref, false);
+  }
+  return 0;
+}
+
 /* Before writing guest data at host [host, host+len) of the image file:
  * the overlap check, and a bound (an entry pointing far past the end of
  * the file is corruption, not a reason to grow it).
@@ -443,7 +525,8 @@ inflight_remove (struct qcow2_image *img, struct inflight *f)
 }
 
 /* Allocating write of whole clusters [c0, c0 + n*cs) all of one kind
- * (standard L2 entries), with the guest data at [off, off+len) inside.
+ * (standard L2 entries), with the guest data at [off, off+len) inside;
+ * with old, the clusters may have entries to free (not unallocated).
  * With unlock, img->lock is dropped while the data is written (and
  * taken again, exclusively, to link it): nothing can reach clusters
  * not yet linked, and the guest range is marked in flight.
@@ -451,9 +534,9 @@ inflight_remove (struct qcow2_image *img, struct inflight *f)
 static int
 alloc_clusters (struct qcow2_image *img, const uint8_t *buf, uint64_t off,
                 uint64_t len, uint64_t c0, uint64_t n, bool edges_zero,
-                bool unlock)
+                bool old, bool unlock)
 {
-  uint64_t cs = img->cluster_size, i, wlen, whost;
+  uint64_t cs = img->cluster_size, i, wlen, whost, bound;
   uint8_t *data = NULL;
   const uint8_t *src;
   struct inflight f;
@@ -462,6 +545,9 @@ alloc_clusters (struct qcow2_image *img, const uint8_t *buf, uint64_t off,
   struct l2_ref ref;
   int r = -1, w;
 
+  if (old && check_old_entries (img, c0, n) == -1)
+    return -1;
+  bound = img->host_end;
   if (img->data_file_name)
     host = c0;                  /* external data: host offset = guest */
   else if ((host = refcount_alloc (img, n)) == -1)
@@ -534,12 +620,12 @@ alloc_clusters (struct qcow2_image *img, const uint8_t *buf, uint64_t off,
       goto out;
     for (; left > 0 && i < n;
          left--, i++, ref.entry += 1u << (img->l2_entry_shift - 3)) {
-      uint64_t old = be64toh (ref.entry[0]);
-      ref.entry[0] = htobe64 ((host + i * cs) | QCOW_OFLAG_COPIED);
-      if (free_entry_later (img, old) == -1) {
+      if (free_entry_later (img, be64toh (ref.entry[0]), c0 + i * cs,
+                            bound) == -1) {
         put_entry (img, &ref, true);
         goto out;
       }
+      ref.entry[0] = htobe64 ((host + i * cs) | QCOW_OFLAG_COPIED);
     }
     put_entry (img, &ref, true);
   }
@@ -561,7 +647,7 @@ write_subclusters (struct qcow2_image *img, const uint8_t *buf, uint64_t off,
   unsigned s0 = (off - c0) >> img->subcluster_bits;
   unsigned s1 = (off + len - 1 - c0) >> img->subcluster_bits;
   uint64_t a = c0 + s0 * scs, b = c0 + (s1 + 1) * scs;
-  uint64_t e, bm, host, touched;
+  uint64_t e, bm, host, touched, first, nfree;
   struct l2_ref ref;
   uint8_t *data = NULL;
   int r = -1;
@@ -575,7 +661,11 @@ write_subclusters (struct qcow2_image *img, const uint8_t *buf, uint64_t off,
 
   if ((e & QCOW_OFLAG_COMPRESSED) ||
       (host && !(e & QCOW_OFLAG_COPIED) && !img->data_file_name)) {
-    /* Compressed or shared: copy the whole cluster. */
+    /* Compressed or shared: copy the whole cluster, after checking
+     * what the entry will free (before anything is allocated).
+     */
+    if (entry_host_range (img, e, c0, img->host_end, &first, &nfree) == -1)
+      return -1;
     data = malloc (cs);
     if (data == NULL)
       return -1;
@@ -593,7 +683,7 @@ write_subclusters (struct qcow2_image *img, const uint8_t *buf, uint64_t off,
     ref.entry[0] = htobe64 (host | QCOW_OFLAG_COPIED);
     ref.entry[1] = htobe64 (SC_ALLOC_MASK);
     put_entry (img, &ref, true);
-    r = free_entry_later (img, e);
+    r = refcount_free_later (img, first << img->cluster_bits, nfree);
     goto out;
   }
 
@@ -653,7 +743,7 @@ write_run_locked (struct qcow2_image *img, const uint8_t *buf, uint64_t off,
   edges_zero = m->kind == MAP_ZERO ||
     (m->kind == MAP_UNALLOCATED && c0 >= img->backing_size);
   if (alloc_clusters (img, buf, off, len, c0, (c1 - c0) / cs,
-                      edges_zero, unlock) == -1)
+                      edges_zero, m->kind != MAP_UNALLOCATED, unlock) == -1)
     return -1;
   return len;
 }
@@ -917,6 +1007,10 @@ zero_clusters (struct qcow2_image *img, uint64_t c0, uint64_t n, bool trim,
     host = e & L2E_OFFSET_MASK;
     keep = !trim && !may_trim && host && (e & QCOW_OFLAG_COPIED) &&
            !(e & QCOW_OFLAG_COMPRESSED);
+    if (!keep && free_entry_later (img, e, g, img->host_end) == -1) {
+      put_entry (img, &ref, false);
+      return -1;
+    }
     ne = keep ? (host | QCOW_OFLAG_COPIED) : 0;
     if (want_zero && !img->ext_l2)
       ne |= QCOW_OFLAG_ZERO;
@@ -924,8 +1018,6 @@ zero_clusters (struct qcow2_image *img, uint64_t c0, uint64_t n, bool trim,
     if (img->ext_l2)
       ref.entry[1] = htobe64 (want_zero ? SC_ZERO_MASK : 0);
     put_entry (img, &ref, true);
-    if (!keep && free_entry_later (img, e) == -1)
-      return -1;
   }
   return 0;
 }

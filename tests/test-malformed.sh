@@ -168,6 +168,217 @@ make_missing_data_file ()
 }
 
 #----------------------------------------------------------------------
+# Second table: images that open, with an L2 entry that points at
+# metadata (or past the end of the file).  Freeing that entry, or
+# copying from it, would hand the metadata to the allocator and the
+# next allocating write would put guest data over it.  Each case makes
+# the image, then in one server: OP on guest cluster 0 (the bad entry),
+# allocating writes elsewhere, flushes, and a read of a good cluster.
+# Expected: OP fails with EIO (the image is marked corrupt: the corrupt
+# bit is set), the good data still reads, and afterwards nothing of the
+# original file but the header's feature fields (72..95) has changed
+# and `qemu-img check` finds no more errors than before.
+#     w NAME 'COMMANDS MAKING $img' OP        OP: trim, zero or write
+# Templates: v3-2data (guest 0: 4 KiB of 0x55, guest 0x20000: 4 KiB of
+# 0x66), extl2-2data (the same with extended L2 entries), v3-comp-eof (guest 0x20000 as above, guest 0 one compressed
+# cluster at the end of the file).  l2set IMG KIND sets guest cluster
+# 0's L2 entry (found through the header and L1[0]) to KIND:
+#   data-TARGET, shared-TARGET  a standard entry, COPIED set or not,
+#                               pointing at TARGET: reftable, refblock,
+#                               l1, or l2 (its own L2 table)
+#   comp-header                 compressed, offset 0, 233 sectors: the
+#                               header and the refcount table
+#   comp-allones                the existing compressed entry with its
+#                               sector count all ones (past EOF)
+# (With extended L2 a compressed entry gets a zero bitmap; the others
+# keep the bitmap.)  A standard entry cannot point at the header:
+# offset 0 is unallocated.
+qemu-img create -q -f qcow2 "$tpl/v3-2data.qcow2" 64M
+qemu-io -f qcow2 -c 'write -P 0x55 0 4096' -c 'write -P 0x66 128k 4096' \
+  "$tpl/v3-2data.qcow2" >/dev/null
+qemu-img create -q -f qcow2 -o extended_l2=on "$tpl/extl2-2data.qcow2" 64M
+qemu-io -f qcow2 -c 'write -P 0x55 0 4096' -c 'write -P 0x66 128k 4096' \
+  "$tpl/extl2-2data.qcow2" >/dev/null
+qemu-img create -q -f qcow2 "$tpl/v3-comp-eof.qcow2" 64M
+qemu-io -f qcow2 -c 'write -P 0x66 128k 4096' -c 'write -c -P 0x77 0 64k' \
+  "$tpl/v3-comp-eof.qcow2" >/dev/null
+
+l2set ()
+{
+  $PY - "$@" <<'EOF'
+import sys, struct
+img, kind = sys.argv[1:3]
+with open(img, "r+b") as f:
+    h = f.read(104)
+    cb, = struct.unpack(">I", h[20:24])
+    ext = struct.unpack(">Q", h[72:80])[0] & 0x10
+    l1off, rtoff = struct.unpack(">QQ", h[40:56])
+    f.seek(l1off)
+    l2off = struct.unpack(">Q", f.read(8))[0] & 0x00fffffffffffe00
+    f.seek(rtoff)
+    rboff = struct.unpack(">Q", f.read(8))[0] & ~0x1ff
+    f.seek(l2off)
+    old, = struct.unpack(">Q", f.read(8))
+    x = 62 - (cb - 8)
+    target = {"reftable": rtoff, "refblock": rboff, "l1": l1off, "l2": l2off}
+    if kind.startswith("data-"):
+        e = target[kind[5:]] | (1 << 63)
+    elif kind.startswith("shared-"):
+        e = target[kind[7:]]
+    elif kind == "comp-header":
+        e = (1 << 62) | (232 << x)
+    elif kind == "comp-allones":
+        assert old & (1 << 62), "guest cluster 0 is not compressed"
+        e = old | (((1 << (cb - 8)) - 1) << x)
+    else:
+        sys.exit("l2set: unknown kind " + kind)
+    f.seek(l2off)
+    f.write(struct.pack(">Q", e))
+    if ext and e & (1 << 62):
+        f.write(struct.pack(">Q", 0))
+EOF
+}
+
+ws=() wmakers=() wops=()
+w ()
+{
+  ws+=("$1") wmakers+=("$2") wops+=("$3")
+}
+
+w l2-data-reftable-trim    'base v3-2data; l2set $img data-reftable'   trim
+w l2-data-reftable-zero    'base v3-2data; l2set $img data-reftable'   zero
+w l2-shared-reftable-write 'base v3-2data; l2set $img shared-reftable' write
+w l2-data-refblock-trim    'base v3-2data; l2set $img data-refblock'   trim
+w l2-shared-refblock-write 'base v3-2data; l2set $img shared-refblock' write
+w l2-data-l1-trim          'base v3-2data; l2set $img data-l1'         trim
+w l2-data-l1-zero          'base v3-2data; l2set $img data-l1'         zero
+w l2-shared-l1-write       'base v3-2data; l2set $img shared-l1'       write
+w l2-data-own-l2-trim      'base v3-2data; l2set $img data-l2'         trim
+w l2-shared-own-l2-write   'base v3-2data; l2set $img shared-l2'       write
+w l2-comp-header-trim      'base v3-2data; l2set $img comp-header'     trim
+w l2-comp-header-zero      'base v3-2data; l2set $img comp-header'     zero
+w l2-comp-header-write     'base v3-2data; l2set $img comp-header'     write
+w l2-comp-allones-trim     'base v3-comp-eof; l2set $img comp-allones' trim
+w l2-comp-allones-write    'base v3-comp-eof; l2set $img comp-allones' write
+w extl2-data-reftable-trim 'base extl2-2data; l2set $img data-reftable' trim
+w extl2-shared-l1-write    'base extl2-2data; l2set $img shared-l1'     write
+w extl2-comp-header-write  'base extl2-2data; l2set $img comp-header'   write
+
+# The client side of a w case (nbdsh); OP comes from the environment.
+w_script='
+import os, errno
+cs = 65536
+def attempt(f, *args):
+    try:
+        f(*args)
+        return "ok"
+    except nbd.Error as e:
+        return "EIO" if e.errnum == errno.EIO else str(e)
+op = os.environ["OP"]
+if op == "trim":
+    r = attempt(h.trim, cs, 0)
+elif op == "zero":
+    r = attempt(h.zero, cs, 0)
+else:
+    r = attempt(h.pwrite, b"\xaa" * 4096, 4096)
+rest = [attempt(h.flush)]
+for i in range(4):
+    rest.append(attempt(h.pwrite, bytes([0xb0 + i]) * cs, (16 + i) * cs))
+rest.append(attempt(h.flush))
+print("%s: %s; then writes and flushes: %s" % (op, r, " ".join(rest)))
+assert h.pread(4096, 2 * cs) == b"\x66" * 4096, "good data at 0x20000 lost"
+assert r == "EIO", "%s of the bad entry did not fail with EIO" % op
+'
+export w_script
+
+# w_compare ORIG NEW: print the clusters of ORIG that NEW changed (the
+# feature fields at 72..95 aside) and whether NEW is marked corrupt;
+# exit status 1 if either.
+w_compare ()
+{
+  $PY - "$@" <<'EOF'
+import sys, struct
+orig, new = [open(p, "rb").read() for p in sys.argv[1:3]]
+cb, = struct.unpack(">I", orig[20:24])
+cs = 1 << cb
+l1off, rtoff = struct.unpack(">QQ", orig[40:56])
+l2off = struct.unpack(">Q", orig[l1off:l1off + 8])[0] & 0x00fffffffffffe00
+rboff = struct.unpack(">Q", orig[rtoff:rtoff + 8])[0] & ~0x1ff
+names = {0: "header", rtoff: "refcount table", l1off: "L1 table",
+         l2off: "L2 table", rboff: "refcount block"}
+bad = []
+for c in range(0, len(orig), cs):
+    a, b = orig[c:c + cs], new[c:c + cs]
+    if c == 0:
+        a, b = a[:72] + a[96:], b[:72] + b[96:]
+    if a != b:
+        bad.append("%s (host %#x)" % (names.get(c, "cluster"), c))
+if bad:
+    print("changed: " + ", ".join(bad))
+incompat, = struct.unpack(">Q", new[72:80])
+if not incompat & 2:
+    print("the image is not marked corrupt")
+    bad.append("corrupt bit")
+sys.exit(1 if bad else 0)
+EOF
+}
+
+# check_errors IMG: how many errors qemu-img check reports.
+check_errors ()
+{
+  qemu-img check "$1" 2>&1 |
+    sed -n -e 's/^\([0-9][0-9]*\) errors were found.*/\1/p' \
+           -e 's/^No errors were found.*/0/p' | head -1
+}
+
+# run_write_case I: make w case I's image, run the client on it and
+# judge the outcome.
+run_write_case ()
+{
+  local i=$1
+  local name=${ws[$i]} op=${wops[$i]}
+  local dir=$tmpdir/wcase-$i
+  local err=$dir/stderr
+  local r=0 ok=0 before after
+  rm -rf "$dir"
+  mkdir "$dir"
+  img=$dir/image.qcow2
+  if ! (cd "$dir" && eval "${wmakers[$i]}") > "$dir/make.log" 2>&1; then
+    bad "$name" "making the image failed (bug in the test)" "$dir/make.log"
+    return 1
+  fi
+  cp "$img" "$dir/orig.qcow2"
+  before=$(check_errors "$dir/orig.qcow2")
+  (cd "$dir" && OP=$op nbdkit -U - "$PLUGIN" file="$img" \
+     --run 'nbdsh -u "$uri" -c "$w_script"') > "$dir/stdout" 2> "$err" ||
+    r=$?
+  sed -e "s/^/$name: /" "$dir/stdout"
+  if [ "$r" -gt 128 ] ||
+     grep -Eq 'Segmentation fault|Aborted|core dumped|AddressSanitizer|runtime error' "$err"; then
+    bad "$name" "crashed or memory error (exit status $r)" "$err"
+    return 1
+  fi
+  if [ "$r" -ne 0 ]; then
+    bad "$name" "the client's checks failed (exit status $r)" "$err" || :
+    ok=1
+  fi
+  if ! w_compare "$dir/orig.qcow2" "$img" > "$dir/compare"; then
+    sed -e "s/^/$name: /" "$dir/compare"
+    bad "$name" "metadata changed, or the image is not marked corrupt" || :
+    ok=1
+  fi
+  after=$(check_errors "$img")
+  if [ -z "$after" ] || [ "$after" -gt "$before" ]; then
+    qemu-img check "$img" 2>&1 | tail -4 |
+      sed -e "s/^/$name: qemu-img check: /"
+    bad "$name" "qemu-img check: ${after:-?} errors, $before before" || :
+    ok=1
+  fi
+  [ "$ok" -eq 0 ] || return 1
+  rm -rf "$dir"
+}
+
+#----------------------------------------------------------------------
 # Run the table.
 
 # Under valgrind (about 4 s a case): QCOW2_VALGRIND=1 the first 8
@@ -246,6 +457,15 @@ for i in "${!names[@]}"; do
     passed=$((passed + 1))
   else
     failed+=("${names[$i]}")
+  fi
+done
+
+for i in "${!ws[@]}"; do
+  if run_write_case "$i"; then
+    echo "${ws[$i]}: ok"
+    passed=$((passed + 1))
+  else
+    failed+=("${ws[$i]}")
   fi
 done
 
