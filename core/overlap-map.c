@@ -1734,8 +1734,11 @@ overlap_map_get_stats (const struct overlap_map *m,
 }
 
 /*----------------------------------------------------------------------
- * For tests/test-overlap-map.c only, which declares these itself.
+ * For tests/test-overlap-map.c only, which declares these itself and
+ * compiles this file with OVERLAP_MAP_TEST_HOOKS: not in the library.
  */
+
+#ifdef OVERLAP_MAP_TEST_HOOKS
 
 extern int overlap_map_tune (struct overlap_map *m, unsigned fine_bits,
                              unsigned runs_cap);
@@ -1884,3 +1887,5 @@ overlap_map_check (const struct overlap_map *m)
     return "table: byte count is wrong";
   return NULL;
 }
+
+#endif /* OVERLAP_MAP_TEST_HOOKS */

@@ -71,7 +71,7 @@
 #include <pthread.h>
 
 #include "qcow2.h"
-#include "io.h"
+#include "io-test.h"
 
 #define QCOW2_INCOMPAT_DIRTY   1
 #define QCOW2_INCOMPAT_CORRUPT 2

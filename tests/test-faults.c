@@ -45,7 +45,7 @@
 #include <sys/wait.h>
 
 #include "qcow2.h"
-#include "io.h"
+#include "io-test.h"
 
 /* ---- random numbers (the workload is the same in every run) ---- */
 

@@ -60,7 +60,7 @@
 #include <errno.h>
 #include <pthread.h>
 
-#include "io.h"
+#include "io-test.h"
 
 /* ---- fault injection ---- */
 
