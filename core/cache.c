@@ -20,9 +20,13 @@
  * eviction gives a referenced entry a second chance (moves it to the
  * front and clears the flag) instead of evicting it.  Dirty
  * entries are written back when evicted and on cache_flush; before any
- * dirty slice is written, the writeback hook runs, which is how the
- * image orders refcount blocks before the L2 slices that depend on them
- * (see cluster.c).  Every write-back goes through the overlap check.
+ * dirty slice is written, the owner's before_write function runs (it
+ * may refuse the write, and the slice stays dirty).  That is how the
+ * image orders refcount blocks and data before the L2 slices that
+ * depend on them and puts every write-back through the overlap check
+ * (write.c: write_before_l2_slice; refcount.c:
+ * refcount_before_block_write); the cache itself knows nothing of
+ * qcow2 and works on any io (cache.h).
  *
  * Slice buffers are allocated on first use, so a large cache costs
  * memory only as it fills and never more than its configured size.
@@ -44,7 +48,8 @@
  * L2 slice that turns out all zero is not kept at all: cluster.c
  * remembers it as one bit, see "Empty slices" there.)
  *
- * Locking: all functions are called with img->lock held exclusively,
+ * Locking: all functions are called with the owner's lock (the image's
+ * img->lock) held exclusively,
  * except cache_peek, cache_stage_get, cache_stage_ready and
  * cache_stage_abort, which need it held at least shared (the staging
  * slots have their own mutex).
@@ -59,8 +64,13 @@
 #include <errno.h>
 #include <inttypes.h>
 
-#include "internal.h"
-#include "overlap.h"
+#include <pthread.h>
+
+#define NBDKIT_API_VERSION 2
+#include <nbdkit-plugin.h>
+
+#include "cache.h"
+#include "io.h"
 
 /* Staging slots: at most this many, and at most STAGE_BYTES of them. */
 #define STAGE_SLOTS 32
@@ -86,8 +96,11 @@ struct cache_entry {
 };
 
 struct cache {
-  struct qcow2_image *img;
-  enum cache_type type;
+  struct qcow2_io *io;
+  const char *name;             /* the file, for messages */
+  const char *what;             /* "L2", "refcount", for messages */
+  cache_before_write_fn before_write;
+  void *opaque;
   uint32_t slice_bits;
   uint32_t nr;                  /* capacity in entries */
   uint32_t used;                /* entries[0..used) have buffers */
@@ -96,7 +109,6 @@ struct cache {
   uint32_t hash_bits;
   struct cache_entry lru;       /* sentinel: next = most recent */
   uint32_t ndirty;
-  int (*hook) (struct qcow2_image *img);
   uint64_t hits, misses;
 
   /* Staging (see the top of this file).  gen changes only with
@@ -132,8 +144,9 @@ lru_push_front (struct cache *c, struct cache_entry *e)
 }
 
 struct cache *
-cache_create (struct qcow2_image *img, enum cache_type type,
-              uint32_t slice_bits, uint64_t bytes)
+cache_create (struct qcow2_io *io, const char *name, const char *what,
+              uint32_t slice_bits, uint64_t bytes,
+              cache_before_write_fn before_write, void *opaque)
 {
   struct cache *c = calloc (1, sizeof *c);
   uint64_t nr = bytes >> slice_bits;
@@ -144,8 +157,11 @@ cache_create (struct qcow2_image *img, enum cache_type type,
     nr = 16;
   if (nr > (UINT32_C(1) << 24))
     nr = UINT32_C(1) << 24;
-  c->img = img;
-  c->type = type;
+  c->io = io;
+  c->name = name;
+  c->what = what;
+  c->before_write = before_write;
+  c->opaque = opaque;
   c->slice_bits = slice_bits;
   c->nr = nr;
   c->hash_bits = 1;
@@ -210,18 +226,13 @@ hash_remove (struct cache *c, struct cache_entry *e)
 static int
 write_back (struct cache *c, struct cache_entry *e)
 {
-  struct qcow2_image *img = c->img;
-  size_t len = (size_t) 1 << c->slice_bits;
+  uint32_t len = UINT32_C(1) << c->slice_bits;
 
-  if (c->hook && c->hook (img) == -1)
+  if (c->before_write && c->before_write (c->opaque, e->offset, len) == -1)
     return -1;
-  if (overlap_check_write (img, e->offset, len,
-                           c->type == CACHE_L2 ? OV_ACTIVE_L2
-                                               : OV_REFCOUNT_BLOCK) == -1)
-    return -1;
-  if (io_pwrite (img->io, e->data, len, e->offset) == -1) {
-    nbdkit_error ("%s: writing %s slice at %#" PRIx64 ": %m", img->name,
-                  c->type == CACHE_L2 ? "L2" : "refcount", e->offset);
+  if (io_pwrite (c->io, e->data, len, e->offset) == -1) {
+    nbdkit_error ("%s: writing %s slice at %#" PRIx64 ": %m", c->name,
+                  c->what, e->offset);
     return -1;
   }
   e->dirty = false;
@@ -268,7 +279,7 @@ victim (struct cache *c)
     e = newer;
   }
   nbdkit_error ("%s: table cache exhausted (all %" PRIu32 " entries in use)",
-                c->img->name, c->nr);
+                c->name, c->nr);
   errno = ENOMEM;
   return NULL;
 }
@@ -312,10 +323,9 @@ cache_get (struct cache *c, uint64_t off, bool fill, struct cache_entry **ep)
   if (e == NULL)
     return NULL;
   if (fill) {
-    if (io_pread (c->img->io, e->data, len, off) == -1) {
+    if (io_pread (c->io, e->data, len, off) == -1) {
       nbdkit_error ("%s: reading %s slice at %#" PRIx64 ": %m",
-                    c->img->name, c->type == CACHE_L2 ? "L2" : "refcount",
-                    off);
+                    c->name, c->what, off);
       /* Leave the entry unused at the cold end of the list. */
       e->pins = 0;
       e->dirty = false;
@@ -534,12 +544,6 @@ uint32_t
 cache_nr_entries (struct cache *c)
 {
   return c->nr;
-}
-
-void
-cache_set_writeback_hook (struct cache *c, int (*hook) (struct qcow2_image *))
-{
-  c->hook = hook;
 }
 
 void

@@ -58,16 +58,17 @@ setup_caches (struct qcow2_image *img)
   }
   rc_bytes = img->cfg.refcount_cache_size ? img->cfg.refcount_cache_size
                                           : DEFAULT_RC_CACHE;
-  img->l2_cache = cache_create (img, CACHE_L2, img->slice_bits, l2_bytes);
-  img->rc_cache = cache_create (img, CACHE_REFCOUNT, img->slice_bits,
-                                rc_bytes);
+  img->l2_cache = cache_create (img->io, img->name, "L2", img->slice_bits,
+                                l2_bytes, write_before_l2_slice, img);
+  img->rc_cache = cache_create (img->io, img->name, "refcount",
+                                img->slice_bits, rc_bytes,
+                                refcount_before_block_write, img);
   if (!img->l2_cache || !img->rc_cache)
     return -1;
   /* Beside the cache, at most 1/8 of its size (cluster.c). */
   if (cluster_empty_init (img, l2_bytes / 8 > 65536 ? l2_bytes / 8
                                                     : 65536) == -1)
     return -1;
-  cache_set_writeback_hook (img->l2_cache, write_barrier);
   nbdkit_debug ("%s: L2 cache %" PRIu32 " slices of %" PRIu32 " bytes, "
                 "refcount cache %" PRIu32 " slices", img->name,
                 cache_nr_entries (img->l2_cache), slice,

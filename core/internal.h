@@ -28,8 +28,8 @@
 #include "qcow2.h"
 #include "io.h"
 #include "format.h"
+#include "cache.h"
 
-struct cache;
 struct overlap_map;
 
 /* What one guest range maps to (cluster_map). */
@@ -252,38 +252,6 @@ extern int header_prepare_write (struct qcow2_image *img);
 extern bool header_write_ready (const struct qcow2_image *img);
 extern int header_mark_clean (struct qcow2_image *img);
 
-/* cache.c: a cache of fixed-size table slices keyed by host offset. */
-enum cache_type { CACHE_L2, CACHE_REFCOUNT };
-struct cache_entry;
-extern struct cache *cache_create (struct qcow2_image *img,
-                                   enum cache_type type,
-                                   uint32_t slice_bits, uint64_t bytes);
-extern void cache_destroy (struct cache *c);
-/* Get the slice at host offset 'off' (slice-aligned), pinned.  If
- * 'fill' is false the slice is not read from disk and starts zeroed (for
- * a freshly allocated table).  Returns NULL with errno set.
- */
-extern void *cache_get (struct cache *c, uint64_t off, bool fill,
-                        struct cache_entry **ep);
-extern const void *cache_peek (struct cache *c, uint64_t off);
-extern void cache_put (struct cache *c, struct cache_entry *e);
-extern void cache_mark_dirty (struct cache *c, struct cache_entry *e);
-extern int cache_flush (struct cache *c);     /* write back dirty slices */
-extern void cache_drop (struct cache *c, uint64_t off, uint64_t len);
-extern bool cache_has_dirty (struct cache *c);
-extern uint64_t cache_bytes (struct cache *c);
-extern uint32_t cache_nr_entries (struct cache *c);
-/* Called before a dirty slice of this cache is written (ordering). */
-extern void cache_set_writeback_hook (struct cache *c,
-                                      int (*hook) (struct qcow2_image *));
-extern void cache_stats (struct cache *c, uint64_t *hits, uint64_t *misses);
-extern int cache_stage_get (struct cache *c, void **data, uint64_t *gen);
-extern bool cache_stage_ready (struct cache *c, int slot, uint64_t off,
-                               uint64_t gen);
-extern void cache_stage_abort (struct cache *c, int slot);
-extern void cache_stage_invalidate (struct cache *c);
-extern void cache_stage_drain (struct cache *c);
-
 /* cluster.c */
 extern int cluster_load_l1 (struct qcow2_image *img);
 extern int cluster_map (struct qcow2_image *img, uint64_t offset,
@@ -315,7 +283,7 @@ extern int check_image (struct qcow2_image *img, bool repair,
                         struct qcow2_check_result *res);
 
 /* write.c */
-extern int write_barrier (struct qcow2_image *img);
+extern int write_before_l2_slice (void *img, uint64_t off, uint32_t len);
 extern int write_flush_locked (struct qcow2_image *img);
 
 /* image.c */
@@ -360,6 +328,8 @@ extern uint64_t *snapshot_read_l1 (struct qcow2_image *img,
 
 /* refcount.c */
 extern int refcount_load (struct qcow2_image *img);
+extern int refcount_before_block_write (void *img, uint64_t off,
+                                        uint32_t len);
 extern int refcount_get (struct qcow2_image *img, uint64_t cluster,
                          uint64_t *val);
 extern int refcount_set (struct qcow2_image *img, uint64_t cluster,

@@ -141,6 +141,13 @@ locate (struct qcow2_image *img, uint64_t cluster, uint64_t *slice_off,
   return 0;
 }
 
+/* The refcount cache's before_write (cache.h): rule 4. */
+int
+refcount_before_block_write (void *opaque, uint64_t off, uint32_t len)
+{
+  return overlap_check_write (opaque, off, len, OV_REFCOUNT_BLOCK);
+}
+
 int
 refcount_get (struct qcow2_image *img, uint64_t cluster, uint64_t *val)
 {

@@ -6,7 +6,8 @@
  *  1. A refcount increment reaches the file before any L1/L2 entry that
  *     points at the cluster: new clusters are counted in the refcount
  *     cache; before any dirty L2 slice or L1 entry is written,
- *     l2_writeback_hook writes the dirty refcount blocks and syncs.
+ *     write_before_l2_slice (the L2 cache's before_write) writes the
+ *     dirty refcount blocks and syncs.
  *  2. Guest data (and COW) is written before the L2 entry that maps it:
  *     the data is written at once (need_sync is set), the L2 entry only
  *     goes to the cache; the same hook syncs before L2 write-back.
@@ -71,7 +72,7 @@
 #define MAX_PENDING_RANGES 4096
 
 /* Rules 1 and 2: before an L2 slice or L1 entry is written. */
-int
+static int
 write_barrier (struct qcow2_image *img)
 {
   if (cache_flush (img->rc_cache) == -1)
@@ -88,6 +89,17 @@ write_barrier (struct qcow2_image *img)
     img->need_sync = false;
   }
   return 0;
+}
+
+/* The L2 cache's before_write (cache.h): rules 1 and 2, then rule 4. */
+int
+write_before_l2_slice (void *opaque, uint64_t off, uint32_t len)
+{
+  struct qcow2_image *img = opaque;
+
+  if (write_barrier (img) == -1)
+    return -1;
+  return overlap_check_write (img, off, len, OV_ACTIVE_L2);
 }
 
 static int

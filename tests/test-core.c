@@ -404,7 +404,7 @@ test_cache (void)
   int i;
 
   assert (img);
-  c = cache_create (img, CACHE_L2, 9, 16 * 512);   /* 16 slices of 512 */
+  c = cache_create (img->io, "test.qcow2", "L2", 9, 16 * 512, NULL, NULL);
   assert (cache_nr_entries (c) == 16);
 
   /* Miss then hit; contents come from the file. */

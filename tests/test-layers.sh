@@ -1,0 +1,86 @@
+#!/usr/bin/env bash
+# nbdkit-qcow2: the file-level call graph of core has no forbidden circles.
+# Copyright (C) 2026 the nbdkit-qcow2 authors.  BSD-3-Clause, see LICENSE.
+#
+# From the objects of libqcow2core (nm): file A uses file B when A has
+# an undefined symbol that B defines.  The strongly connected
+# components of that graph are the circles of files that call each
+# other.  Two rules, kept by this test:
+#
+#  - the leaves stay leaves: LEAVES (the table cache, the io layer, the
+#    overlap map and compression) are in no circle;
+#  - the largest circle never grows past MAX_CIRCLE files (issue 15 is
+#    bringing it down to 3; lower MAX_CIRCLE as it shrinks).
+
+source ./functions.sh
+
+LEAVES="cache io overlap-map compress lock"
+MAX_CIRCLE=9
+
+objdir=$abs_top_builddir/core/.libs
+ls "$objdir"/libqcow2core_la-*.o >/dev/null 2>&1 ||
+  fail "no core objects in $objdir (build first)"
+
+for o in "$objdir"/libqcow2core_la-*.o; do
+  f=${o##*/libqcow2core_la-}
+  f=${f%.o}
+  nm --defined-only -g "$o" | awk -v f="$f" '$2 ~ /[TDBR]/ { print "D", f, $3 }'
+  nm -u "$o" | awk -v f="$f" '{ print "U", f, $2 }'
+done > "$tmpdir/syms"
+
+/usr/bin/python3 - "$tmpdir/syms" "$LEAVES" "$MAX_CIRCLE" <<'PYEOF'
+import sys
+from collections import defaultdict
+defs, uses = {}, defaultdict(set)
+for line in open(sys.argv[1]):
+    k, f, s = line.split()
+    if k == "D":
+        defs[s] = f
+    else:
+        uses[f].add(s)
+files = sorted(set(defs.values()) | set(uses))
+edges = {f: sorted({defs[s] for s in uses[f] if s in defs and defs[s] != f})
+         for f in files}
+
+# Tarjan's strongly connected components.
+index, low, stack, on, sccs, n = {}, {}, [], set(), [], [0]
+def visit(v):
+    index[v] = low[v] = n[0]; n[0] += 1
+    stack.append(v); on.add(v)
+    for w in edges[v]:
+        if w not in index:
+            visit(w); low[v] = min(low[v], low[w])
+        elif w in on:
+            low[v] = min(low[v], index[w])
+    if low[v] == index[v]:
+        c = []
+        while True:
+            w = stack.pop(); on.discard(w); c.append(w)
+            if w == v: break
+        sccs.append(sorted(c))
+sys.setrecursionlimit(10000)
+for f in files:
+    if f not in index:
+        visit(f)
+
+circles = [c for c in sccs if len(c) > 1]
+bad = []
+for c in circles:
+    print("circle of %d files: %s" % (len(c), " ".join(c)))
+for leaf in sys.argv[2].split():
+    if leaf not in files:
+        bad.append("%s: no such core object" % leaf)
+    for c in circles:
+        if leaf in c:
+            bad.append("%s is in a circle: %s" % (leaf, " ".join(c)))
+biggest = max([len(c) for c in circles] or [0])
+if biggest > int(sys.argv[3]):
+    bad.append("the largest circle has %d files (at most %s allowed)"
+               % (biggest, sys.argv[3]))
+for f in sys.argv[2].split():
+    if f in edges:
+        print("%s uses: %s" % (f, " ".join(edges[f]) or "nothing in core"))
+for b in bad:
+    print("FAIL: " + b)
+sys.exit(1 if bad else 0)
+PYEOF
