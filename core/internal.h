@@ -368,6 +368,8 @@ extern int refcount_set (struct qcow2_image *img, uint64_t cluster,
 extern uint64_t refcount_max (const struct qcow2_image *img);
 extern int64_t refcount_alloc (struct qcow2_image *img, uint64_t n);
 extern int refcount_update (struct qcow2_image *img, uint64_t c, int delta);
+extern void refcount_unalloc (struct qcow2_image *img, uint64_t off,
+                              uint64_t n);
 extern int refcount_free_later (struct qcow2_image *img, uint64_t off,
                                 uint64_t n);
 extern int refcount_commit_frees (struct qcow2_image *img);

@@ -407,6 +407,11 @@ create_refblock (struct qcow2_image *img, uint64_t ti, uint64_t b)
   if ((!self && cache_flush (img->rc_cache) == -1) ||
       io_pwrite (img->io, block, cs, boff) == -1 || io_flush (img->io) == -1) {
     nbdkit_error ("%s: writing new refcount block: %m", img->name);
+    /* Nothing points at b yet.  (Not so once the table entry is being
+     * written: a failed write may have landed.)
+     */
+    if (!self)
+      refcount_unalloc (img, boff, 1);
     goto out;
   }
   be = htobe64 (boff);
@@ -537,14 +542,47 @@ refcount_alloc (struct qcow2_image *img, uint64_t n)
   if (check_run_free (img, start, n) == -1)
     return -1;
   for (i = start; i < start + n; i++)
-    if (refcount_set (img, i, 1) == -1)
+    if (refcount_set (img, i, 1) == -1) {
+      /* (A dirty slice written back to make room can fail.) */
+      refcount_unalloc (img, start << img->cluster_bits, i - start);
       return -1;
+    }
   if (start == img->free_hint)
     img->free_hint = start + n;
   if (img->host_end < (start + n) << img->cluster_bits)
     img->host_end = (start + n) << img->cluster_bits;
   reserve_ahead (img);
   return start << img->cluster_bits;
+}
+
+/* Undo refcount_alloc for clusters [off, off + n clusters) that were
+ * never linked from a table nor added to the overlap map.  Nothing on
+ * disk points at them, so no ordering rule asks for a deferral (rule 3
+ * is about entries that did point at a cluster), and nobody but the
+ * allocating thread, which holds img->lock, knows of them, so no I/O
+ * to them is in flight: its own write has returned.  The decrement
+ * goes to the refcount cache like any other.  So a failed allocating
+ * write leaks nothing; only a crash can (the increment may be on disk).
+ * Best effort: a refcount slice that cannot be read, or a dirty one
+ * that must make room and cannot be written, leaves the rest leaked.
+ * errno is kept (the caller is reporting the error that got it here),
+ * and a corrupt image is left as it is.
+ */
+void
+refcount_unalloc (struct qcow2_image *img, uint64_t off, uint64_t n)
+{
+  uint64_t c = off >> img->cluster_bits, i;
+  int saved_errno = errno;
+
+  if (img->corrupt)
+    return;
+  for (i = 0; i < n; i++)
+    if (refcount_update (img, c + i, -1) == -1) {
+      nbdkit_debug ("%s: %" PRIu64 " clusters at %#" PRIx64 " leaked",
+                    img->name, n - i, (c + i) << img->cluster_bits);
+      break;
+    }
+  errno = saved_errno;
 }
 
 /* Add 'delta' (+1 / -1) to the refcount of one cluster. */
