@@ -151,7 +151,8 @@ struct qcow2_image {
   struct overlap_map *overlap;
   uint64_t free_hint;           /* no free cluster below this index */
   uint64_t host_end;            /* bytes: end of allocated clusters */
-  uint64_t reserved_end;        /* bytes: disk blocks reserved up to */
+  uint64_t reserved_end;        /* bytes: reservations tried up to */
+  bool reserved;                /* blocks may be reserved past EOF */
   bool corrupt;                 /* sticky: every write fails with EIO */
   bool write_locked;            /* holds QEMU's writer locks */
   bool dirty_written;           /* dirty bit is set on disk */

@@ -464,24 +464,47 @@ ensure_refblock (struct qcow2_image *img, uint64_t c)
  * changing the file size, so fresh clusters still read as zeroes past
  * EOF) 8 to 16 MiB beyond the last allocated cluster, instead of
  * letting the file system allocate one cluster at a time.  qcow2_close
- * gives back what was not used.
+ * gives back what was not used (img->reserved).
+ *
+ * A reservation that fails (short of space: see io.c) may have taken
+ * part of the range all the same, and that must not stay taken while
+ * writes, ours or anybody's, get ENOSPC: it is given back at once, by
+ * truncating the file to its own size.  (Punching a hole would do
+ * nothing: ext4 ignores holes punched past the end of the file.)  A
+ * data write running with img->lock dropped could be extending the
+ * file meanwhile, and the truncate would cut it short, so it is done
+ * with io_lock held exclusively, which every such write holds shared
+ * (the others need img->lock, held here).  The next step tries again.
  */
 #define RESERVE_STEP (UINT64_C(8) << 20)
 
 static void
 reserve_ahead (struct qcow2_image *img)
 {
+  const struct qcow2_io_ops *ops = img->io->ops;
   uint64_t from, to;
+  int64_t size;
+  int r;
 
-  if (img->io->ops->reserve == NULL || img->host_end <= img->reserved_end)
+  if (ops->reserve == NULL || img->host_end <= img->reserved_end)
     return;
   from = img->reserved_end > img->host_end - img->cluster_size
     ? img->reserved_end : img->host_end - img->cluster_size;
   to = round_up_pow2 (img->host_end + RESERVE_STEP, RESERVE_STEP);
-  if (img->io->ops->reserve (img->io, to - from, from) == 0)
-    img->reserved_end = to;
-  else
+  r = ops->reserve (img->io, to - from, from);
+  if (r == -1 && (errno == EOPNOTSUPP || errno == ENOSYS)) {
     img->reserved_end = UINT64_MAX;     /* not supported: stop trying */
+    return;
+  }
+  img->reserved_end = to;
+  img->reserved = true;
+  if (r == 0)
+    return;
+  pthread_rwlock_wrlock (&img->io_lock);
+  size = io_size (img->io);
+  if (size == -1 || ops->truncate (img->io, size) == -1)
+    nbdkit_debug ("%s: giving back a failed reservation: %m", img->name);
+  pthread_rwlock_unlock (&img->io_lock);
 }
 
 /* Allocate n contiguous clusters with refcount 1; returns the host
