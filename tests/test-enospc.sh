@@ -5,7 +5,8 @@
 # allocator (its data write hits ENOSPC, or the new L2 table's, or the
 # copy of a snapshot's L2 table) must give them back: only a crash may
 # leave leaked clusters.  For each kind of image, in a tmpfs of a few
-# MiB (root only: it is mounted for the test), the client writes until
+# MiB or a small ext4 on a loop device (root only: they are mounted for
+# the test), the client writes until
 # the file system is full and writes fail with ENOSPC, goes on writing
 # (some more fail) and trimming a little, then disconnects; the server
 # shuts down cleanly, and `qemu-img check` must report no leaks (exit
@@ -14,7 +15,9 @@
 #   64k-ext:  64 KiB clusters with extended L2 entries (subclusters);
 #   4k-snap:  4 KiB clusters, most of the disk written by qemu-io and
 #             then an internal snapshot, so writes copy L2 tables and
-#             data clusters first.
+#             data clusters first;
+#   ext4-4k:  4 KiB clusters on ext4 (where the file is also grown
+#             into space reserved ahead, core/refcount.c).
 # Writes of a few bytes to a few clusters, scattered and sequential.
 
 source ./functions.sh
@@ -30,20 +33,33 @@ requires umount --version
 mnt=$tmpdir/mnt
 mkdir "$mnt"
 mounted=
+loop=
 unmount ()
 {
     if [ -n "$mounted" ]; then
         umount "$mnt" || umount -l "$mnt"
         mounted=
     fi
+    if [ -n "$loop" ]; then
+        losetup -d "$loop"
+        loop=
+    fi
 }
 cleanup_fn unmount
 
-# fill KIND OPTS FS_SIZE
+# fill KIND OPTS FS_SIZE: tmpfs, or ext4 if KIND starts with ext4.
 fill ()
 {
     local kind=$1 opts=$2 fs_size=$3 img=$mnt/$1.qcow2 r=0
-    mount -t tmpfs -o size="$fs_size" "nbdkit-qcow2-enospc" "$mnt"
+    case $kind in
+    ext4-*)
+        truncate -s "$fs_size" "$tmpdir/ext4.img"
+        loop=$(losetup -f --show "$tmpdir/ext4.img")
+        mkfs.ext4 -q -m 0 "$loop"
+        mount "$loop" "$mnt" ;;
+    *)
+        mount -t tmpfs -o size="$fs_size" "nbdkit-qcow2-enospc" "$mnt" ;;
+    esac
     mounted=1
     qemu-img create -q -f qcow2 -o "$opts" "$img" 64M
     case $kind in
@@ -107,4 +123,9 @@ failed=
 fill 4k cluster_size=4096 6M
 fill 64k-ext cluster_size=65536,extended_l2=on 6M
 fill 4k-snap cluster_size=4096 32M
+if command -v mkfs.ext4 >/dev/null && command -v losetup >/dev/null; then
+    fill ext4-4k cluster_size=4096 24M
+else
+    echo "$0: note: no mkfs.ext4 or losetup: ext4 not tested"
+fi
 [ -z "$failed" ] || fail "leaks after ENOSPC:$failed"
