@@ -250,9 +250,10 @@ qcow2_close (struct qcow2_image *img)
   if (r == 0 && !img->readonly && header_mark_clean (img) == -1)
     r = -1;
   /* Give back disk blocks reserved past the end of the file (truncating
-   * to the same size frees them).
+   * to the same size frees them), also what a failed reservation took.
+   * No request runs any more, so no write can be extending the file.
    */
-  if (img->reserved_end != 0 && img->reserved_end != UINT64_MAX) {
+  if (img->reserved) {
     int64_t size = io_size (img->io);
     if (size != -1)
       img->io->ops->truncate (img->io, size);

@@ -151,7 +151,8 @@ struct qcow2_image {
   struct overlap_map *overlap;
   uint64_t free_hint;           /* no free cluster below this index */
   uint64_t host_end;            /* bytes: end of allocated clusters */
-  uint64_t reserved_end;        /* bytes: disk blocks reserved up to */
+  uint64_t reserved_end;        /* bytes: reservations tried up to */
+  bool reserved;                /* blocks may be reserved past EOF */
   bool corrupt;                 /* sticky: every write fails with EIO */
   bool dirty_written;           /* dirty bit is set on disk */
   bool autoclear_cleared;       /* header made writable for us */
@@ -337,6 +338,8 @@ extern int refcount_set (struct qcow2_image *img, uint64_t cluster,
 extern uint64_t refcount_max (const struct qcow2_image *img);
 extern int64_t refcount_alloc (struct qcow2_image *img, uint64_t n);
 extern int refcount_update (struct qcow2_image *img, uint64_t c, int delta);
+extern void refcount_unalloc (struct qcow2_image *img, uint64_t off,
+                              uint64_t n);
 extern int refcount_free_later (struct qcow2_image *img, uint64_t off,
                                 uint64_t n);
 extern int refcount_commit_frees (struct qcow2_image *img);

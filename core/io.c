@@ -17,6 +17,7 @@
 #include <unistd.h>
 #include <pthread.h>
 #include <sys/stat.h>
+#include <sys/statvfs.h>
 #include <sys/vfs.h>
 
 #include "io.h"
@@ -125,7 +126,16 @@ file_preallocate (struct qcow2_io *io, uint64_t count, uint64_t offset)
  * whole range, including the parts of clusters a small write never
  * touches: measured there, 4 KiB allocating writes ran at half speed
  * with it.  So none on tmpfs or ramfs.
+ *
+ * A reservation is only worth having while space is plentiful: it must
+ * never take the last free space, which the data (ours or anybody's)
+ * needs.  So none unless RESERVE_FREE_FACTOR times as much is free.
+ * fallocate can still fail part way (ENOSPC, when the space goes
+ * meanwhile), and ext4 then keeps the blocks it had allocated: the
+ * caller gives them back.
  */
+#define RESERVE_FREE_FACTOR 4
+
 static int
 file_reserve (struct qcow2_io *io, uint64_t count, uint64_t offset)
 {
@@ -134,6 +144,14 @@ file_reserve (struct qcow2_io *io, uint64_t count, uint64_t offset)
     return -1;
   }
 #ifdef FALLOC_FL_KEEP_SIZE
+  {
+    struct statvfs fs;
+    if (fstatvfs (io->fd, &fs) == 0 &&
+        (uint64_t) fs.f_bavail * fs.f_frsize / RESERVE_FREE_FACTOR < count) {
+      errno = ENOSPC;
+      return -1;
+    }
+  }
   return fallocate (io->fd, FALLOC_FL_KEEP_SIZE, offset, count);
 #else
   errno = EOPNOTSUPP;

@@ -40,8 +40,12 @@ struct qcow2_io_ops {
   int (*preallocate) (struct qcow2_io *io, uint64_t count, uint64_t offset);
   /* Optional: reserve disk blocks past the end of the file without
    * changing its size (fallocate KEEP_SIZE): the file then grows into
-   * them in large steps.  Advisory; NULL or -1 means "do nothing"
-   * (the file backend refuses on tmpfs, see io.c).
+   * them in large steps.  Advisory; NULL means "do nothing".  -1 with
+   * EOPNOTSUPP or ENOSYS: never supported here (the file backend
+   * refuses on tmpfs, see io.c).  -1 with another errno (ENOSPC: the
+   * file backend also refuses when the file system is short of free
+   * space): some of the blocks may have been reserved all the same;
+   * truncating the file to its own size gives them back.
    */
   int (*reserve) (struct qcow2_io *io, uint64_t count, uint64_t offset);
   void (*close) (struct qcow2_io *io);

@@ -414,6 +414,11 @@ create_refblock (struct qcow2_image *img, uint64_t ti, uint64_t b)
   if ((!self && cache_flush (img->rc_cache) == -1) ||
       io_pwrite (img->io, block, cs, boff) == -1 || io_flush (img->io) == -1) {
     nbdkit_error ("%s: writing new refcount block: %m", img->name);
+    /* Nothing points at b yet.  (Not so once the table entry is being
+     * written: a failed write may have landed.)
+     */
+    if (!self)
+      refcount_unalloc (img, boff, 1);
     goto out;
   }
   be = htobe64 (boff);
@@ -466,24 +471,47 @@ ensure_refblock (struct qcow2_image *img, uint64_t c)
  * changing the file size, so fresh clusters still read as zeroes past
  * EOF) 8 to 16 MiB beyond the last allocated cluster, instead of
  * letting the file system allocate one cluster at a time.  qcow2_close
- * gives back what was not used.
+ * gives back what was not used (img->reserved).
+ *
+ * A reservation that fails (short of space: see io.c) may have taken
+ * part of the range all the same, and that must not stay taken while
+ * writes, ours or anybody's, get ENOSPC: it is given back at once, by
+ * truncating the file to its own size.  (Punching a hole would do
+ * nothing: ext4 ignores holes punched past the end of the file.)  A
+ * data write running with img->lock dropped could be extending the
+ * file meanwhile, and the truncate would cut it short, so it is done
+ * with io_lock held exclusively, which every such write holds shared
+ * (the others need img->lock, held here).  The next step tries again.
  */
 #define RESERVE_STEP (UINT64_C(8) << 20)
 
 static void
 reserve_ahead (struct qcow2_image *img)
 {
+  const struct qcow2_io_ops *ops = img->io->ops;
   uint64_t from, to;
+  int64_t size;
+  int r;
 
-  if (img->io->ops->reserve == NULL || img->host_end <= img->reserved_end)
+  if (ops->reserve == NULL || img->host_end <= img->reserved_end)
     return;
   from = img->reserved_end > img->host_end - img->cluster_size
     ? img->reserved_end : img->host_end - img->cluster_size;
   to = round_up_pow2 (img->host_end + RESERVE_STEP, RESERVE_STEP);
-  if (img->io->ops->reserve (img->io, to - from, from) == 0)
-    img->reserved_end = to;
-  else
+  r = ops->reserve (img->io, to - from, from);
+  if (r == -1 && (errno == EOPNOTSUPP || errno == ENOSYS)) {
     img->reserved_end = UINT64_MAX;     /* not supported: stop trying */
+    return;
+  }
+  img->reserved_end = to;
+  img->reserved = true;
+  if (r == 0)
+    return;
+  pthread_rwlock_wrlock (&img->io_lock);
+  size = io_size (img->io);
+  if (size == -1 || ops->truncate (img->io, size) == -1)
+    nbdkit_debug ("%s: giving back a failed reservation: %m", img->name);
+  pthread_rwlock_unlock (&img->io_lock);
 }
 
 /* Allocate n contiguous clusters with refcount 1; returns the host
@@ -544,14 +572,47 @@ refcount_alloc (struct qcow2_image *img, uint64_t n)
   if (check_run_free (img, start, n) == -1)
     return -1;
   for (i = start; i < start + n; i++)
-    if (refcount_set (img, i, 1) == -1)
+    if (refcount_set (img, i, 1) == -1) {
+      /* (A dirty slice written back to make room can fail.) */
+      refcount_unalloc (img, start << img->cluster_bits, i - start);
       return -1;
+    }
   if (start == img->free_hint)
     img->free_hint = start + n;
   if (img->host_end < (start + n) << img->cluster_bits)
     img->host_end = (start + n) << img->cluster_bits;
   reserve_ahead (img);
   return start << img->cluster_bits;
+}
+
+/* Undo refcount_alloc for clusters [off, off + n clusters) that were
+ * never linked from a table nor added to the overlap map.  Nothing on
+ * disk points at them, so no ordering rule asks for a deferral (rule 3
+ * is about entries that did point at a cluster), and nobody but the
+ * allocating thread, which holds img->lock, knows of them, so no I/O
+ * to them is in flight: its own write has returned.  The decrement
+ * goes to the refcount cache like any other.  So a failed allocating
+ * write leaks nothing; only a crash can (the increment may be on disk).
+ * Best effort: a refcount slice that cannot be read, or a dirty one
+ * that must make room and cannot be written, leaves the rest leaked.
+ * errno is kept (the caller is reporting the error that got it here),
+ * and a corrupt image is left as it is.
+ */
+void
+refcount_unalloc (struct qcow2_image *img, uint64_t off, uint64_t n)
+{
+  uint64_t c = off >> img->cluster_bits, i;
+  int saved_errno = errno;
+
+  if (img->corrupt)
+    return;
+  for (i = 0; i < n; i++)
+    if (refcount_update (img, c + i, -1) == -1) {
+      nbdkit_debug ("%s: %" PRIu64 " clusters at %#" PRIx64 " leaked",
+                    img->name, n - i, (c + i) << img->cluster_bits);
+      break;
+    }
+  errno = saved_errno;
 }
 
 /* Add 'delta' (+1 / -1) to the refcount of one cluster. */

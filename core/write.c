@@ -280,12 +280,14 @@ cow_l2_table (struct qcow2_image *img, uint64_t l1i, uint64_t old)
   if (new == -1)
     goto out;
   /* The map learns of a new table only once it is written, so a failed
-   * write leaves a leak, not a phantom table in the map.
+   * write leaves no phantom table in the map, and the cluster, which
+   * nothing points at, is given back.
    */
   if (overlap_check_write (img, new, cs, OV_ACTIVE_L2) == -1)
     goto out;
   if (io_pwrite (img->io, t, cs, new) == -1) {
     nbdkit_error ("%s: writing L2 table copy: %m", img->name);
+    refcount_unalloc (img, new, 1);
     goto out;
   }
   if (overlap_add (img, new, cs, OV_ACTIVE_L2) == -1)
@@ -319,12 +321,18 @@ l2_for_write (struct qcow2_image *img, uint64_t guest, uint64_t *l2,
       return -1;
     if (overlap_check_write (img, new, cs, OV_ACTIVE_L2) == -1)
       return -1;
+    /* Until the map and the L1 table know of it, nothing points at the
+     * new table: a failure gives it back.
+     */
     zero = calloc (1, cs);
-    if (zero == NULL)
+    if (zero == NULL) {
+      refcount_unalloc (img, new, 1);
       return -1;
+    }
     if (io_pwrite (img->io, zero, cs, new) == -1) {
       nbdkit_error ("%s: writing new L2 table: %m", img->name);
       free (zero);
+      refcount_unalloc (img, new, 1);
       return -1;
     }
     free (zero);
@@ -541,14 +549,15 @@ inflight_remove (struct qcow2_image *img, struct inflight *f)
  * with old, the clusters may have entries to free (not unallocated).
  * With unlock, img->lock is dropped while the data is written (and
  * taken again, exclusively, to link it): nothing can reach clusters
- * not yet linked, and the guest range is marked in flight.
+ * not yet linked, and the guest range is marked in flight.  On failure
+ * the clusters not linked yet are given back (refcount_unalloc).
  */
 static int
 alloc_clusters (struct qcow2_image *img, const uint8_t *buf, uint64_t off,
                 uint64_t len, uint64_t c0, uint64_t n, bool edges_zero,
                 bool old, bool unlock)
 {
-  uint64_t cs = img->cluster_size, i, wlen, whost, bound;
+  uint64_t cs = img->cluster_size, i, wlen, whost, bound, linked = 0;
   uint8_t *data = NULL;
   const uint8_t *src;
   struct inflight f;
@@ -575,7 +584,7 @@ alloc_clusters (struct qcow2_image *img, const uint8_t *buf, uint64_t off,
   if (!(edges_zero && past_eof (img, host))) {
     data = malloc (n * cs);
     if (data == NULL)
-      return -1;
+      goto out;
     /* Head and tail keep what the guest saw before (rule 2: one write). */
     if (edges_zero) {
       memset (data, 0, off - c0);
@@ -638,18 +647,26 @@ alloc_clusters (struct qcow2_image *img, const uint8_t *buf, uint64_t off,
         goto out;
       }
       ref.entry[0] = htobe64 ((host + i * cs) | QCOW_OFLAG_COPIED);
+      linked = i + 1;
     }
     put_entry (img, &ref, true);
   }
   r = 0;
  out:
+  /* Still in flight (no other request touches these guest clusters)
+   * and holding img->lock: the unlinked clusters are ours alone.
+   */
+  if (r == -1 && !img->data_file_name && linked < n)
+    refcount_unalloc (img, host + linked * cs, n - linked);
   if (in_flight)
     inflight_remove (img, &f);
   free (data);
   return r;
 }
 
-/* Extended L2: write [off, off+len) inside one cluster. */
+/* Extended L2: write [off, off+len) inside one cluster.  A cluster
+ * allocated here is given back if the write fails before it is linked.
+ */
 static int
 write_subclusters (struct qcow2_image *img, const uint8_t *buf, uint64_t off,
                    uint64_t len)
@@ -662,6 +679,7 @@ write_subclusters (struct qcow2_image *img, const uint8_t *buf, uint64_t off,
   uint64_t e, bm, host, touched, first, nfree;
   struct l2_ref ref;
   uint8_t *data = NULL;
+  bool fresh = false;           /* host allocated here, not linked yet */
   int r = -1;
 
   if (get_entry (img, c0, &ref) == -1)
@@ -688,6 +706,8 @@ write_subclusters (struct qcow2_image *img, const uint8_t *buf, uint64_t off,
       host = c0;
     else if ((int64_t) (host = refcount_alloc (img, 1)) == -1)
       goto out;
+    else
+      fresh = true;
     if (data_write (img, data, cs, host) == -1)
       goto out;
     if (get_entry (img, c0, &ref) == -1)
@@ -695,6 +715,7 @@ write_subclusters (struct qcow2_image *img, const uint8_t *buf, uint64_t off,
     ref.entry[0] = htobe64 (host | QCOW_OFLAG_COPIED);
     ref.entry[1] = htobe64 (SC_ALLOC_MASK);
     put_entry (img, &ref, true);
+    fresh = false;
     r = refcount_free_later (img, first << img->cluster_bits, nfree);
     goto out;
   }
@@ -714,6 +735,8 @@ write_subclusters (struct qcow2_image *img, const uint8_t *buf, uint64_t off,
       host = c0;
     else if ((int64_t) (host = refcount_alloc (img, 1)) == -1)
       goto out;
+    else
+      fresh = true;
   }
   if (data_write (img, data, b - a, host + (a - c0)) == -1)
     goto out;
@@ -724,8 +747,11 @@ write_subclusters (struct qcow2_image *img, const uint8_t *buf, uint64_t off,
   bm = (bm | touched) & ~(touched << 32);
   ref.entry[1] = htobe64 (bm);
   put_entry (img, &ref, true);
+  fresh = false;
   r = 0;
  out:
+  if (fresh)
+    refcount_unalloc (img, host, 1);
   free (data);
   return r;
 }

@@ -20,6 +20,8 @@
  *  - at the end qcow2_check finds no corruption, every byte reads back
  *    as the model says, qcow2_close succeeds, and the file reopened from
  *    scratch checks clean (leaks allowed) and reads back the same;
+ *  - with ENOSPC, the live image has no leaks either: a full disk is not
+ *    a crash, and a request that fails gives back what it allocated;
  *  - the host file runs over the crash recorder too: a few crash states
  *    of the run (any subset of the writes after a flush) check with no
  *    corruption, so the ordering rules hold on the error paths as well;
@@ -571,6 +573,11 @@ run (const struct workload *w, const uint8_t *initial, size_t isize,
     }
     if (cr.leaks)
       leaky_runs++;
+    if (cr.leaks && f->mode == ENOSPC_FULL) {
+      fail (w, f, "live image: %" PRIu64 " leaked clusters after ENOSPC",
+            cr.leaks);
+      goto out;
+    }
     if (guarded (w, f, fio, img, &rd, true, res, &fired) == -1)
       goto out;
   }

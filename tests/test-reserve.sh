@@ -16,7 +16,8 @@
 #     data plus metadata; 64 KiB clusters fully allocated would be 2 MiB,
 #     a reservation 8 MiB or more).
 # After close, the file holds no reserved blocks beyond its size, and
-# qemu-img check is clean.
+# qemu-img check is clean.  Then, as root, a nearly full ext4 file
+# system on a loop device (see full_ext4 below).
 
 source ./functions.sh
 set -e
@@ -75,3 +76,109 @@ if [ -d /dev/shm ] && [ "$(stat -f -c %T /dev/shm)" = tmpfs ]; then
     tested=$((tested + 1))
 fi
 [ $tested -gt 0 ] || skip "neither a disk file system in $disk nor tmpfs"
+
+# A nearly full ext4 file system (root only: a loop device).  A
+# reservation that fails part way (ENOSPC: ext4 keeps the blocks it had
+# allocated) must not stay behind, and no reservation may take the last
+# free space: that belongs to the data, the image's or anyone's.
+#  1. 4 MiB free: serve, write 64 KiB, shut down.  The file system has
+#     lost no more space than the image's allocated blocks grew by.
+#  2. 4 MiB free again (as after freeing some space): a restarted server
+#     writes 2 MiB, and meanwhile another program can still write 1 MiB
+#     to the same file system; the accounting of 1 holds again.
+fs_free ()
+{
+    sync -f "$mnt"
+    stat -f -c '%a %S' "$mnt" | awk '{ print $1 * $2 }'
+}
+file_alloc ()
+{
+    stat -c '%b %B' "$1" | awk '{ print $1 * $2 }'
+}
+# leave_free BYTES: grow or shrink the filler file so that BYTES are free.
+leave_free ()
+{
+    local size
+    size=$(( $(file_alloc "$mnt/filler") + $(fs_free) - $1 ))
+    if [ "$size" -lt "$(stat -c %s "$mnt/filler")" ]; then
+        truncate -s "$size" "$mnt/filler"
+    else
+        fallocate -l "$size" "$mnt/filler"
+    fi
+}
+# accounting PHASE FREE_BEFORE SIZE_BEFORE: the file system lost no
+# more than the image's size grew by (plus a little for ext4's own
+# metadata), and the image holds no blocks beyond its size.
+accounting ()
+{
+    local free alloc size lost grew
+    free=$(fs_free)
+    alloc=$(file_alloc "$img")
+    size=$(stat -c %s "$img")
+    lost=$(( $2 - free ))
+    grew=$(( size - $3 ))
+    echo "ext4 $1: the file system lost $lost bytes, the image grew by" \
+         "$grew bytes to $size ($alloc bytes allocated)"
+    if [ "$lost" -gt $(( grew + 256 * 1024 )) ] ||
+       [ "$alloc" -gt $(( size + 256 * 1024 )) ]; then
+        echo "$0: FAIL: ext4 $1: the file system lost $lost bytes for an" \
+             "image that grew by $grew bytes to $size, with $alloc bytes" \
+             "allocated (a reservation was kept)" >&2
+        full_failed="$full_failed $1"
+    fi
+}
+
+full_ext4 ()
+{
+    local fs=$tmpdir/ext4.img free0 size0 r
+    mnt=$tmpdir/ext4
+    img=$mnt/disk.qcow2
+    truncate -s 56M "$fs"
+    loop=$(losetup -f --show "$fs")
+    cleanup_fn losetup -d "$loop"
+    mkfs.ext4 -q -m 0 "$loop"
+    mkdir "$mnt"
+    mount "$loop" "$mnt"
+    cleanup_fn umount "$mnt"
+    qemu-img create -q -f qcow2 -o cluster_size=65536 "$img" 1G
+    : > "$mnt/filler"
+
+    leave_free $((4 * 1024 * 1024))
+    free0=$(fs_free)
+    size0=$(stat -c %s "$img")
+    serve_run file="$img" --run '
+        nbdsh -u "$uri" -c "h.pwrite(b\"\\x5a\" * 65536, 1024**2); h.flush()"'
+    accounting 1 "$free0" "$size0"
+
+    leave_free $((4 * 1024 * 1024))
+    free0=$(fs_free)
+    size0=$(stat -c %s "$img")
+    r=0
+    serve_run file="$img" --run '
+        nbdsh -u "$uri" -c "
+for i in range(32):
+    h.pwrite(b\"\\x6b\" * 65536, 64 * 1024**2 + i * 65536)
+h.flush()
+" &&
+        dd if=/dev/zero of="'"$mnt"'/other" bs=64k count=16 conv=fsync \
+           status=none' || r=$?
+    if [ $r -ne 0 ]; then
+        echo "$0: FAIL: ext4 2: with 4 MiB free, writing 2 MiB to the" \
+             "image and 1 MiB to another file failed" >&2
+        full_failed="$full_failed 2-write"
+    fi
+    rm -f "$mnt/other"
+    accounting 2 "$free0" "$size0"
+    qcheck "$img"
+    [ -z "$full_failed" ] ||
+        fail "ext4 nearly full: failed:$full_failed"
+}
+
+full_failed=
+if [ "$(id -u)" = 0 ] && command -v mkfs.ext4 >/dev/null &&
+   command -v losetup >/dev/null; then
+    full_ext4
+else
+    echo "$0: note: the nearly full ext4 case needs root, mkfs.ext4 and" \
+         "losetup: not tested"
+fi
