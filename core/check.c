@@ -12,9 +12,11 @@
  *
  * Repair writes the computed counts over the stored ones (creating
  * refcount blocks where a used range has none), then fixes the COPIED
- * flags of the active L1 and L2 tables.  It runs at open, before the
- * image is shared, for images whose dirty bit says refcounts may be
- * stale (lazy refcounts, or a crash while the bit was set).
+ * flags of the active L1 and L2 tables.  check_repair_dirty runs it
+ * before the first write (called by the write path, so a read-only
+ * server never changes the file) for images whose dirty bit says
+ * refcounts may be stale (lazy refcounts, or a crash while the bit was
+ * set), and with check=repair at start.
  *
  * Memory: one 32-bit counter per host cluster of the file.
  */
@@ -434,4 +436,39 @@ qcow2_check (struct qcow2_image *img, bool repair,
   }
   pthread_rwlock_unlock (&img->lock);
   return r;
+}
+
+/* The dirty bit says refcounts may be stale (lazy refcounts, or a crash
+ * while they were being updated lazily): rebuild them before the first
+ * write.  This waits for a write so that a read-only server never
+ * changes the file.  The L2 cache is emptied because the repair rewrites
+ * COPIED flags on disk.
+ */
+int
+check_repair_dirty (struct qcow2_image *img)
+{
+  struct qcow2_check_result res;
+
+  if (check_image (img, true, &res) == -1) {
+    /* A host I/O error (EIO, ENOSPC) is passed on and the repair is
+     * tried again by the next write (the dirty bit is still set).  A
+     * repair that cannot succeed leaves the image read-only.
+     */
+    if (errno == ENOTSUP || errno == EFBIG || img->corrupt) {
+      nbdkit_error ("%s: image was not closed cleanly (dirty bit set) and "
+                    "could not be repaired: it stays read-only (repair it "
+                    "with 'qemu-img check -r all')", img->name);
+      img->readonly = true;
+      errno = EROFS;
+    }
+    return -1;
+  }
+  cluster_forget_all (img);
+  nbdkit_debug ("%s: dirty image repaired: %" PRIu64 " leaked and %" PRIu64
+                " missing references fixed", img->name, res.leaks,
+                res.corruptions);
+  img->incompat &= ~INCOMPAT_DIRTY;
+  if (header_write_features (img) == -1 || io_flush (img->io) == -1)
+    return -1;
+  return 0;
 }

@@ -530,46 +530,6 @@ header_mark_corrupt (struct qcow2_image *img, const char *fmt, ...)
   return -1;
 }
 
-/* Called before the first change to the image: clear autoclear bits we
- * do not maintain (unknown ones, and bitmaps, which this plugin does not
- * update) and set the dirty bit if refcounts will be updated lazily.
- * The change is synced before any metadata it protects is written.
- */
-/* The dirty bit says refcounts may be stale (lazy refcounts, or a crash
- * while they were being updated lazily): rebuild them before the first
- * write.  This waits for a write so that a read-only server never
- * changes the file.  The L2 cache is emptied because the repair rewrites
- * COPIED flags on disk.
- */
-static int
-repair_dirty (struct qcow2_image *img)
-{
-  struct qcow2_check_result res;
-
-  if (check_image (img, true, &res) == -1) {
-    /* A host I/O error (EIO, ENOSPC) is passed on and the repair is
-     * tried again by the next write (the dirty bit is still set).  A
-     * repair that cannot succeed leaves the image read-only.
-     */
-    if (errno == ENOTSUP || errno == EFBIG || img->corrupt) {
-      nbdkit_error ("%s: image was not closed cleanly (dirty bit set) and "
-                    "could not be repaired: it stays read-only (repair it "
-                    "with 'qemu-img check -r all')", img->name);
-      img->readonly = true;
-      errno = EROFS;
-    }
-    return -1;
-  }
-  cluster_forget_all (img);
-  nbdkit_debug ("%s: dirty image repaired: %" PRIu64 " leaked and %" PRIu64
-                " missing references fixed", img->name, res.leaks,
-                res.corruptions);
-  img->incompat &= ~INCOMPAT_DIRTY;
-  if (header_write_features (img) == -1 || io_flush (img->io) == -1)
-    return -1;
-  return 0;
-}
-
 /* True when header_prepare_write has nothing left to do (it needs
  * img->lock only shared).
  */
@@ -582,15 +542,17 @@ header_write_ready (const struct qcow2_image *img)
     (img->dirty_written || !(img->compat & COMPAT_LAZY_REFCOUNTS));
 }
 
+/* Called before the first change to the image: clear autoclear bits we
+ * do not maintain (unknown ones, and bitmaps, which this plugin does not
+ * update) and set the dirty bit if refcounts will be updated lazily.
+ * The change is synced before any metadata it protects is written.  An
+ * image left dirty must have been repaired first (check_repair_dirty).
+ */
 int
 header_prepare_write (struct qcow2_image *img)
 {
   uint64_t keep = AUTOCLEAR_DATA_FILE_RAW;
   bool change = false;
-
-  if ((img->incompat & INCOMPAT_DIRTY) && !img->dirty_written &&
-      repair_dirty (img) == -1)
-    return -1;
 
   if (img->autoclear_cleared && (img->dirty_written ||
                                  !(img->compat & COMPAT_LAZY_REFCOUNTS)))

@@ -282,6 +282,10 @@ extern void cluster_forget_all (struct qcow2_image *img);
 /* check.c */
 extern int check_image (struct qcow2_image *img, bool repair,
                         struct qcow2_check_result *res);
+/* Before the first write to an image left dirty (dirty bit set, not by
+ * us): rebuild the refcounts and clear the bit.
+ */
+extern int check_repair_dirty (struct qcow2_image *img);
 
 /* write.c */
 extern int write_before_l2_slice (void *img, uint64_t off, uint32_t len);

@@ -797,6 +797,9 @@ check_writable (struct qcow2_image *img)
     errno = EIO;
     return -1;
   }
+  if ((img->incompat & INCOMPAT_DIRTY) && !img->dirty_written &&
+      check_repair_dirty (img) == -1)
+    return -1;
   return header_prepare_write (img);
 }
 
