@@ -884,17 +884,76 @@ write_in_place_cached (struct qcow2_image *img, const uint8_t *p,
   return write_in_place_unlock (img, p, &m);
 }
 
+/* The request [offset, offset+count) must lie inside the disk. */
+static int
+check_range (struct qcow2_image *img, uint64_t count, uint64_t offset,
+             const char *what)
+{
+  if (offset > img->size || count > img->size - offset) {
+    errno = EINVAL;
+    nbdkit_error ("%s: %s beyond end of disk", img->name, what);
+    return -1;
+  }
+  return 0;
+}
+
+/* The whole clusters [*a, *b) inside guest [offset, offset+count); the
+ * partial last cluster of the disk counts as whole.
+ */
+static void
+whole_clusters (const struct qcow2_image *img, uint64_t count,
+                uint64_t offset, uint64_t *a, uint64_t *b)
+{
+  uint64_t cs = img->cluster_size;
+
+  *a = round_up_pow2 (offset, cs);
+  *b = (offset + count) & ~(cs - 1);
+  if (offset + count == img->size)
+    *b = round_up_pow2 (img->size, cs);
+}
+
+/* The start of a zero or trim: the range checked, img->lock held
+ * exclusively with no write in flight over the range, the image
+ * writable.  On -1 no lock is held.
+ */
+static int
+change_begin (struct qcow2_image *img, uint64_t count, uint64_t offset,
+              const char *what)
+{
+  if (check_range (img, count, offset, what) == -1)
+    return -1;
+  do
+    pthread_rwlock_wrlock (&img->lock);
+  while (inflight_wait (img, offset, count));
+  if (check_writable (img) == -1) {
+    pthread_rwlock_unlock (&img->lock);
+    return -1;
+  }
+  return 0;
+}
+
+/* The end of a zero or trim that returned r: commit frees if many are
+ * pending, drop the lock, flush for FUA.
+ */
+static int
+change_end (struct qcow2_image *img, int r, unsigned flags)
+{
+  if (r == 0)
+    r = maybe_commit (img);
+  pthread_rwlock_unlock (&img->lock);
+  if (r == 0 && (flags & QCOW2_F_FUA))
+    return qcow2_flush (img);
+  return r;
+}
+
 int
 qcow2_pwrite (struct qcow2_image *img, const void *buf, uint64_t count,
               uint64_t offset, unsigned flags)
 {
   const uint8_t *p = buf;
 
-  if (offset > img->size || count > img->size - offset) {
-    errno = EINVAL;
-    nbdkit_error ("%s: write beyond end of disk", img->name);
+  if (check_range (img, count, offset, "write") == -1)
     return -1;
-  }
   while (count > 0) {
     struct mapping m;
     int64_t n;
@@ -1071,23 +1130,12 @@ qcow2_zero (struct qcow2_image *img, uint64_t count, uint64_t offset,
   bool meta = img->version >= 3 && !(img->autoclear & AUTOCLEAR_DATA_FILE_RAW);
   int r = -1;
 
-  if (offset > img->size || count > img->size - offset) {
-    errno = EINVAL;
-    nbdkit_error ("%s: zero beyond end of disk", img->name);
+  if (change_begin (img, count, offset, "zero") == -1)
     return -1;
-  }
-  do
-    pthread_rwlock_wrlock (&img->lock);
-  while (inflight_wait (img, offset, count));
-  if (check_writable (img) == -1)
-    goto out;
   /* Whole clusters [a, b) change metadata; the ragged edges (and
    * everything on v2 or raw external data) get real zeroes.
    */
-  a = round_up_pow2 (offset, cs);
-  b = (offset + count) & ~(cs - 1);
-  if (offset + count == img->size)
-    b = round_up_pow2 (img->size, cs);
+  whole_clusters (img, count, offset, &a, &b);
   /* A fast zero that would need real zeroes anywhere fails before it
    * changes anything.
    */
@@ -1120,14 +1168,9 @@ qcow2_zero (struct qcow2_image *img, uint64_t count, uint64_t offset,
          write_zeroes (img, b, offset + count - b, flags) == -1))
       goto out;
   }
-  if (maybe_commit (img) == -1)
-    goto out;
   r = 0;
  out:
-  pthread_rwlock_unlock (&img->lock);
-  if (r == 0 && (flags & QCOW2_F_FUA))
-    return qcow2_flush (img);
-  return r;
+  return change_end (img, r, flags);
 }
 
 int
@@ -1135,34 +1178,15 @@ qcow2_trim (struct qcow2_image *img, uint64_t count, uint64_t offset,
             unsigned flags)
 {
   uint64_t cs = img->cluster_size, a, b;
-  int r = -1;
+  int r = 0;
 
-  if (offset > img->size || count > img->size - offset) {
-    errno = EINVAL;
-    nbdkit_error ("%s: trim beyond end of disk", img->name);
+  if (change_begin (img, count, offset, "trim") == -1)
     return -1;
-  }
-  do
-    pthread_rwlock_wrlock (&img->lock);
-  while (inflight_wait (img, offset, count));
-  if (check_writable (img) == -1)
-    goto out;
   /* Trim is advisory: only whole clusters, and nothing with an external
    * data file (whose contents must stay as they are when raw).
    */
-  a = round_up_pow2 (offset, cs);
-  b = (offset + count) & ~(cs - 1);
-  if (offset + count == img->size)
-    b = round_up_pow2 (img->size, cs);
-  if (a < b && !img->data_file_name &&
-      zero_clusters (img, a, (b - a) / cs, true, true) == -1)
-    goto out;
-  if (maybe_commit (img) == -1)
-    goto out;
-  r = 0;
- out:
-  pthread_rwlock_unlock (&img->lock);
-  if (r == 0 && (flags & QCOW2_F_FUA))
-    return qcow2_flush (img);
-  return r;
+  whole_clusters (img, count, offset, &a, &b);
+  if (a < b && !img->data_file_name)
+    r = zero_clusters (img, a, (b - a) / cs, true, true);
+  return change_end (img, r, flags);
 }

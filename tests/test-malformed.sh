@@ -135,11 +135,20 @@ t data-file-no-name 'base; poke $img 72 8 0x4'          'data file'
 
 # Makers too long for one line.
 
+# qemu-img times its key derivation to pick an iteration count; on a
+# busy machine that measurement can fail ("Unable to get accurate CPU
+# usage"), so try a few times.
 make_luks ()
 {
-  qemu-img create -q -f qcow2 --object secret,id=sec0,data=abc \
-    -o encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10 \
-    "$img" 16M
+  local try
+  for try in 1 2 3 4 5; do
+    rm -f "$img"
+    qemu-img create -q -f qcow2 --object secret,id=sec0,data=abc \
+      -o encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=50 \
+      "$img" 16M && return 0
+    sleep 1
+  done
+  return 1
 }
 
 # The image names itself as its backing file (-u: qemu-img would
