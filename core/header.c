@@ -1,19 +1,40 @@
 /* nbdkit-qcow2: the image header and its extensions.
  * Copyright (C) 2026 the nbdkit-qcow2 authors.  BSD-3-Clause, see LICENSE.
  *
+ * What this file owns: parsing and validating the header and its
+ * extensions (header_read), the three feature words and their writer
+ * (header_write_features), marking the image corrupt
+ * (header_mark_corrupt), preparing the header for the first write
+ * (header_prepare_write: clear the autoclear bits this code does not
+ * maintain, set the dirty bit for lazy refcounts) and marking it clean
+ * on a clean close (header_mark_clean).  It calls only the io layer and
+ * compress.c's qcow2_have_zstd, nothing above it.
+ *
  * header_read validates every header field and extension before anything
  * else uses it: an offset or size that comes from the file is checked
  * against the file size and against fixed limits (format.h) before any
  * memory is allocated for it, and every failure names the field and the
  * bad value.  Only what cannot be served is refused: unknown
- * incompatible feature bits and encryption.
+ * incompatible feature bits, encryption, a version other than 2 or 3,
+ * and a compression type this build cannot decode.  The steps run in
+ * the order the fields depend on each other, and the first failure is
+ * the one reported:
  *
- * The header is rewritten only in place and only field by field (the
- * feature words, the refcount table pointer), so fields and extensions
- * this code does not understand are preserved as the spec requires.
+ *   read_first_cluster -> read_fixed_fields (magic, version, clusters)
+ *   -> read_version_fields (v3: feature words, header length)
+ *   -> read_extensions -> check_features -> check_encoding
+ *   -> derive_geometry -> check_l1_table -> check_other_tables
+ *   -> read_backing_name -> check_data_file
  *
- * Locking: header_read runs before the image is shared; the writers
- * below are called with img->lock held.
+ * The header is only ever rewritten in place, a few fields at a time,
+ * so fields and extensions this code does not understand are preserved
+ * as the spec requires.  This file writes only the feature words; the
+ * refcount table pointer is rewritten by refcount.c (grow_reftable) and
+ * the whole header is written once, by create.c.
+ *
+ * Locking: header_read runs at open and header_mark_clean at close, when
+ * no request runs; the other writers are called with img->lock held
+ * exclusively, and header_write_ready needs it only shared.
  */
 
 #ifdef HAVE_CONFIG_H
