@@ -1,19 +1,40 @@
 /* nbdkit-qcow2: the image header and its extensions.
  * Copyright (C) 2026 the nbdkit-qcow2 authors.  BSD-3-Clause, see LICENSE.
  *
+ * What this file owns: parsing and validating the header and its
+ * extensions (header_read), the three feature words and their writer
+ * (header_write_features), marking the image corrupt
+ * (header_mark_corrupt), preparing the header for the first write
+ * (header_prepare_write: clear the autoclear bits this code does not
+ * maintain, set the dirty bit for lazy refcounts) and marking it clean
+ * on a clean close (header_mark_clean).  It calls only the io layer and
+ * compress.c's qcow2_have_zstd, nothing above it.
+ *
  * header_read validates every header field and extension before anything
  * else uses it: an offset or size that comes from the file is checked
  * against the file size and against fixed limits (format.h) before any
  * memory is allocated for it, and every failure names the field and the
  * bad value.  Only what cannot be served is refused: unknown
- * incompatible feature bits and encryption.
+ * incompatible feature bits, encryption, a version other than 2 or 3,
+ * and a compression type this build cannot decode.  The steps run in
+ * the order the fields depend on each other, and the first failure is
+ * the one reported:
  *
- * The header is rewritten only in place and only field by field (the
- * feature words, the refcount table pointer), so fields and extensions
- * this code does not understand are preserved as the spec requires.
+ *   read_first_cluster -> read_fixed_fields (magic, version, clusters)
+ *   -> read_version_fields (v3: feature words, header length)
+ *   -> read_extensions -> check_features -> check_encoding
+ *   -> derive_geometry -> check_l1_table -> check_other_tables
+ *   -> read_backing_name -> check_data_file
  *
- * Locking: header_read runs before the image is shared; the writers
- * below are called with img->lock held.
+ * The header is only ever rewritten in place, a few fields at a time,
+ * so fields and extensions this code does not understand are preserved
+ * as the spec requires.  This file writes only the feature words; the
+ * refcount table pointer is rewritten by refcount.c (grow_reftable) and
+ * the whole header is written once, by create.c.
+ *
+ * Locking: header_read runs at open and header_mark_clean at close, when
+ * no request runs; the other writers are called with img->lock held
+ * exclusively, and header_write_ready needs it only shared.
  */
 
 #ifdef HAVE_CONFIG_H
@@ -71,6 +92,84 @@ copy_string (const uint8_t *p, size_t len)
   return s;
 }
 
+/* One bit per extension type read below, to refuse a duplicate; 0 for
+ * the types this code ignores (and preserves).
+ */
+static uint32_t
+extension_bit (uint32_t type)
+{
+  switch (type) {
+  case EXT_BACKING_FORMAT: return 1;
+  case EXT_FEATURE_TABLE:  return 2;
+  case EXT_BITMAPS:        return 4;
+  case EXT_CRYPTO:         return 8;
+  case EXT_DATA_FILE:      return 16;
+  default:                 return 0;
+  }
+}
+
+/* Replace *dst by a copy of a string extension of at most max bytes. */
+static int
+read_string_extension (struct qcow2_image *img, uint32_t type,
+                       const uint8_t *data, uint32_t len, uint32_t max,
+                       char **dst)
+{
+  if (len > max) {
+    nbdkit_error ("%s: header extension %#" PRIx32 " string is too long "
+                  "(%" PRIu32 " bytes)", img->name, type, len);
+    errno = EIO;
+    return -1;
+  }
+  free (*dst);
+  *dst = copy_string (data, len);
+  if (*dst == NULL)
+    return -1;
+  return 0;
+}
+
+/* Read one extension whose 'len' bytes of data are inside the area. */
+static int
+read_extension (struct qcow2_image *img, uint32_t type,
+                const uint8_t *data, uint32_t len,
+                const uint8_t **ftable, uint32_t *ftable_len)
+{
+  switch (type) {
+  case EXT_BACKING_FORMAT:
+    return read_string_extension (img, type, data, len, MAX_BACKING_NAME,
+                                  &img->backing_format);
+  case EXT_FEATURE_TABLE:
+    *ftable = data;
+    *ftable_len = len;
+    return 0;
+  case EXT_BITMAPS:
+    if (len < 24) {
+      nbdkit_error ("%s: bitmaps header extension is too short (%" PRIu32
+                    " bytes)", img->name, len);
+      errno = EIO;
+      return -1;
+    }
+    img->nb_bitmaps = get_be32 (data);
+    img->bitmap_dir_size = get_be64 (data + 8);
+    img->bitmap_dir_offset = get_be64 (data + 16);
+    return 0;
+  case EXT_CRYPTO:
+    if (len < 16) {
+      nbdkit_error ("%s: crypto header extension is too short",
+                    img->name);
+      errno = EIO;
+      return -1;
+    }
+    img->crypto_offset = get_be64 (data);
+    img->crypto_length = get_be64 (data + 8);
+    return 0;
+  case EXT_DATA_FILE:
+    return read_string_extension (img, type, data, len, 4096,
+                                  &img->data_file_name);
+  default:                      /* unknown: ignored, preserved */
+    return 0;
+  }
+}
+
 /* Walk the extension area.  'buf' holds the first 'buflen' bytes of the
  * file; the area ends at 'end'.
  */
@@ -84,7 +183,6 @@ read_extensions (struct qcow2_image *img, const uint8_t *buf, uint64_t end,
   while (off + 8 <= end) {
     uint32_t type = get_be32 (&buf[off]);
     uint32_t len = get_be32 (&buf[off+4]);
-    const uint8_t *data = &buf[off+8];
 
     if (type == EXT_END)
       break;
@@ -95,73 +193,20 @@ read_extensions (struct qcow2_image *img, const uint8_t *buf, uint64_t end,
       errno = EIO;
       return -1;
     }
-    switch (type) {
-    case EXT_BACKING_FORMAT:
-      if (seen & 1) goto dup;
-      seen |= 1;
-      if (len > MAX_BACKING_NAME) goto toolong;
-      free (img->backing_format);
-      img->backing_format = copy_string (data, len);
-      if (!img->backing_format) return -1;
-      break;
-    case EXT_FEATURE_TABLE:
-      if (seen & 2) goto dup;
-      seen |= 2;
-      *ftable = data;
-      *ftable_len = len;
-      break;
-    case EXT_BITMAPS:
-      if (seen & 4) goto dup;
-      seen |= 4;
-      if (len < 24) {
-        nbdkit_error ("%s: bitmaps header extension is too short (%" PRIu32
-                      " bytes)", img->name, len);
-        errno = EIO;
-        return -1;
-      }
-      img->nb_bitmaps = get_be32 (data);
-      img->bitmap_dir_size = get_be64 (data + 8);
-      img->bitmap_dir_offset = get_be64 (data + 16);
-      break;
-    case EXT_CRYPTO:
-      if (seen & 8) goto dup;
-      seen |= 8;
-      if (len < 16) {
-        nbdkit_error ("%s: crypto header extension is too short",
-                      img->name);
-        errno = EIO;
-        return -1;
-      }
-      img->crypto_offset = get_be64 (data);
-      img->crypto_length = get_be64 (data + 8);
-      break;
-    case EXT_DATA_FILE:
-      if (seen & 16) goto dup;
-      seen |= 16;
-      if (len > 4096) goto toolong;
-      free (img->data_file_name);
-      img->data_file_name = copy_string (data, len);
-      if (!img->data_file_name) return -1;
-      break;
-    default:                    /* unknown: ignored, preserved */
-      break;
+    if (seen & extension_bit (type)) {
+      nbdkit_error ("%s: header extension %#" PRIx64 " appears twice",
+                    img->name, (uint64_t) type);
+      errno = EIO;
+      return -1;
     }
+    seen |= extension_bit (type);
+    if (read_extension (img, type, &buf[off+8], len,
+                        ftable, ftable_len) == -1)
+      return -1;
     off += 8 + round_up_pow2 (len, 8);
   }
   img->ext_end = off;
   return 0;
-
- dup:
-  nbdkit_error ("%s: header extension %#" PRIx64 " appears twice",
-                img->name, (uint64_t) get_be32 (&buf[off]));
-  errno = EIO;
-  return -1;
- toolong:
-  nbdkit_error ("%s: header extension %#" PRIx32 " string is too long "
-                "(%" PRIu32 " bytes)", img->name, get_be32 (&buf[off]),
-                get_be32 (&buf[off+4]));
-  errno = EIO;
-  return -1;
 }
 
 /* Check that a table [off, off+len) is aligned and inside the file. */
@@ -219,48 +264,48 @@ fail (struct qcow2_image *img, int err, const char *fmt, ...)
   return -1;
 }
 
-int
-header_read (struct qcow2_image *img)
+/* The header and its extensions live in the first cluster, which is at
+ * most 2 MiB.  Check that the file can hold a header and return what is
+ * there of that cluster (*buflen bytes), or NULL.
+ */
+static uint8_t *
+read_first_cluster (struct qcow2_image *img, int64_t file_size,
+                    uint64_t *buflen)
 {
-  int64_t file_size = io_size (img->io);
-  uint8_t *buf = NULL;
-  const uint8_t *ftable = NULL;
-  uint32_t ftable_len = 0;
-  uint64_t buflen, area_end, need, unknown;
-  uint32_t magic;
-  int r = -1;
+  uint8_t *buf;
 
-  if (file_size == -1) {
-    nbdkit_error ("%s: cannot get file size: %m", img->name);
-    return -1;
+  if (file_size < HDR_V2_LENGTH) {
+    fail (img, EIO, "not a qcow2 image (file too short: %" PRIi64
+          " bytes)", file_size);
+    return NULL;
   }
-  if (file_size < HDR_V2_LENGTH)
-    return fail (img, EIO, "not a qcow2 image (file too short: %" PRIi64
-                 " bytes)", file_size);
-
-  /* The header and its extensions live in the first cluster, which is
-   * at most 2 MiB.  Read what is there of it.
-   */
-  buflen = min_u64 (file_size, UINT64_C(1) << MAX_CLUSTER_BITS);
-  buf = malloc (buflen);
+  *buflen = min_u64 (file_size, UINT64_C(1) << MAX_CLUSTER_BITS);
+  buf = malloc (*buflen);
   if (buf == NULL)
-    return -1;
-  if (io_pread (img->io, buf, buflen, 0) == -1) {
+    return NULL;
+  if (io_pread (img->io, buf, *buflen, 0) == -1) {
     nbdkit_error ("%s: reading header: %m", img->name);
-    goto out;
+    free (buf);
+    return NULL;
   }
+  return buf;
+}
 
-  magic = get_be32 (&buf[HDR_MAGIC]);
-  if (magic != QCOW2_MAGIC) {
-    fail (img, EIO, "not a qcow2 image (bad magic %#" PRIx32 ")", magic);
-    goto out;
-  }
+/* The fields every version has: magic, version, the fixed fields, and
+ * the cluster size, which everything after depends on.
+ */
+static int
+read_fixed_fields (struct qcow2_image *img, const uint8_t *buf)
+{
+  uint32_t magic = get_be32 (&buf[HDR_MAGIC]);
+
+  if (magic != QCOW2_MAGIC)
+    return fail (img, EIO, "not a qcow2 image (bad magic %#" PRIx32 ")",
+                 magic);
   img->version = get_be32 (&buf[HDR_VERSION]);
-  if (img->version != 2 && img->version != 3) {
-    fail (img, ENOTSUP, "unsupported qcow2 version %" PRIu32
-          " (only 2 and 3 are supported)", img->version);
-    goto out;
-  }
+  if (img->version != 2 && img->version != 3)
+    return fail (img, ENOTSUP, "unsupported qcow2 version %" PRIu32
+                 " (only 2 and 3 are supported)", img->version);
   img->backing_file_offset = get_be64 (&buf[HDR_BACKING_FILE_OFFSET]);
   img->backing_file_size = get_be32 (&buf[HDR_BACKING_FILE_SIZE]);
   img->cluster_bits = get_be32 (&buf[HDR_CLUSTER_BITS]);
@@ -274,194 +319,260 @@ header_read (struct qcow2_image *img)
   img->snapshots_offset = get_be64 (&buf[HDR_SNAPSHOTS_OFFSET]);
 
   if (img->cluster_bits < MIN_CLUSTER_BITS ||
-      img->cluster_bits > MAX_CLUSTER_BITS) {
-    fail (img, EIO, "cluster_bits %" PRIu32 " out of range (%d-%d)",
-          img->cluster_bits, MIN_CLUSTER_BITS, MAX_CLUSTER_BITS);
-    goto out;
-  }
+      img->cluster_bits > MAX_CLUSTER_BITS)
+    return fail (img, EIO, "cluster_bits %" PRIu32 " out of range (%d-%d)",
+                 img->cluster_bits, MIN_CLUSTER_BITS, MAX_CLUSTER_BITS);
   img->cluster_size = UINT32_C(1) << img->cluster_bits;
+  return 0;
+}
 
+/* Version 2 has fixed values for what version 3 stores: the feature
+ * words, the refcount order, the header length, the compression type.
+ */
+static int
+read_version_fields (struct qcow2_image *img, const uint8_t *buf,
+                     uint64_t buflen, int64_t file_size)
+{
   if (img->version == 2) {
     img->header_length = HDR_V2_LENGTH;
     img->refcount_order = 4;
+    return 0;
   }
-  else {
-    if (file_size < HDR_V3_MIN_LENGTH) {
-      fail (img, EIO, "not a qcow2 image (file too short for a version 3 "
-            "header: %" PRIi64 " bytes)", file_size);
-      goto out;
-    }
-    img->incompat = get_be64 (&buf[HDR_INCOMPATIBLE_FEATURES]);
-    img->compat = get_be64 (&buf[HDR_COMPATIBLE_FEATURES]);
-    img->autoclear = get_be64 (&buf[HDR_AUTOCLEAR_FEATURES]);
-    img->refcount_order = get_be32 (&buf[HDR_REFCOUNT_ORDER]);
-    img->header_length = get_be32 (&buf[HDR_HEADER_LENGTH]);
-    if (img->header_length < HDR_V3_MIN_LENGTH ||
-        img->header_length % 8 != 0 ||
-        img->header_length > img->cluster_size ||
-        img->header_length > buflen) {
-      fail (img, EIO, "header_length %" PRIu32 " is invalid (must be a "
-            "multiple of 8, at least %d and inside the first cluster)",
-            img->header_length, HDR_V3_MIN_LENGTH);
-      goto out;
-    }
-    if (img->header_length > HDR_COMPRESSION_TYPE)
-      img->compression_type = buf[HDR_COMPRESSION_TYPE];
-  }
+  if (file_size < HDR_V3_MIN_LENGTH)
+    return fail (img, EIO, "not a qcow2 image (file too short for a "
+                 "version 3 header: %" PRIi64 " bytes)", file_size);
+  img->incompat = get_be64 (&buf[HDR_INCOMPATIBLE_FEATURES]);
+  img->compat = get_be64 (&buf[HDR_COMPATIBLE_FEATURES]);
+  img->autoclear = get_be64 (&buf[HDR_AUTOCLEAR_FEATURES]);
+  img->refcount_order = get_be32 (&buf[HDR_REFCOUNT_ORDER]);
+  img->header_length = get_be32 (&buf[HDR_HEADER_LENGTH]);
+  if (img->header_length < HDR_V3_MIN_LENGTH ||
+      img->header_length % 8 != 0 ||
+      img->header_length > img->cluster_size ||
+      img->header_length > buflen)
+    return fail (img, EIO, "header_length %" PRIu32 " is invalid (must be "
+                 "a multiple of 8, at least %d and inside the first "
+                 "cluster)", img->header_length, HDR_V3_MIN_LENGTH);
+  if (img->header_length > HDR_COMPRESSION_TYPE)
+    img->compression_type = buf[HDR_COMPRESSION_TYPE];
+  return 0;
+}
 
-  /* Features.  Unknown incompatible bits and encryption are the only
-   * things refused for reading.
-   */
-  area_end = min_u64 (img->cluster_size, buflen);
-  if (img->backing_file_offset > 0 && img->backing_file_offset < area_end)
-    area_end = img->backing_file_offset;
-  if (read_extensions (img, buf, area_end, &ftable, &ftable_len) == -1)
-    goto out;
+/* The extensions end at the end of the first cluster, or earlier where
+ * the backing file name starts.
+ */
+static uint64_t
+extensions_end (const struct qcow2_image *img, uint64_t buflen)
+{
+  uint64_t end = min_u64 (img->cluster_size, buflen);
 
-  unknown = img->incompat & ~INCOMPAT_KNOWN;
+  if (img->backing_file_offset > 0 && img->backing_file_offset < end)
+    end = img->backing_file_offset;
+  return end;
+}
+
+/* Features.  Unknown incompatible bits and encryption are the only
+ * things refused for reading.  The feature table names the bits.
+ */
+static int
+check_features (struct qcow2_image *img,
+                const uint8_t *ftable, uint32_t ftable_len)
+{
+  uint64_t unknown = img->incompat & ~INCOMPAT_KNOWN;
+
   if (unknown) {
     char names[512];
     name_features (ftable, ftable_len, 0, unknown, names, sizeof names);
-    fail (img, ENOTSUP, "image uses unknown incompatible feature bit(s) "
-          "%s (%#" PRIx64 "); refusing to open it", names, unknown);
-    goto out;
+    return fail (img, ENOTSUP, "image uses unknown incompatible feature "
+                 "bit(s) %s (%#" PRIx64 "); refusing to open it",
+                 names, unknown);
   }
-  if (img->crypt_method == CRYPT_AES) {
-    fail (img, ENOTSUP, "encrypted images are not supported "
-          "(crypt_method 1, AES)");
-    goto out;
-  }
-  if (img->crypt_method == CRYPT_LUKS) {
-    fail (img, ENOTSUP, "encrypted images are not supported "
-          "(crypt_method 2, LUKS)");
-    goto out;
-  }
-  if (img->crypt_method != CRYPT_NONE) {
-    fail (img, ENOTSUP, "unknown encryption method (crypt_method %"
-          PRIu32 ")", img->crypt_method);
-    goto out;
-  }
+  if (img->crypt_method == CRYPT_AES)
+    return fail (img, ENOTSUP, "encrypted images are not supported "
+                 "(crypt_method 1, AES)");
+  if (img->crypt_method == CRYPT_LUKS)
+    return fail (img, ENOTSUP, "encrypted images are not supported "
+                 "(crypt_method 2, LUKS)");
+  if (img->crypt_method != CRYPT_NONE)
+    return fail (img, ENOTSUP, "unknown encryption method (crypt_method %"
+                 PRIu32 ")", img->crypt_method);
+  return 0;
+}
 
-  if (img->refcount_order > 6) {
-    fail (img, EIO, "refcount_order %" PRIu32 " is invalid (maximum 6)",
-          img->refcount_order);
-    goto out;
-  }
+/* How refcounts and compressed clusters are encoded. */
+static int
+check_encoding (struct qcow2_image *img)
+{
+  if (img->refcount_order > 6)
+    return fail (img, EIO, "refcount_order %" PRIu32 " is invalid "
+                 "(maximum 6)", img->refcount_order);
   img->refcount_bits = UINT32_C(1) << img->refcount_order;
 
   if (!!(img->incompat & INCOMPAT_COMPRESSION) !=
-      (img->compression_type != COMPRESSION_DEFLATE)) {
-    fail (img, EIO, "compression type %u does not agree with the "
-          "compression type feature bit", img->compression_type);
-    goto out;
-  }
-  if (img->compression_type > COMPRESSION_ZSTD) {
-    fail (img, ENOTSUP, "unknown compression type %u",
-          img->compression_type);
-    goto out;
-  }
-  if (img->compression_type == COMPRESSION_ZSTD && !qcow2_have_zstd ()) {
-    fail (img, ENOTSUP, "image uses zstd compression but this plugin "
-          "was built without libzstd");
-    goto out;
-  }
+      (img->compression_type != COMPRESSION_DEFLATE))
+    return fail (img, EIO, "compression type %u does not agree with the "
+                 "compression type feature bit", img->compression_type);
+  if (img->compression_type > COMPRESSION_ZSTD)
+    return fail (img, ENOTSUP, "unknown compression type %u",
+                 img->compression_type);
+  if (img->compression_type == COMPRESSION_ZSTD && !qcow2_have_zstd ())
+    return fail (img, ENOTSUP, "image uses zstd compression but this "
+                 "plugin was built without libzstd");
+  return 0;
+}
 
-  /* Geometry. */
+/* Geometry: L2 entry and subcluster sizes, refcount block entries, and
+ * the limit on the virtual size.
+ */
+static int
+derive_geometry (struct qcow2_image *img)
+{
   img->ext_l2 = !!(img->incompat & INCOMPAT_EXTL2);
-  if (img->ext_l2 && img->cluster_bits < 14) {
-    fail (img, EIO, "extended L2 entries need clusters of at least "
-          "16 KiB (cluster_bits %" PRIu32 ", subclusters would be smaller "
-          "than 512 bytes)", img->cluster_bits);
-    goto out;
-  }
+  if (img->ext_l2 && img->cluster_bits < 14)
+    return fail (img, EIO, "extended L2 entries need clusters of at least "
+                 "16 KiB (cluster_bits %" PRIu32 ", subclusters would be "
+                 "smaller than 512 bytes)", img->cluster_bits);
   img->l2_entry_shift = img->ext_l2 ? 4 : 3;
   img->l2_bits = img->cluster_bits - img->l2_entry_shift;
   img->subcluster_bits = img->ext_l2 ? img->cluster_bits - 5
                                      : img->cluster_bits;
   img->rb_bits = img->cluster_bits + 3 - img->refcount_order;
 
-  if (img->size > MAX_VIRTUAL_SIZE) {
-    fail (img, EFBIG, "virtual size %" PRIu64 " is too large", img->size);
-    goto out;
-  }
+  if (img->size > MAX_VIRTUAL_SIZE)
+    return fail (img, EFBIG, "virtual size %" PRIu64 " is too large",
+                 img->size);
+  return 0;
+}
+
+/* The active L1 table: inside the file and big enough to map the whole
+ * virtual size.
+ */
+static int
+check_l1_table (struct qcow2_image *img, int64_t file_size)
+{
+  uint64_t need;
+
   /* L1 entries needed to map the whole virtual size. */
   need = (img->size + (UINT64_C(1) << (img->cluster_bits + img->l2_bits))
           - 1) >> (img->cluster_bits + img->l2_bits);
   if (check_table (img, "L1 table", img->l1_offset,
                    (uint64_t) img->l1_size * 8, MAX_L1_BYTES,
                    file_size) == -1)
-    goto out;
-  if (img->l1_size < need) {
-    fail (img, EIO, "L1 table too small for the virtual size (%" PRIu32
-          " entries, %" PRIu64 " needed)", img->l1_size, need);
-    goto out;
-  }
-  if (img->reftable_clusters == 0) {
-    fail (img, EIO, "refcount table is empty (refcount_table_clusters 0)");
-    goto out;
-  }
+    return -1;
+  if (img->l1_size < need)
+    return fail (img, EIO, "L1 table too small for the virtual size (%"
+                 PRIu32 " entries, %" PRIu64 " needed)", img->l1_size, need);
+  return 0;
+}
+
+/* The other tables the header points to: the refcount table, the
+ * snapshot table and the bitmap directory.
+ */
+static int
+check_other_tables (struct qcow2_image *img, int64_t file_size)
+{
+  if (img->reftable_clusters == 0)
+    return fail (img, EIO, "refcount table is empty "
+                 "(refcount_table_clusters 0)");
   if (check_table (img, "refcount table", img->reftable_offset,
                    (uint64_t) img->reftable_clusters << img->cluster_bits,
                    MAX_REFTABLE_BYTES, file_size) == -1)
-    goto out;
-  if (img->nb_snapshots > MAX_SNAPSHOTS) {
-    fail (img, EIO, "too many snapshots (%" PRIu32 ", limit %d)",
-          img->nb_snapshots, MAX_SNAPSHOTS);
-    goto out;
-  }
+    return -1;
+  if (img->nb_snapshots > MAX_SNAPSHOTS)
+    return fail (img, EIO, "too many snapshots (%" PRIu32 ", limit %d)",
+                 img->nb_snapshots, MAX_SNAPSHOTS);
   if (img->nb_snapshots > 0 &&
       check_table (img, "snapshot table", img->snapshots_offset,
                    (uint64_t) img->nb_snapshots * SN_FIXED_SIZE,
                    UINT64_C(1) << 40, file_size) == -1)
-    goto out;
+    return -1;
   if (img->nb_bitmaps > 0 &&
       check_table (img, "bitmap directory", img->bitmap_dir_offset,
                    img->bitmap_dir_size, UINT64_C(64) << 20,
                    file_size) == -1)
-    goto out;
+    return -1;
+  return 0;
+}
 
-  /* Backing file name. */
-  if (img->backing_file_offset != 0) {
-    if (img->backing_file_size > MAX_BACKING_NAME ||
-        img->backing_file_offset > (uint64_t) file_size ||
-        img->backing_file_size > file_size - img->backing_file_offset) {
-      fail (img, EIO, "backing file name at %#" PRIx64 " (%" PRIu32
-            " bytes) is invalid (past end of file or longer than %d)",
-            img->backing_file_offset, img->backing_file_size,
-            MAX_BACKING_NAME);
-      goto out;
-    }
-    img->backing_name = malloc (img->backing_file_size + 1);
-    if (img->backing_name == NULL)
-      goto out;
-    if (io_pread (img->io, img->backing_name, img->backing_file_size,
-                  img->backing_file_offset) == -1) {
-      nbdkit_error ("%s: reading backing file name: %m", img->name);
-      goto out;
-    }
-    img->backing_name[img->backing_file_size] = '\0';
-    if (img->backing_file_size == 0 ||
-        strlen (img->backing_name) != img->backing_file_size) {
-      fail (img, EIO, "backing file name is empty or contains NUL bytes");
-      goto out;
-    }
+/* The backing file name: inside the file, not too long, no NUL bytes. */
+static int
+read_backing_name (struct qcow2_image *img, int64_t file_size)
+{
+  if (img->backing_file_offset == 0)
+    return 0;
+  if (img->backing_file_size > MAX_BACKING_NAME ||
+      img->backing_file_offset > (uint64_t) file_size ||
+      img->backing_file_size > file_size - img->backing_file_offset)
+    return fail (img, EIO, "backing file name at %#" PRIx64 " (%" PRIu32
+                 " bytes) is invalid (past end of file or longer than %d)",
+                 img->backing_file_offset, img->backing_file_size,
+                 MAX_BACKING_NAME);
+  img->backing_name = malloc (img->backing_file_size + 1);
+  if (img->backing_name == NULL)
+    return -1;
+  if (io_pread (img->io, img->backing_name, img->backing_file_size,
+                img->backing_file_offset) == -1) {
+    nbdkit_error ("%s: reading backing file name: %m", img->name);
+    return -1;
   }
+  img->backing_name[img->backing_file_size] = '\0';
+  if (img->backing_file_size == 0 ||
+      strlen (img->backing_name) != img->backing_file_size)
+    return fail (img, EIO, "backing file name is empty or contains NUL "
+                 "bytes");
+  return 0;
+}
 
-  if (img->incompat & INCOMPAT_DATA_FILE) {
-    if (img->data_file_name == NULL) {
-      fail (img, EIO, "image needs an external data file but its header "
-            "does not name one");
-      goto out;
-    }
-    if (img->backing_name && (img->autoclear & AUTOCLEAR_DATA_FILE_RAW)) {
-      fail (img, EIO, "raw external data file cannot have a backing file");
-      goto out;
-    }
-  }
-  else {
+/* The external data file: named when the feature bit says there is
+ * one, forgotten when it says there is none.
+ */
+static int
+check_data_file (struct qcow2_image *img)
+{
+  if (!(img->incompat & INCOMPAT_DATA_FILE)) {
     free (img->data_file_name);
     img->data_file_name = NULL;
+    return 0;
   }
+  if (img->data_file_name == NULL)
+    return fail (img, EIO, "image needs an external data file but its "
+                 "header does not name one");
+  if (img->backing_name && (img->autoclear & AUTOCLEAR_DATA_FILE_RAW))
+    return fail (img, EIO, "raw external data file cannot have a backing "
+                 "file");
+  return 0;
+}
+
+int
+header_read (struct qcow2_image *img)
+{
+  int64_t file_size = io_size (img->io);
+  const uint8_t *ftable = NULL;
+  uint32_t ftable_len = 0;
+  uint64_t buflen;
+  uint8_t *buf;
+  int r = -1;
+
+  if (file_size == -1) {
+    nbdkit_error ("%s: cannot get file size: %m", img->name);
+    return -1;
+  }
+  buf = read_first_cluster (img, file_size, &buflen);
+  if (buf == NULL)
+    return -1;
+
+  if (read_fixed_fields (img, buf) == -1 ||
+      read_version_fields (img, buf, buflen, file_size) == -1 ||
+      read_extensions (img, buf, extensions_end (img, buflen),
+                       &ftable, &ftable_len) == -1 ||
+      check_features (img, ftable, ftable_len) == -1 ||
+      check_encoding (img) == -1 ||
+      derive_geometry (img) == -1 ||
+      check_l1_table (img, file_size) == -1 ||
+      check_other_tables (img, file_size) == -1 ||
+      read_backing_name (img, file_size) == -1 ||
+      check_data_file (img) == -1)
+    goto out;
 
   nbdkit_debug ("%s: qcow2 v%" PRIu32 ", cluster %" PRIu32 " bytes, size %"
                 PRIu64 ", L1 %" PRIu32 " entries, refcount %" PRIu32
