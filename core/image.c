@@ -1,6 +1,10 @@
 /* nbdkit-qcow2: opening and closing images; the public entry points.
  * Copyright (C) 2026 the nbdkit-qcow2 authors.  BSD-3-Clause, see LICENSE.
  *
+ * A read-only view of an internal snapshot (qcow2_open_snapshot) is
+ * made here too: snapshot.c only describes the snapshot table, so it
+ * does not call back up into this file.
+ *
  * Open order: header (validated) -> L1 table -> refcount table ->
  * snapshot table -> caches -> overlap map -> backing chain / data file.
  * Each step validates what it reads before the next one trusts it.
@@ -236,6 +240,58 @@ qcow2_open (const char *filename, const struct qcow2_config *cfg)
     return NULL;
   }
   return img;
+}
+
+/* A read-only view of a snapshot: a second image on its own read-only
+ * descriptor of the same file, with the snapshot's L1 table and size.
+ * Its caches cannot go stale: snapshot tables are never written (the
+ * active image copies anything it shares with a snapshot before
+ * changing it, and this plugin never deletes snapshots).
+ */
+struct qcow2_image *
+qcow2_open_snapshot (struct qcow2_image *img, const char *name)
+{
+  const struct snapshot *sn = snapshot_find (img, name);
+  struct qcow2_config cfg = img->cfg;
+  struct qcow2_image *view;
+  struct qcow2_io *io;
+  uint64_t need;
+
+  if (sn == NULL) {
+    nbdkit_error ("%s: no snapshot with name or ID '%s'", img->name, name);
+    errno = ENOENT;
+    return NULL;
+  }
+  need = (sn->disk_size + (UINT64_C(1) << (img->cluster_bits + img->l2_bits))
+          - 1) >> (img->cluster_bits + img->l2_bits);
+  if (sn->l1_size < need) {
+    nbdkit_error ("%s: snapshot %s: L1 table too small for its size (%"
+                  PRIu32 " entries, %" PRIu64 " needed)", img->name,
+                  sn->id, sn->l1_size, need);
+    errno = EIO;
+    return NULL;
+  }
+  io = qcow2_io_open_file (img->name, true);
+  if (io == NULL) {
+    nbdkit_error ("%s: %m", img->name);
+    return NULL;
+  }
+  cfg.readonly = true;
+  cfg.no_locking = true;        /* the active image holds the locks */
+  view = image_open (io, img->name, img->dir, &cfg, NULL);
+  if (view == NULL)
+    return NULL;
+  free (view->l1);
+  view->l1 = snapshot_read_l1 (view, sn);
+  if (view->l1 == NULL) {
+    qcow2_close (view);
+    return NULL;
+  }
+  view->l1_size = sn->l1_size;
+  view->l1_offset = sn->l1_offset;
+  cluster_empty_forget (view, 0, UINT64_MAX);   /* nothing known of this L1 */
+  view->size = sn->disk_size;
+  return view;
 }
 
 int

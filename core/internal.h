@@ -330,6 +330,8 @@ extern int snapshot_read_table (struct qcow2_image *img);
 extern void snapshot_free_table (struct qcow2_image *img);
 extern uint64_t *snapshot_read_l1 (struct qcow2_image *img,
                                    const struct snapshot *sn);
+extern const struct snapshot *snapshot_find (const struct qcow2_image *img,
+                                             const char *name);
 
 /* refcount.c */
 extern int refcount_load (struct qcow2_image *img);
