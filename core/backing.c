@@ -1,12 +1,23 @@
 /* nbdkit-qcow2: backing files and the external data file.
  * Copyright (C) 2026 the nbdkit-qcow2 authors.  BSD-3-Clause, see LICENSE.
  *
- * A backing file is opened read-only, either as another struct
- * qcow2_image (so chains of any depth work the same way) or as a raw
- * file.  The format comes from the backing format extension when the
- * image has one, otherwise from the file's magic, as qemu-img does.
- * Relative names are resolved against the directory of the image that
- * names them, not the server's working directory.
+ * This file finds, checks, opens and locks *files*; it opens no image.
+ * The format of a backing file comes from the backing format extension
+ * when the image has one, otherwise from the file's magic, as qemu-img
+ * does.  Relative names are resolved against the directory of the image
+ * that names them, not the server's working directory.
+ *
+ * A raw backing file is read through its own io.  A qcow2 one is opened
+ * read-only as another struct qcow2_image by image.c (so chains of any
+ * depth work the same way), which hands it back as a struct qcow2_io
+ * whose pread is the backing image's guest read.  So backing_read reads
+ * both kinds alike, and neither this file nor cluster.c, which calls
+ * it, calls back up into image.c:
+ *
+ *   cluster_read -> backing_read -> io_pread (img->backing_io)
+ *                                     raw: the file
+ *                                     qcow2: image.c -> qcow2_pread
+ *                                            (the backing image)
  *
  * Loops (an image that is its own backing file, directly or further
  * down) are caught by comparing device and inode with every image
@@ -75,109 +86,84 @@ in_chain (const struct qcow2_image *child, int fd)
   return false;
 }
 
-int
-backing_open (struct qcow2_image *img)
+/* Open, check and lock the backing file that img names (it must name
+ * one): returns its io with its resolved path in *pathp (caller frees)
+ * and its format in *is_qcow2, or NULL with errno set.
+ */
+struct qcow2_io *
+backing_open_file (struct qcow2_image *img, char **pathp, bool *is_qcow2)
 {
   struct qcow2_io *io;
-  char *path = NULL, *bdir = NULL;
+  char *path;
   uint32_t magic = 0;
-  bool is_qcow2;
-  int64_t size;
-  int r = -1;
 
-  if (img->backing_name == NULL)
-    return 0;
   if (img->dir == NULL) {
     nbdkit_error ("%s: image has a backing file (%s) but no directory to "
                   "find it in", img->name, img->backing_name);
     errno = ENOENT;
-    return -1;
+    return NULL;
   }
   if (img->depth + 1 >= MAX_BACKING_DEPTH) {
     nbdkit_error ("%s: backing chain is too deep (more than %d files)",
                   img->name, MAX_BACKING_DEPTH);
     errno = ELOOP;
-    return -1;
+    return NULL;
   }
   path = resolve (img->dir, img->backing_name);
   if (path == NULL)
-    return -1;
+    return NULL;
   io = qcow2_io_open_file (path, true);
   if (io == NULL) {
     nbdkit_error ("%s: cannot open backing file %s: %m", img->name, path);
-    goto out;
+    goto err;
   }
   if (in_chain (img, io->fd)) {
     nbdkit_error ("%s: backing file %s is already in the backing chain "
                   "(a loop)", img->name, path);
-    io_close (io);
     errno = ELOOP;
-    goto out;
+    goto err_close;
   }
 
   if (img->backing_format) {
     if (strcmp (img->backing_format, "qcow2") == 0)
-      is_qcow2 = true;
+      *is_qcow2 = true;
     else if (strcmp (img->backing_format, "raw") == 0 ||
              strcmp (img->backing_format, "file") == 0)
-      is_qcow2 = false;
+      *is_qcow2 = false;
     else {
       nbdkit_error ("%s: backing file format '%s' is not supported (only "
                     "qcow2 and raw)", img->name, img->backing_format);
-      io_close (io);
       errno = ENOTSUP;
-      goto out;
+      goto err_close;
     }
   }
   else {
     if (io_pread (io, &magic, 4, 0) == -1) {
       nbdkit_error ("%s: reading backing file %s: %m", img->name, path);
-      io_close (io);
-      goto out;
+      goto err_close;
     }
-    is_qcow2 = be32toh (magic) == QCOW2_MAGIC;
+    *is_qcow2 = be32toh (magic) == QCOW2_MAGIC;
   }
 
   /* A qcow2 backing file is locked as a read-only image, a raw one as
    * QEMU locks it through its raw driver: used, everything shared.
    */
   if (!img->cfg.no_locking &&
-      (is_qcow2 ? lock_image_file (io, path, false)
-                : lock_shared_file (io, path)) == -1) {
-    io_close (io);
-    goto out;
-  }
+      (*is_qcow2 ? lock_image_file (io, path, false)
+                 : lock_shared_file (io, path)) == -1)
+    goto err_close;
+  *pathp = path;
+  return io;
 
-  if (is_qcow2) {
-    struct qcow2_config cfg = img->cfg;
-    cfg.readonly = true;
-    bdir = dir_of (path);
-    if (bdir == NULL) {
-      io_close (io);
-      goto out;
-    }
-    img->backing = image_open (io, path, bdir, &cfg, img);
-    if (img->backing == NULL)
-      goto out;
-    img->backing_size = img->backing->size;
+ err_close:
+  {
+    int e = errno;
+    io_close (io);
+    errno = e;
   }
-  else {
-    size = io_size (io);
-    if (size == -1) {
-      nbdkit_error ("%s: backing file %s: %m", img->name, path);
-      io_close (io);
-      goto out;
-    }
-    img->backing_raw = io;
-    img->backing_size = size;
-  }
-  nbdkit_debug ("%s: backing file %s (%s, %" PRIu64 " bytes)", img->name,
-                path, is_qcow2 ? "qcow2" : "raw", img->backing_size);
-  r = 0;
- out:
+ err:
   free (path);
-  free (bdir);
-  return r;
+  return NULL;
 }
 
 int
@@ -216,15 +202,13 @@ backing_open_data_file (struct qcow2_image *img)
   return 0;
 }
 
+/* Closing a qcow2 backing file's io closes its image (image.c). */
 void
 backing_close (struct qcow2_image *img)
 {
-  if (img->backing) {
-    qcow2_close (img->backing);
-    img->backing = NULL;
-  }
-  io_close (img->backing_raw);
-  img->backing_raw = NULL;
+  io_close (img->backing_io);
+  img->backing_io = NULL;
+  img->backing = NULL;
   if (img->data_io && img->data_io != img->io)
     io_close (img->data_io);
   img->data_io = NULL;
@@ -241,17 +225,11 @@ backing_read (struct qcow2_image *img, void *buf, uint64_t count,
 
   if (offset < img->backing_size)
     n = min_u64 (count, img->backing_size - offset);
-  if (n > 0) {
-    int r;
-    if (img->backing)
-      r = qcow2_pread (img->backing, buf, n, offset);
-    else {
-      r = io_pread (img->backing_raw, buf, n, offset);
-      if (r == -1)
-        nbdkit_error ("%s: reading backing file: %m", img->name);
-    }
-    if (r == -1)
-      return -1;
+  if (n > 0 && io_pread (img->backing_io, buf, n, offset) == -1) {
+    /* A qcow2 backing image has said what went wrong; a file has not. */
+    if (img->backing == NULL)
+      nbdkit_error ("%s: reading backing file: %m", img->name);
+    return -1;
   }
   memset ((char *) buf + n, 0, count - n);
   return 0;

@@ -1,6 +1,14 @@
 /* nbdkit-qcow2: opening and closing images; the public entry points.
  * Copyright (C) 2026 the nbdkit-qcow2 authors.  BSD-3-Clause, see LICENSE.
  *
+ * Every struct qcow2_image is made here: the image served, a read-only
+ * view of one of its internal snapshots (qcow2_open_snapshot), and the
+ * qcow2 images of its backing chain.  snapshot.c only describes the
+ * snapshot table and backing.c only finds, opens and locks files, so
+ * neither calls back up into this file.  A qcow2 backing image is
+ * handed to the read path as a struct qcow2_io (image_io_new), so that
+ * backing_read reads it as it reads a raw file.
+ *
  * Open order: header (validated) -> L1 table -> refcount table ->
  * snapshot table -> caches -> overlap map -> backing chain / data file.
  * Each step validates what it reads before the next one trusts it.
@@ -76,6 +84,97 @@ setup_caches (struct qcow2_image *img)
   return 0;
 }
 
+/* ---- a qcow2 backing image as a read-only file ---- */
+
+/* Reads are the image's guest reads (its own locks), zeroes past its
+ * virtual size as io.h asks.  The io owns the image: closing it closes
+ * the image.
+ */
+struct image_io {
+  struct qcow2_io io;           /* first: a struct qcow2_io * is this */
+  struct qcow2_image *img;
+};
+
+static struct qcow2_image *
+io_image (struct qcow2_io *io)
+{
+  return ((struct image_io *) io)->img;
+}
+
+static int
+image_io_pread (struct qcow2_io *io, void *buf, size_t count,
+                uint64_t offset)
+{
+  struct qcow2_image *img = io_image (io);
+  uint64_t n = 0;
+
+  if (offset < img->size)
+    n = min_u64 (count, img->size - offset);
+  if (n > 0 && qcow2_pread (img, buf, n, offset) == -1)
+    return -1;
+  memset ((char *) buf + n, 0, count - n);
+  return 0;
+}
+
+static int
+image_io_pwrite (struct qcow2_io *io, const void *buf, size_t count,
+                 uint64_t offset)
+{
+  errno = EROFS;
+  return -1;
+}
+
+static int
+image_io_flush (struct qcow2_io *io)
+{
+  return 0;
+}
+
+static int64_t
+image_io_size (struct qcow2_io *io)
+{
+  return io_image (io)->size;
+}
+
+static int
+image_io_truncate (struct qcow2_io *io, uint64_t size)
+{
+  errno = EROFS;
+  return -1;
+}
+
+static void
+image_io_close (struct qcow2_io *io)
+{
+  qcow2_close (io_image (io));
+  free (io);
+}
+
+static const struct qcow2_io_ops image_io_ops = {
+  .pread = image_io_pread,
+  .pwrite = image_io_pwrite,
+  .flush = image_io_flush,
+  .size = image_io_size,
+  .truncate = image_io_truncate,
+  .close = image_io_close,
+};
+
+static struct qcow2_io *
+image_io_new (struct qcow2_image *img)
+{
+  struct image_io *iio = calloc (1, sizeof *iio);
+
+  if (iio == NULL)
+    return NULL;
+  iio->io.ops = &image_io_ops;
+  iio->io.fd = -1;
+  iio->io.readonly = true;
+  iio->img = img;
+  return &iio->io;
+}
+
+/* ---- opening and closing ---- */
+
 static void
 image_free (struct qcow2_image *img)
 {
@@ -101,6 +200,64 @@ image_free (struct qcow2_image *img)
   free (img->name);
   free (img->dir);
   free (img);
+}
+
+/* The backing file: backing.c finds, checks and locks it; a qcow2 one
+ * becomes another image here (with img as its child, for backing.c's
+ * loop check) and is read through image_io.
+ */
+static int
+open_backing (struct qcow2_image *img)
+{
+  struct qcow2_io *io;
+  char *path, *bdir = NULL;
+  bool is_qcow2;
+  int64_t size;
+  int r = -1;
+
+  if (img->backing_name == NULL)
+    return 0;
+  io = backing_open_file (img, &path, &is_qcow2);
+  if (io == NULL)
+    return -1;
+  if (is_qcow2) {
+    struct qcow2_config cfg = img->cfg;
+    cfg.readonly = true;
+    bdir = dir_of (path);
+    if (bdir == NULL) {
+      io_close (io);
+      goto out;
+    }
+    img->backing = image_open (io, path, bdir, &cfg, img);
+    if (img->backing == NULL)
+      goto out;
+    img->backing_io = image_io_new (img->backing);
+    if (img->backing_io == NULL) {
+      int e = errno;
+      qcow2_close (img->backing);
+      img->backing = NULL;
+      errno = e;
+      goto out;
+    }
+    img->backing_size = img->backing->size;
+  }
+  else {
+    size = io_size (io);
+    if (size == -1) {
+      nbdkit_error ("%s: backing file %s: %m", img->name, path);
+      io_close (io);
+      goto out;
+    }
+    img->backing_io = io;
+    img->backing_size = size;
+  }
+  nbdkit_debug ("%s: backing file %s (%s, %" PRIu64 " bytes)", img->name,
+                path, is_qcow2 ? "qcow2" : "raw", img->backing_size);
+  r = 0;
+ out:
+  free (path);
+  free (bdir);
+  return r;
 }
 
 struct qcow2_image *
@@ -158,7 +315,7 @@ image_open (struct qcow2_io *io, const char *name, const char *dir,
       snapshot_read_table (img) == -1 ||
       setup_caches (img) == -1 ||
       overlap_build (img) == -1 ||
-      backing_open (img) == -1 ||
+      open_backing (img) == -1 ||
       backing_open_data_file (img) == -1)
     goto err;
 
@@ -236,6 +393,58 @@ qcow2_open (const char *filename, const struct qcow2_config *cfg)
     return NULL;
   }
   return img;
+}
+
+/* A read-only view of a snapshot: a second image on its own read-only
+ * descriptor of the same file, with the snapshot's L1 table and size.
+ * Its caches cannot go stale: snapshot tables are never written (the
+ * active image copies anything it shares with a snapshot before
+ * changing it, and this plugin never deletes snapshots).
+ */
+struct qcow2_image *
+qcow2_open_snapshot (struct qcow2_image *img, const char *name)
+{
+  const struct snapshot *sn = snapshot_find (img, name);
+  struct qcow2_config cfg = img->cfg;
+  struct qcow2_image *view;
+  struct qcow2_io *io;
+  uint64_t need;
+
+  if (sn == NULL) {
+    nbdkit_error ("%s: no snapshot with name or ID '%s'", img->name, name);
+    errno = ENOENT;
+    return NULL;
+  }
+  need = (sn->disk_size + (UINT64_C(1) << (img->cluster_bits + img->l2_bits))
+          - 1) >> (img->cluster_bits + img->l2_bits);
+  if (sn->l1_size < need) {
+    nbdkit_error ("%s: snapshot %s: L1 table too small for its size (%"
+                  PRIu32 " entries, %" PRIu64 " needed)", img->name,
+                  sn->id, sn->l1_size, need);
+    errno = EIO;
+    return NULL;
+  }
+  io = qcow2_io_open_file (img->name, true);
+  if (io == NULL) {
+    nbdkit_error ("%s: %m", img->name);
+    return NULL;
+  }
+  cfg.readonly = true;
+  cfg.no_locking = true;        /* the active image holds the locks */
+  view = image_open (io, img->name, img->dir, &cfg, NULL);
+  if (view == NULL)
+    return NULL;
+  free (view->l1);
+  view->l1 = snapshot_read_l1 (view, sn);
+  if (view->l1 == NULL) {
+    qcow2_close (view);
+    return NULL;
+  }
+  view->l1_size = sn->l1_size;
+  view->l1_offset = sn->l1_offset;
+  cluster_empty_forget (view, 0, UINT64_MAX);   /* nothing known of this L1 */
+  view->size = sn->disk_size;
+  return view;
 }
 
 int

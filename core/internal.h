@@ -131,9 +131,12 @@ struct qcow2_image {
   uint64_t snapshots_size;      /* bytes of the snapshot table */
   struct snapshot *snapshots;
 
-  /* Backing file: either a qcow2 image or a raw io. */
+  /* Backing file: backing_read reads backing_io, the raw file's io or,
+   * for a qcow2 backing file, image.c's io over the backing image, which
+   * is also kept in backing (for qcow2_extents; NULL when raw).
+   */
   struct qcow2_image *backing;
-  struct qcow2_io *backing_raw;
+  struct qcow2_io *backing_io;
   uint64_t backing_size;
 
   /* Everything below is protected by lock (see the top of this file). */
@@ -297,8 +300,11 @@ extern struct qcow2_image *image_open (struct qcow2_io *io, const char *name,
                                        const struct qcow2_config *cfg,
                                        struct qcow2_image *child);
 
-/* backing.c */
-extern int backing_open (struct qcow2_image *img);
+/* backing.c: files only; a qcow2 backing file becomes an image in
+ * image.c.
+ */
+extern struct qcow2_io *backing_open_file (struct qcow2_image *img,
+                                           char **pathp, bool *is_qcow2);
 extern int backing_open_data_file (struct qcow2_image *img);
 extern void backing_close (struct qcow2_image *img);
 extern char *dir_of (const char *path);
@@ -330,6 +336,8 @@ extern int snapshot_read_table (struct qcow2_image *img);
 extern void snapshot_free_table (struct qcow2_image *img);
 extern uint64_t *snapshot_read_l1 (struct qcow2_image *img,
                                    const struct snapshot *sn);
+extern const struct snapshot *snapshot_find (const struct qcow2_image *img,
+                                             const char *name);
 
 /* refcount.c */
 extern int refcount_load (struct qcow2_image *img);

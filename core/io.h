@@ -3,8 +3,9 @@
  *
  * Everything core reads or writes goes through a struct qcow2_io, so the
  * tests can swap the file for memory or for a backend that fails or
- * records writes.  Like SQLite's VFS, the layer is dumb: whole-buffer
- * pread/pwrite, flush, size, truncate.
+ * records writes, and a qcow2 backing image is read as one (image.c).
+ * Like SQLite's VFS, the layer is dumb: whole-buffer pread/pwrite,
+ * flush, size, truncate.
  *
  * Semantics every backend keeps:
  *  - pread fills the whole buffer; bytes past end of file read as zero

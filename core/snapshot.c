@@ -8,6 +8,12 @@
  * the refcount check counts.  This plugin never creates or deletes
  * snapshots; it keeps clusters they share (refcount > 1) intact.
  *
+ * This file only parses and describes the table (and reads a
+ * snapshot's L1 table for the overlap map and the check): it opens no
+ * image.  Serving a snapshot, a second image over the same file with
+ * the snapshot's L1 table, is image.c's qcow2_open_snapshot.  So
+ * snapshot.c calls nothing in core but the io layer.
+ *
  * Locking: read once at open, immutable afterwards.
  */
 
@@ -149,7 +155,7 @@ snapshot_read_l1 (struct qcow2_image *img, const struct snapshot *sn)
   return l1;
 }
 
-/* ---- serving a snapshot ---- */
+/* ---- describing the snapshots ---- */
 
 uint32_t
 qcow2_nr_snapshots (struct qcow2_image *img)
@@ -177,8 +183,8 @@ qcow2_snapshot_info (struct qcow2_image *img, uint32_t i,
 }
 
 /* Find a snapshot by name, or else by ID (as qemu-img -l does). */
-static const struct snapshot *
-find (struct qcow2_image *img, const char *name)
+const struct snapshot *
+snapshot_find (const struct qcow2_image *img, const char *name)
 {
   uint32_t i;
 
@@ -189,56 +195,4 @@ find (struct qcow2_image *img, const char *name)
     if (strcmp (img->snapshots[i].id, name) == 0)
       return &img->snapshots[i];
   return NULL;
-}
-
-/* A read-only view of a snapshot: a second image on its own read-only
- * descriptor of the same file, with the snapshot's L1 table and size.
- * Its caches cannot go stale: snapshot tables are never written (the
- * active image copies anything it shares with a snapshot before
- * changing it, and this plugin never deletes snapshots).
- */
-struct qcow2_image *
-qcow2_open_snapshot (struct qcow2_image *img, const char *name)
-{
-  const struct snapshot *sn = find (img, name);
-  struct qcow2_config cfg = img->cfg;
-  struct qcow2_image *view;
-  struct qcow2_io *io;
-  uint64_t need;
-
-  if (sn == NULL) {
-    nbdkit_error ("%s: no snapshot with name or ID '%s'", img->name, name);
-    errno = ENOENT;
-    return NULL;
-  }
-  need = (sn->disk_size + (UINT64_C(1) << (img->cluster_bits + img->l2_bits))
-          - 1) >> (img->cluster_bits + img->l2_bits);
-  if (sn->l1_size < need) {
-    nbdkit_error ("%s: snapshot %s: L1 table too small for its size (%"
-                  PRIu32 " entries, %" PRIu64 " needed)", img->name,
-                  sn->id, sn->l1_size, need);
-    errno = EIO;
-    return NULL;
-  }
-  io = qcow2_io_open_file (img->name, true);
-  if (io == NULL) {
-    nbdkit_error ("%s: %m", img->name);
-    return NULL;
-  }
-  cfg.readonly = true;
-  cfg.no_locking = true;        /* the active image holds the locks */
-  view = image_open (io, img->name, img->dir, &cfg, NULL);
-  if (view == NULL)
-    return NULL;
-  free (view->l1);
-  view->l1 = snapshot_read_l1 (view, sn);
-  if (view->l1 == NULL) {
-    qcow2_close (view);
-    return NULL;
-  }
-  view->l1_size = sn->l1_size;
-  view->l1_offset = sn->l1_offset;
-  cluster_empty_forget (view, 0, UINT64_MAX);   /* nothing known of this L1 */
-  view->size = sn->disk_size;
-  return view;
 }

@@ -8,15 +8,15 @@
 # other.  Two rules, kept by this test:
 #
 #  - the leaves stay leaves: LEAVES (the table cache, the io layer, the
-#    overlap map, compression, file locks and the header) are in no
-#    circle;
-#  - the largest circle never grows past MAX_CIRCLE files (issue 15 is
-#    bringing it down to 3; lower MAX_CIRCLE as it shrinks).
+#    overlap map, compression, file locks, the header, the snapshot
+#    table and backing files) are in no circle;
+#  - the largest circle never grows past MAX_CIRCLE files (issue 15
+#    asked for at most 3; lower MAX_CIRCLE as it shrinks).
 
 source ./functions.sh
 
-LEAVES="cache io overlap-map compress lock header"
-MAX_CIRCLE=8
+LEAVES="cache io overlap-map compress lock header snapshot backing"
+MAX_CIRCLE=2
 
 objdir=$abs_top_builddir/core/.libs
 ls "$objdir"/libqcow2core_la-*.o >/dev/null 2>&1 ||
