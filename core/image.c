@@ -489,22 +489,11 @@ qcow2_cluster_size (struct qcow2_image *img)
   return img->cluster_size;
 }
 
-static int
-check_range (struct qcow2_image *img, uint64_t count, uint64_t offset)
-{
-  if (offset > img->size || count > img->size - offset) {
-    errno = EINVAL;
-    nbdkit_error ("%s: request beyond end of disk", img->name);
-    return -1;
-  }
-  return 0;
-}
-
 int
 qcow2_pread (struct qcow2_image *img, void *buf, uint64_t count,
              uint64_t offset)
 {
-  if (check_range (img, count, offset) == -1)
+  if (image_check_range (img, count, offset, "request") == -1)
     return -1;
   return cluster_read (img, buf, count, offset, false);
 }
@@ -514,7 +503,7 @@ qcow2_prefetch (struct qcow2_image *img, uint64_t count, uint64_t offset)
 {
   int r = 0;
 
-  if (check_range (img, count, offset) == -1)
+  if (image_check_range (img, count, offset, "request") == -1)
     return -1;
   pthread_rwlock_wrlock (&img->lock);
   while (count > 0) {
@@ -562,7 +551,7 @@ int
 qcow2_extents (struct qcow2_image *img, uint64_t count, uint64_t offset,
                bool req_one, qcow2_extent_fn fn, void *opaque)
 {
-  if (check_range (img, count, offset) == -1)
+  if (image_check_range (img, count, offset, "request") == -1)
     return -1;
   while (count > 0) {
     struct mapping m;

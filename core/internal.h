@@ -21,6 +21,7 @@
 #include <pthread.h>
 #include <endian.h>
 #include <string.h>
+#include <errno.h>
 
 #define NBDKIT_API_VERSION 2
 #include <nbdkit-plugin.h>
@@ -245,6 +246,21 @@ static inline uint64_t
 min_u64 (uint64_t a, uint64_t b)
 {
   return a < b ? a : b;
+}
+
+/* Every request: [offset, offset+count) must lie inside the disk;
+ * 'what' names it in the message ("request", "write", ...).
+ */
+static inline int
+image_check_range (const struct qcow2_image *img, uint64_t count,
+                   uint64_t offset, const char *what)
+{
+  if (offset > img->size || count > img->size - offset) {
+    errno = EINVAL;
+    nbdkit_error ("%s: %s beyond end of disk", img->name, what);
+    return -1;
+  }
+  return 0;
 }
 
 /* header.c */

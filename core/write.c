@@ -884,19 +884,6 @@ write_in_place_cached (struct qcow2_image *img, const uint8_t *p,
   return write_in_place_unlock (img, p, &m);
 }
 
-/* The request [offset, offset+count) must lie inside the disk. */
-static int
-check_range (struct qcow2_image *img, uint64_t count, uint64_t offset,
-             const char *what)
-{
-  if (offset > img->size || count > img->size - offset) {
-    errno = EINVAL;
-    nbdkit_error ("%s: %s beyond end of disk", img->name, what);
-    return -1;
-  }
-  return 0;
-}
-
 /* The whole clusters [*a, *b) inside guest [offset, offset+count); the
  * partial last cluster of the disk counts as whole.
  */
@@ -920,7 +907,7 @@ static int
 change_begin (struct qcow2_image *img, uint64_t count, uint64_t offset,
               const char *what)
 {
-  if (check_range (img, count, offset, what) == -1)
+  if (image_check_range (img, count, offset, what) == -1)
     return -1;
   do
     pthread_rwlock_wrlock (&img->lock);
@@ -952,7 +939,7 @@ qcow2_pwrite (struct qcow2_image *img, const void *buf, uint64_t count,
 {
   const uint8_t *p = buf;
 
-  if (check_range (img, count, offset, "write") == -1)
+  if (image_check_range (img, count, offset, "write") == -1)
     return -1;
   while (count > 0) {
     struct mapping m;
