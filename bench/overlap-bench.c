@@ -18,10 +18,12 @@
  * 64 TiB), and a pathological one with metadata in every third cluster.
  *
  *   gcc -std=gnu11 -O2 -I core bench/overlap-bench.c core/overlap-map.c \
- *     -o /tmp/overlap-bench && /tmp/overlap-bench [queries [layout]]
+ *     core/overlap-map-update.c -o /tmp/overlap-bench &&
+ *     /tmp/overlap-bench [queries [layout]]
  *
  * Add -DOVERLAP_WINDOW_EXTRA=n, -DOVERLAP_WINDOW_EXTRA_BIG=n or
- * -DOVERLAP_SUB_BITS=n to try another geometry (see overlap-map.c).
+ * -DOVERLAP_SUB_BITS=n to try another geometry (see
+ * overlap-map-internal.h).
  */
 
 #include <stdio.h>

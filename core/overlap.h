@@ -1,8 +1,9 @@
 /* nbdkit-qcow2: the metadata overlap map and check.
  * Copyright (C) 2026 the nbdkit-qcow2 authors.  BSD-3-Clause, see LICENSE.
  *
- * overlap_map_*: a pure data structure (overlap-map.c) mapping host
- * cluster indexes to a bitmask of the metadata types stored there.
+ * overlap_map_*: a pure data structure (overlap-map.c: its design and
+ * queries; overlap-map-update.c: its updates) mapping host cluster
+ * indexes to a bitmask of the metadata types stored there.
  * overlap_*: the image-level glue (overlap.c): building the map at open,
  * keeping it current, and checking every host write against it.
  */

@@ -15,7 +15,7 @@
 
 source ./functions.sh
 
-LEAVES="cache io overlap-map compress lock header snapshot backing"
+LEAVES="cache io overlap-map overlap-map-update compress lock header snapshot backing"
 MAX_CIRCLE=2
 
 objdir=$abs_top_builddir/core/.libs

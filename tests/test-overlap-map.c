@@ -19,10 +19,12 @@
  * so a failure reproduces and valgrind can run a short version;
  * OVERLAP_TEST_ONLY (fixed, faults or random) runs one part.
  *
- * It is built with its own copy of core/overlap-map.c, compiled with
- * OVERLAP_MAP_TEST_HOOKS (overlap_map_check and overlap_map_tune, which
- * the library leaves out).  As test-overlap-map-faults, also built with
- * -DOVERLAP_MAP_FAULT_INJECTION (both files), it makes allocations
+ * It is built with its own copy of the map (core/overlap-map.c and
+ * overlap-map-update.c) and its test hooks (core/overlap-map-check.c:
+ * overlap_map_check and overlap_map_tune, which the library leaves
+ * out), compiled with OVERLAP_MAP_TEST_HOOKS.  As
+ * test-overlap-map-faults, also built with
+ * -DOVERLAP_MAP_FAULT_INJECTION (all the files), it makes allocations
  * fail (only that part runs, unless OVERLAP_TEST_ONLY says otherwise),
  * checks that the map stays valid and that each window is updated all
  * or nothing, and checks that overlap_map_memory is exactly what the
