@@ -10,19 +10,19 @@
  * An update of a cluster range goes window by window
  * (update_range_once); in each window (list_update):
  *
- *   (search)      the runs [lo, hi) that overlap the range or touch it
+ *   find_span     the runs [lo, hi) that overlap the range or touch it
  *                 inside its sub-windows (two binary searches)
- *   rewrite       those runs, decoded, become the new runs
+ *   span_update   those runs, decoded, are rewritten (rewrite), then
  *   splice        if the palette, entry and index sizes stay: in place
- *   rebuild       else the whole window again, in its new smallest
- *                 format, with a new palette
+ *   repalette     else a new palette, and the whole window again in its
+ *   rebuild       new smallest format
  *
  * Adding a run of a type set the window has, alone in its sub-window
- * and fitting the entries as they are (the usual case: metadata
- * allocated as an image grows) goes straight to splice.  An update that
- * would take a coarse window past runs_cap changes nothing there and
- * returns REGRAIN; update_range then rebuilds the map with fine windows
- * and does it all again (updates are idempotent).
+ * and fitting the entries as they are (fits_as_is: the usual case,
+ * metadata allocated as an image grows) goes straight to splice.  An
+ * update that would take a coarse window past runs_cap changes nothing
+ * there and returns REGRAIN; update_range then rebuilds the map with
+ * fine windows and does it all again (updates are idempotent).
  *
  * Errors: only ENOMEM.  An update of one window is all or nothing: every
  * allocation happens before the window is touched, and failures of the
@@ -535,73 +535,169 @@ rebuild (struct overlap_map *m, struct window **slot, const struct change *c,
   return 0;
 }
 
-/* Apply (types & ~clear) | set to [a, b) of the window in 'slot'.  All
- * or nothing: every allocation happens before the window is touched.
+/* The runs of w an update of [a, b) rewrites, [*lo, *hi): those that
+ * overlap [a, b) or touch it inside its sub-windows.
  */
-static int
-list_update (struct overlap_map *m, struct window **slot,
-             unsigned a, unsigned b, unsigned clear, unsigned set)
+static void
+find_span (const struct overlap_map *m, const struct window *w,
+           unsigned a, unsigned b, size_t *lo, size_t *hi)
 {
-  struct window *w = *slot;
   struct fmt f = wfmt (m, w);
   const uint8_t *ent = centries (m, w);
   const unsigned sb = m->sbits, ssize = 1u << sb;
-  struct run sold[STACK_RUNS], snew[2 * STACK_RUNS + 1], *old, *new;
-  uint16_t snt[2 * STACK_RUNS + 1], spal[64], sremap[64], *nt, *pal, *remap;
-  uint8_t sused[256], *used = NULL;
-  struct scratch s;
-  struct change c;
-  size_t lo, hi, k, n, nnt, count, i, j, npal, first, last, room;
-  unsigned ka = a >> sb, kb = (b - 1) >> sb, kk;
-  unsigned maxold = 0, maxnew = 0, lb_new, lbits, t;
-  bool gone = false, grow = false;
-  int r = -1;
+  unsigned ka = a >> sb, kb = (b - 1) >> sb;
+  size_t first, last;
 
-  memset (&s, 0, sizeof s);
-  /* The runs that overlap [a, b) or touch it inside its sub-windows. */
   first = cum_get (m, w, ka);
   last = cum_get (m, w, ka + 1);
-  lo = a & (ssize - 1) ?
+  *lo = a & (ssize - 1) ?
     end_search_e (ent, first, last, (a & (ssize - 1)) - 1, sb, f, f.e) : first;
   first = cum_get (m, w, kb);
   last = cum_get (m, w, kb + 1);
-  hi = b - (kb << sb) == ssize ? last :
+  *hi = b - (kb << sb) == ssize ? last :
     search_e (ent, first, last, b - (kb << sb), sb, f.e);
-  k = hi - lo;
+}
 
-  /* The usual update: a run of a type set the window has, alone in
-   * one sub-window, that fits the entries as they are.
-   */
-  if (k == 0 && clear == 0 && ka == kb) {
-    struct run one = { .start = a, .end = b, .types = set };
+/* The usual update: a run [a, b) of type set 'set', alone in one
+ * sub-window (no run there overlaps or touches it).  True if the window
+ * has that type set and the run fits the entries as they are, so that
+ * splice can add it in place with *lbits.
+ */
+static bool
+fits_as_is (const struct overlap_map *m, const struct window *w,
+            unsigned a, unsigned b, unsigned set, unsigned *lbits)
+{
+  size_t count = w->nruns + 1;
 
-    lbits = nbits (b - a - 1);
-    if (lbits < w->lbits)
-      lbits = w->lbits;
-    count = w->nruns + 1;
-    if (pal_find (w->data, w->npal, set) >= 0 &&
-        ibytes_for (count) == w->ibytes &&
-        ebytes_for (sb, w->tbits, lbits) == w->ebytes &&
-        !(coarse (m) && count > m->runs_cap)) {
-      c = (struct change) {
-        .lo = lo, .k = 0, .n = 1, .ka = ka, .kb = kb, .new = &one,
-      };
-      return splice (m, slot, &c, lbits);
-    }
+  *lbits = nbits (b - a - 1);
+  if (*lbits < w->lbits)
+    *lbits = w->lbits;
+  return pal_find (w->data, w->npal, set) >= 0 &&
+    ibytes_for (count) == w->ibytes &&
+    ebytes_for (m->sbits, w->tbits, *lbits) == w->ebytes &&
+    !(coarse (m) && count > m->runs_cap);
+}
+
+/* Decode runs [lo, lo+k) of w, the first in sub-window ka or after, to
+ * old[]; return the longest one's length (0 if k is 0).
+ */
+static unsigned
+decode_span (const struct overlap_map *m, const struct window *w,
+             size_t lo, size_t k, unsigned ka, struct run *old)
+{
+  struct fmt f = wfmt (m, w);
+  unsigned kk = ka, maxold = 0;
+  size_t i;
+
+  for (i = 0; i < k; i++) {
+    old[i] = decode_run (m, w, f, lo + i, &kk);
+    if (old[i].end - old[i].start > maxold)
+      maxold = old[i].end - old[i].start;
   }
+  return maxold;
+}
 
+/* The type sets of the new runs of c: sorted and unique in nt[], their
+ * number returned.  *gone: a type set of the old runs is not among them
+ * (it may have left the window).  *grow: one of them is new to the
+ * window.  *maxnew: the longest new run's length.
+ */
+static size_t
+new_type_sets (const struct window *w, const struct change *c,
+               const struct run *old, uint16_t *nt, unsigned *maxnew,
+               bool *gone, bool *grow)
+{
+  size_t i, nnt;
+  unsigned max = 0;
+
+  for (i = 0; i < c->n; i++) {
+    nt[i] = c->new[i].types;
+    if (c->new[i].end - c->new[i].start > max)
+      max = c->new[i].end - c->new[i].start;
+  }
+  *maxnew = max;
+  nnt = sort_unique (nt, c->n);
+  *gone = false;
+  for (i = 0; i < c->k; i++)
+    if (pal_find ((const uint8_t *) nt, nnt, old[i].types) < 0)
+      *gone = true;
+  *grow = false;
+  for (i = 0; i < nnt; i++)
+    if (pal_find (w->data, w->npal, nt[i]) < 0)
+      *grow = true;
+  return nnt;
+}
+
+/* Apply the change with a new palette, then rebuild the window: the
+ * old type sets still used outside the span (all of them if used is
+ * NULL: none may have left), merged with the new runs' sets nt[0..nnt).
+ * Scratch space comes from s (slots 4 and 5), which the caller frees.
+ */
+static int
+repalette (struct overlap_map *m, struct window **slot,
+           const struct change *c, struct scratch *s, const uint16_t *nt,
+           size_t nnt, const uint8_t *used, unsigned lbits)
+{
+  const struct window *w = *slot;
+  uint16_t spal[64], sremap[64], *pal, *remap;
+  size_t i, j, npal = 0;
+  unsigned t;
+
+  pal = scratch_get (s, 4, spal, sizeof spal, (w->npal + nnt) * 2);
+  remap = scratch_get (s, 5, sremap, sizeof sremap, w->npal * 2);
+  if (pal == NULL || remap == NULL) {
+    errno = ENOMEM;
+    return -1;
+  }
+  for (i = 0, j = 0; i < w->npal || j < nnt; ) {
+    if (i < w->npal && used != NULL && !used[i]) {
+      i++;                      /* not used outside the span */
+      continue;
+    }
+    if (j >= nnt || (i < w->npal && pal_get (w, i) < nt[j]))
+      t = pal_get (w, i++);
+    else if (i < w->npal && pal_get (w, i) == nt[j]) {
+      t = nt[j++];
+      i++;
+    }
+    else
+      t = nt[j++];
+    pal[npal++] = t;
+  }
+  return rebuild (m, slot, c, pal, npal, lbits, remap);
+}
+
+/* Apply (types & ~clear) | set to [a, b) of the window in 'slot', whose
+ * runs [lo, hi) it rewrites: decode them, rewrite them, then splice the
+ * new runs in if the format stays, else build the window again.
+ */
+static int
+span_update (struct overlap_map *m, struct window **slot,
+             unsigned a, unsigned b, unsigned clear, unsigned set,
+             size_t lo, size_t hi)
+{
+  struct window *w = *slot;
+  struct fmt f = wfmt (m, w);
+  const unsigned sb = m->sbits;
+  struct run sold[STACK_RUNS], snew[2 * STACK_RUNS + 1], *old, *new;
+  uint16_t snt[2 * STACK_RUNS + 1], *nt;
+  uint8_t sused[256], *used = NULL;
+  struct scratch s;
+  struct change c;
+  size_t k = hi - lo, n, nnt, count, room;
+  unsigned ka = a >> sb, kb = (b - 1) >> sb;
+  unsigned maxold, maxnew, lb_new, lbits;
+  bool gone, grow;
+  int r = -1;
+
+  memset (&s, 0, sizeof s);
   room = 2 * k + 1 + (kb - ka);
   old = scratch_get (&s, 0, sold, sizeof sold, k * sizeof *old);
   new = scratch_get (&s, 1, snew, sizeof snew, room * sizeof *new);
   nt = scratch_get (&s, 2, snt, sizeof snt, room * sizeof *nt);
   if (old == NULL || new == NULL || nt == NULL)
     goto enomem;
-  kk = ka;
-  for (i = 0; i < k; i++) {
-    old[i] = decode_run (m, w, f, lo + i, &kk);
-    if (old[i].end - old[i].start > maxold)
-      maxold = old[i].end - old[i].start;
-  }
+  maxold = decode_span (m, w, lo, k, ka, old);
   n = rewrite (old, k, a, b, clear, set, sb, new);
   count = w->nruns - k + n;
   if (count == 0) {
@@ -616,23 +712,7 @@ list_update (struct overlap_map *m, struct window **slot,
   c = (struct change) {
     .lo = lo, .k = k, .n = n, .ka = ka, .kb = kb, .new = new,
   };
-
-  /* The type sets of the new runs; whether one is new to the window;
-   * whether a type set of the old runs is not among them (it may have
-   * left the window).
-   */
-  for (i = 0; i < n; i++) {
-    nt[i] = new[i].types;
-    if (new[i].end - new[i].start > maxnew)
-      maxnew = new[i].end - new[i].start;
-  }
-  nnt = sort_unique (nt, n);
-  for (i = 0; i < k; i++)
-    if (pal_find ((const uint8_t *) nt, nnt, old[i].types) < 0)
-      gone = true;
-  for (i = 0; i < nnt; i++)
-    if (pal_find (w->data, w->npal, nt[i]) < 0)
-      grow = true;
+  nnt = new_type_sets (w, &c, old, nt, &maxnew, &gone, &grow);
 
   /* The longest run.  Scan the rest of the window (and see which type
    * sets it uses) only if a type set may have left, or if the longest
@@ -651,35 +731,10 @@ list_update (struct overlap_map *m, struct window **slot,
   }
 
   if (!grow && !gone && ibytes_for (count) == w->ibytes &&
-      ebytes_for (sb, w->tbits, lbits) == w->ebytes) {
+      ebytes_for (sb, w->tbits, lbits) == w->ebytes)
     r = splice (m, slot, &c, lbits);
-    goto out;
-  }
-
-  /* A new palette: the old type sets still used outside the span (all
-   * of them if none may have left), merged with the new runs' sets.
-   */
-  pal = scratch_get (&s, 4, spal, sizeof spal, (w->npal + nnt) * 2);
-  remap = scratch_get (&s, 5, sremap, sizeof sremap, w->npal * 2);
-  if (pal == NULL || remap == NULL)
-    goto enomem;
-  npal = 0;
-  for (i = 0, j = 0; i < w->npal || j < nnt; ) {
-    if (i < w->npal && gone && !used[i]) {
-      i++;                      /* not used outside the span */
-      continue;
-    }
-    if (j >= nnt || (i < w->npal && pal_get (w, i) < nt[j]))
-      t = pal_get (w, i++);
-    else if (i < w->npal && pal_get (w, i) == nt[j]) {
-      t = nt[j++];
-      i++;
-    }
-    else
-      t = nt[j++];
-    pal[npal++] = t;
-  }
-  r = rebuild (m, slot, &c, pal, npal, lbits, remap);
+  else
+    r = repalette (m, slot, &c, &s, nt, nnt, gone ? used : NULL, lbits);
   goto out;
 
  enomem:
@@ -688,6 +743,30 @@ list_update (struct overlap_map *m, struct window **slot,
  out:
   scratch_free (&s);
   return r;
+}
+
+/* Apply (types & ~clear) | set to [a, b) of the window in 'slot'.  All
+ * or nothing: every allocation happens before the window is touched.
+ */
+static int
+list_update (struct overlap_map *m, struct window **slot,
+             unsigned a, unsigned b, unsigned clear, unsigned set)
+{
+  const unsigned sb = m->sbits;
+  unsigned ka = a >> sb, kb = (b - 1) >> sb, lbits;
+  size_t lo, hi;
+
+  find_span (m, *slot, a, b, &lo, &hi);
+  if (lo == hi && clear == 0 && ka == kb &&
+      fits_as_is (m, *slot, a, b, set, &lbits)) {
+    struct run one = { .start = a, .end = b, .types = set };
+    struct change c = {
+      .lo = lo, .k = 0, .n = 1, .ka = ka, .kb = kb, .new = &one,
+    };
+
+    return splice (m, slot, &c, lbits);
+  }
+  return span_update (m, slot, a, b, clear, set, lo, hi);
 }
 
 /* A window for [a, b) with types, one run a sub-window. */
