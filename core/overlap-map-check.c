@@ -51,17 +51,12 @@ overlap_map_tune (struct overlap_map *m, unsigned fine_bits,
   return 0;
 }
 
+/* The window's header, palette, format and index. */
 static const char *
-check_window (const struct overlap_map *m, const struct window *w)
+check_header (const struct overlap_map *m, const struct window *w)
 {
-  const unsigned ssize = 1u << m->sbits;
-  struct fmt f;
-  struct run r, prev = { 0, 0, 0 };
-  uint64_t used[65536 / 64];    /* no malloc: the tests make it fail */
-  size_t i, need;
-  unsigned types = 0, maxlen = 0, K, k = 0, pk = 0;
-  uint64_t v;
-  const char *err = NULL;
+  size_t i;
+  unsigned types = 0, K;
 
   if (w->nruns == 0)
     return "window: empty window kept";
@@ -94,7 +89,26 @@ check_window (const struct overlap_map *m, const struct window *w)
   for (K = 1; K <= nsub (m); K++)
     if (cum_get (m, w, K) < cum_get (m, w, K - 1))
       return "index: decreasing";
-  f = wfmt (m, w);
+  return NULL;
+}
+
+/* The window's runs, and that each palette entry is used by one; the
+ * longest run's length goes to *maxlen.  The header is sound.
+ */
+static const char *
+check_runs (const struct overlap_map *m, const struct window *w,
+            unsigned *maxlen)
+{
+  const unsigned ssize = 1u << m->sbits;
+  struct fmt f = wfmt (m, w);
+  struct run r, prev = { 0, 0, 0 };
+  uint64_t used[65536 / 64];    /* no malloc: the tests make it fail */
+  size_t i;
+  unsigned k = 0, pk = 0;
+  uint64_t v;
+  const char *err = NULL;
+
+  *maxlen = 0;
   memset (used, 0, (w->npal + 63) / 64 * 8);
   for (i = 0; i < w->nruns && err == NULL; i++) {
     v = load_entry (centries (m, w) + i * f.e, f.e);
@@ -113,14 +127,27 @@ check_window (const struct overlap_map *m, const struct window *w)
     else if (i > 0 && k == pk && r.start == prev.end &&
              r.types == prev.types)
       err = "list: touching runs with equal types not merged";
-    if (r.end - r.start > maxlen)
-      maxlen = r.end - r.start;
+    if (r.end - r.start > *maxlen)
+      *maxlen = r.end - r.start;
     prev = r;
     pk = k;
   }
   for (i = 0; i < w->npal && err == NULL; i++)
     if (!(used[i / 64] >> i % 64 & 1))
       err = "palette: type set used by no run";
+  return err;
+}
+
+static const char *
+check_window (const struct overlap_map *m, const struct window *w)
+{
+  size_t need;
+  unsigned maxlen;
+  const char *err;
+
+  err = check_header (m, w);
+  if (err == NULL)
+    err = check_runs (m, w, &maxlen);
   if (err)
     return err;
   if (w->lbits != nbits (maxlen - 1))
