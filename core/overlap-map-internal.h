@@ -365,6 +365,26 @@ entry_idx (struct fmt f, uint64_t v)
 {
   return v & f.tmask;
 }
+/* Index of type set t in the sorted palette pal[0..npal), or -1. */
+static inline long
+pal_find (const uint8_t *pal, size_t npal, unsigned t)
+{
+  size_t lo = 0, hi = npal, mid;
+  uint16_t v;
+
+  while (lo < hi) {
+    mid = (lo + hi) / 2;
+    memcpy (&v, pal + 2 * mid, 2);
+    if (v == t)
+      return mid;
+    if (v < t)
+      lo = mid + 1;
+    else
+      hi = mid;
+  }
+  return -1;
+}
+
 /*----------------------------------------------------------------------
  * The table of windows: linear probing, Fibonacci hashing (consecutive
  * window numbers, the usual case, land in distinct slots), deletion by

@@ -60,26 +60,6 @@
  */
 #define REGRAIN (-2)
 
-/* Index of type set t in the sorted palette pal[0..npal), or -1. */
-static long
-pal_find (const uint8_t *pal, size_t npal, unsigned t)
-{
-  size_t lo = 0, hi = npal, mid;
-  uint16_t v;
-
-  while (lo < hi) {
-    mid = (lo + hi) / 2;
-    memcpy (&v, pal + 2 * mid, 2);
-    if (v == t)
-      return mid;
-    if (v < t)
-      lo = mid + 1;
-    else
-      hi = mid;
-  }
-  return -1;
-}
-
 /*----------------------------------------------------------------------
  * Growing and shrinking the table (find_slot is in
  * overlap-map-internal.h).
