@@ -33,10 +33,6 @@ struct qcow2_io_ops {
   int (*flush) (struct qcow2_io *io);
   int64_t (*size) (struct qcow2_io *io);
   int (*truncate) (struct qcow2_io *io, uint64_t size);
-  /* Optional: make [offset, offset+count) read as zeroes, cheaply
-   * (fallocate punch/zero).  NULL or -1/EOPNOTSUPP means "write zeroes".
-   */
-  int (*zero) (struct qcow2_io *io, uint64_t count, uint64_t offset);
   /* Optional: reserve space (fallocate).  NULL means "do nothing". */
   int (*preallocate) (struct qcow2_io *io, uint64_t count, uint64_t offset);
   /* Optional: reserve disk blocks past the end of the file without
