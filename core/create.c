@@ -518,8 +518,7 @@ write_data (struct qcow2_io *io, const struct layout *lo, uint8_t *buf)
 
   switch (lo->opts->preallocation) {
   case QCOW2_PREALLOC_FALLOC:
-    if (len > 0 && io->ops->preallocate &&
-        io->ops->preallocate (io, len, off) == -1) {
+    if (len > 0 && io_preallocate (io, len, off) == -1) {
       nbdkit_error ("%s: fallocate of %" PRIu64 " bytes: %m",
                     lo->name, len);
       return -1;
@@ -628,7 +627,7 @@ write_image (struct qcow2_io *io, const struct layout *lo)
   }
 
   /* The file ends at the last cluster; what is not written reads as 0. */
-  if (io->ops->truncate (io, cluster_offset (lo, lo->end)) == -1) {
+  if (io_truncate (io, cluster_offset (lo, lo->end)) == -1) {
     nbdkit_error ("%s: extending the file to %" PRIu64 " bytes: %m",
                   lo->name, cluster_offset (lo, lo->end));
     goto out;
@@ -713,7 +712,7 @@ open_target (const char *name, const struct qcow2_create_options *opts,
     io_close (io);
     goto fail;
   }
-  if (!*created && io->ops->truncate (io, 0) == -1) {
+  if (!*created && io_truncate (io, 0) == -1) {
     nbdkit_error ("%s: truncating: %m", name);
     io_close (io);
     return NULL;

@@ -158,7 +158,7 @@ fault_truncate (struct qcow2_io *io, uint64_t size)
     errno = err;
     return -1;
   }
-  return f->inner->ops->truncate (f->inner, size);
+  return io_truncate (f->inner, size);
 }
 
 static int
@@ -171,9 +171,7 @@ fault_preallocate (struct qcow2_io *io, uint64_t count, uint64_t offset)
     errno = err;
     return -1;
   }
-  if (f->inner->ops->preallocate == NULL)
-    return 0;
-  return f->inner->ops->preallocate (f->inner, count, offset);
+  return io_preallocate (f->inner, count, offset);
 }
 
 static void
@@ -361,7 +359,7 @@ rec_truncate (struct qcow2_io *io, uint64_t size)
   int ret;
 
   pthread_mutex_lock (&r->lock);
-  ret = r->mem->ops->truncate (r->mem, size);
+  ret = io_truncate (r->mem, size);
   if (ret == 0)
     ret = rec_log (r, QCOW2_REC_TRUNCATE, size, 0, NULL, 0);
   pthread_mutex_unlock (&r->lock);

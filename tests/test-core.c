@@ -710,7 +710,7 @@ static int
 gate_truncate (struct qcow2_io *io, uint64_t size)
 {
   struct qcow2_io *in = ((struct gate_io *) io)->inner;
-  return in->ops->truncate (in, size);
+  return io_truncate (in, size);
 }
 
 static void

@@ -1206,7 +1206,7 @@ test_recorder (void)
   assert (io_flush (rec) == 0);                           /* op 2 */
   memset (buf, 'D', 1024);
   assert (io_pwrite (rec, buf, 1024, 0) == 0);            /* op 3 */
-  assert (rec->ops->truncate (rec, 1536) == 0);           /* op 4 */
+  assert (io_truncate (rec, 1536) == 0);                  /* op 4 */
   assert (io_pwrite (rec, &one, 1, 4096) == 0);           /* op 5 */
   assert (io_size (rec) == 4097);
   assert (io_pread (rec, buf, 8, 0) == 0 && buf[0] == 'D');

@@ -918,9 +918,9 @@ test_backend (void)
   qcow2_io_fault_arm (fio, QCOW2_FAULT_READ, 4, EIO, false);
   assert (io_pread (fio, c, 16, 0) == 0);
   assert (io_pread (fio, c, 16, 0) == -1 && errno == EIO);
-  assert (fio->ops->truncate (fio, 8192) == 0 && io_size (fio) == 8192);
+  assert (io_truncate (fio, 8192) == 0 && io_size (fio) == 8192);
   qcow2_io_fault_arm (fio, QCOW2_FAULT_TRUNCATE, 1, ENOSPC, false);
-  assert (fio->ops->truncate (fio, 0) == -1 && errno == ENOSPC);
+  assert (io_truncate (fio, 0) == -1 && errno == ENOSPC);
   qcow2_io_fault_stats (fio, &st);
   assert (st.failed[QCOW2_FAULT_READ] == 1 &&
           st.failed[QCOW2_FAULT_TRUNCATE] == 1 &&
