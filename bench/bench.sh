@@ -11,13 +11,17 @@
 #   B qemu-threads  qemu-nbd --cache=writeback --aio=threads, same image
 #   C qemu-uring    qemu-nbd --cache=writeback --aio=io_uring, same image
 #   D raw           nbdkit's file plugin on the equivalent raw image
+#   E base          with PLUGIN_BASE: another build of the plugin (say,
+#                   from the commit before a change), started like A;
+#                   A and E swap places every other round
 #
 # each started fresh for each run on a Unix socket, all through the
 # page cache.  The client is fio's nbd engine (qemu-img bench for the
 # qb-* workloads).  Reports, per workload and server, throughput, the
 # server's CPU time per I/O (utime+stime of /proc/PID/stat over the
 # measured window), its peak RSS (VmHWM), and the ratios plugin/best
-# qemu-nbd and plugin/raw as medians (min-max) of per-round ratios.
+# qemu-nbd and plugin/raw as medians (min-max) of per-round ratios;
+# with PLUGIN_BASE also plugin/base ("before/after").
 # Every qcow2 image written is checked with `qemu-img check`.
 # See bench/README.md.
 #
@@ -25,12 +29,15 @@
 #   ROUNDS=3 RUNTIME=10 RAMP=1      rounds; seconds measured; warm-up
 #   WORKLOADS="..."                 subset of --list (default: all)
 #   SERVERS="plugin qemu-threads qemu-uring raw"
+#                                   (+ base after plugin with PLUGIN_BASE)
 #   BENCH_DIR=DIR                   where the images go (default: tmpfs
 #                                   /dev/shm if it has room, else $TMPDIR
 #                                   or /tmp); made and removed by us
 #   OUT_DIR=DIR                     logs, fio JSON, perf data (kept)
 #   KEEP_IMAGES=1                   keep (and reuse) the base images
 #   PLUGIN=.so PLUGIN_ARGS="..."    the plugin and extra parameters
+#   PLUGIN_BASE=.so                 the base build to compare with (E),
+#                                   given the same PLUGIN_ARGS
 #   FULL_SIZE=4G SPARSE_SIZE=1T ALLOC_SIZE=256G ALLOC512_SIZE=128G
 #   ALLOC_BUDGET=BYTES              max host-file growth of one
 #                                   allocating run (default: from free
@@ -52,12 +59,13 @@ bench_src=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 top_src=$(dirname "$bench_src")
 : "${PLUGIN:=$top_src/plugin/.libs/nbdkit-qcow2-plugin.so}"
 : "${PLUGIN_ARGS:=}"
+: "${PLUGIN_BASE:=}"
 
 ALL_WORKLOADS="randread4k seqread1m sparse-randread4k randwrite4k
 alloc-randwrite4k alloc-seqwrite1m alloc-randwrite4k-c512
 alloc-seqwrite1m-c512 mc-randread4k mc-randwrite4k qb-randread4k
 qb-randwrite4k"
-ALL_SERVERS="plugin qemu-threads qemu-uring raw"
+ALL_SERVERS="plugin qemu-threads qemu-uring raw base"
 
 # wl_def NAME: set W_* for workload NAME.
 #   W_IMG     full (4 GiB allocated) | sparse (1 TiB, all L2 tables) |
@@ -150,7 +158,10 @@ else
     : "${ALLOC_SIZE:=256G}" "${ALLOC512_SIZE:=128G}"
     : "${QB_COUNT:=100000}"
 fi
-: "${SERVERS:=$ALL_SERVERS}"
+if [ -z "${SERVERS:-}" ]; then
+    SERVERS="plugin qemu-threads qemu-uring raw"
+    [ -n "$PLUGIN_BASE" ] && SERVERS="plugin base qemu-threads qemu-uring raw"
+fi
 : "${PERF:=0}" "${PERF_WORKLOADS:=randread4k alloc-randwrite4k}"
 : "${KEEP_IMAGES:=0}"
 WORKLOADS=$(echo $WORKLOADS)
@@ -162,6 +173,16 @@ for s in $SERVERS; do
         echo "$0: unknown server $s ($ALL_SERVERS)" >&2; exit 2 ;;
     esac
 done
+case " $SERVERS " in
+*" base "*)
+    [ -n "$PLUGIN_BASE" ] || {
+        echo "$0: SERVERS names base but PLUGIN_BASE is not set" >&2; exit 2; } ;;
+*)
+    if [ -n "$PLUGIN_BASE" ]; then
+        echo "bench: PLUGIN_BASE is set but SERVERS does not name base: not run" >&2
+        PLUGIN_BASE=
+    fi ;;
+esac
 [ "$ROUNDS" -ge 1 ] && [ "$RUNTIME" -ge 1 ] && [ "$RAMP" -ge 0 ] || {
     echo "$0: ROUNDS, RUNTIME >= 1 and RAMP >= 0 please" >&2; exit 2; }
 
@@ -176,6 +197,9 @@ done
 fio --enghelp=nbd >/dev/null 2>&1 || die "fio has no nbd engine"
 nbdkit file --version >/dev/null 2>&1 || die "nbdkit's file plugin is missing"
 [ -f "$PLUGIN" ] || die "plugin $PLUGIN not built (run make)"
+if [ -n "$PLUGIN_BASE" ]; then
+    [ -f "$PLUGIN_BASE" ] || die "PLUGIN_BASE $PLUGIN_BASE does not exist"
+fi
 if [ "$PERF" = 1 ]; then
     command -v perf >/dev/null 2>&1 || die "PERF=1 but perf is not installed"
 fi
@@ -238,11 +262,18 @@ OUT_DIR=$(cd "$OUT_DIR" && pwd)
 runs=$OUT_DIR/runs.tsv
 : > "$runs"
 
-# Serve a copy of the plugin, so that a rebuild during the run does not
-# change what is measured half-way.
+# Serve a copy of the plugin (and of the base build), so that a rebuild
+# during the run does not change what is measured half-way.
+build_id () { echo "$1 ($(stat -c %y "$1" | cut -d. -f1), sha256 $(sha256sum "$1" | cut -c1-12))"; }
 cp "$PLUGIN" "$OUT_DIR/plugin.so"
-plugin_id="$PLUGIN ($(stat -c %y "$PLUGIN" | cut -d. -f1), sha256 $(sha256sum "$PLUGIN" | cut -c1-12))"
+plugin_id=$(build_id "$PLUGIN")
 PLUGIN=$OUT_DIR/plugin.so
+base_id=
+if [ -n "$PLUGIN_BASE" ]; then
+    cp "$PLUGIN_BASE" "$OUT_DIR/plugin-base.so"
+    base_id=$(build_id "$PLUGIN_BASE")
+    PLUGIN_BASE=$OUT_DIR/plugin-base.so
+fi
 
 sock=$BENCH_DIR/bench.sock
 uri="nbd+unix:///?socket=$sock"
@@ -315,9 +346,11 @@ start_server ()
     local name=$1 img=$2 slog=$3 i
     rm -f "$sock"
     case $name in
-    plugin)
+    plugin|base)
+        local so=$PLUGIN
+        [ "$name" = base ] && so=$PLUGIN_BASE
         # shellcheck disable=SC2086
-        nbdkit -f --exit-with-parent -U "$sock" "$PLUGIN" file="$img" \
+        nbdkit -f --exit-with-parent -U "$sock" "$so" file="$img" \
             $PLUGIN_ARGS >>"$slog" 2>&1 & ;;
     qemu-threads)
         qemu-nbd -t -e 16 -f qcow2 --cache=writeback --aio=threads \
@@ -649,6 +682,9 @@ ALLOC_BUDGET_BYTES=$(parse_size "$ALLOC_BUDGET_BYTES")
     printf 'uring\t%s\n' "$uring_status"
     printf 'plugin_args\t%s\n' "${PLUGIN_ARGS:-(defaults)}"
     printf 'plugin\t%s\n' "$plugin_id"
+    if [ -n "$base_id" ]; then
+        printf 'plugin_base\t%s\n' "$base_id"
+    fi
     printf 'sizes\tfull %s, sparse %s, allocating %s (64 KiB clusters) / %s (512-byte clusters)\n' \
         "$FULL_SIZE" "$SPARSE_SIZE" "$ALLOC_SIZE" "$ALLOC512_SIZE"
     printf 'alloc_budget\t%s\n' "$ALLOC_BUDGET_BYTES"
@@ -668,9 +704,28 @@ for w in $WORKLOADS; do
     printf '%s\t%s\t%s\t%s\t%s\n' "$w" "$W_UNIT" "$W_WRITE" "$cap" "$W_DESC" >> "$OUT_DIR/workloads.tsv"
 done
 
+# round_servers ROUND: the servers of this round, in order.  The plugin
+# and its base build swap places every other round, so that neither
+# always runs right after the same server (or first after the images
+# were made).
+round_servers ()
+{
+    local s out=
+    if (( $1 % 2 == 1 )) || [[ " $SERVERS " != *" plugin "* ]] ||
+       [[ " $SERVERS " != *" base "* ]]; then
+        echo $SERVERS
+        return
+    fi
+    for s in $SERVERS; do
+        case $s in plugin) s=base ;; base) s=plugin ;; esac
+        out="$out $s"
+    done
+    echo $out
+}
+
 for w in $WORKLOADS; do
     for (( round = 1; round <= ROUNDS; round++ )); do
-        for s in $SERVERS; do
+        for s in $(round_servers $round); do
             run_one "$w" "$s" "$round"
         done
     done

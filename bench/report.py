@@ -12,7 +12,8 @@
 # to back, so slow drifts of the machine cancel out), then summarised
 # as the median and min-max over the rounds.  "best qemu-nbd" is, per
 # workload, the qemu-nbd configuration with the higher median
-# throughput.
+# throughput.  With a base build of the plugin (PLUGIN_BASE, server
+# "base") a before/after table adds plugin/base, paired the same way.
 
 import os
 import statistics
@@ -25,12 +26,15 @@ SERVER_LABEL = {
     "qemu-threads": "B qemu-nbd threads",
     "qemu-uring": "C qemu-nbd io_uring",
     "raw": "D file (raw)",
+    "base": "E base plugin",
 }
 SERVER_DESC = {
     "plugin": "nbdkit + nbdkit-qcow2-plugin on the qcow2 image",
     "qemu-threads": "qemu-nbd -f qcow2 --cache=writeback --aio=threads on the same image",
     "qemu-uring": "qemu-nbd -f qcow2 --cache=writeback --aio=io_uring on the same image",
     "raw": "nbdkit file plugin on the equivalent raw image (the ceiling)",
+    "base": "nbdkit + the base build of the plugin (PLUGIN_BASE) on the same "
+            "image, same parameters; A and E swap places every other round",
 }
 QEMU = ("qemu-threads", "qemu-uring")
 # Goals of issue 8, per workload: (min plugin/best-qemu, min plugin/raw).
@@ -103,6 +107,51 @@ def f1(x):
     return "%.1f" % x
 
 
+def per_round(by, wl, a, b, fn):
+    """Per-round ratios fn(run of a) / fn(run of b) over the rounds
+    where both servers ran fine.  A b that did no I/O at all in the
+    window gives an infinite ratio (shown as "inf")."""
+    ra = {r.round: fn(r) for r in by.get((wl, a), []) if r.ok}
+    rb = {r.round: fn(r) for r in by.get((wl, b), []) if r.ok}
+    out = []
+    for k in ra:
+        if k not in rb or ra[k] is None or rb[k] is None:
+            continue
+        if rb[k] > 0:
+            out.append(ra[k] / rb[k])
+        elif ra[k] > 0:
+            out.append(float("inf"))
+    return out
+
+
+def before_after(p, wls, by):
+    p("## Before/after: plugin / base (medians of per-round ratios, "
+      "min-max in brackets)")
+    p()
+    p("The plugin (A) against the base build (E), on the same image with "
+      "the same parameters.  Throughput ratio > 1: this build is faster.  "
+      "CPU ratio < 1: it spends less server CPU per I/O.  Both are paired "
+      "per round like the ratios above; a wide min-max says the machine was "
+      "noisy (a copy of the same build as base shows how noisy).")
+    p()
+    p("| workload | unit | plugin | base | plugin / base "
+      "| CPU/IO plugin / base | RSS plugin / base |")
+    p("|---|---|---|---|---|---|---|")
+    for wl, unit, write, cap, desc in (w[:5] for w in wls):
+        unit_s = "IOPS" if unit == "iops" else "MB/s"
+
+        def med(s):
+            return median([r.value(unit) for r in by.get((wl, s), []) if r.ok])
+
+        thr = per_round(by, wl, "plugin", "base", lambda r: r.value(unit))
+        cpu = per_round(by, wl, "plugin", "base", lambda r: r.cpu_us())
+        rss = per_round(by, wl, "plugin", "base", lambda r: r.rss)
+        p("| %s | %s | %s | %s | %s | %s | %s |" % (
+            wl, unit_s, fmt_val(med("plugin"), unit), fmt_val(med("base"), unit),
+            fmt_range(thr, f2), fmt_range(cpu, f2), fmt_range(rss, f2)))
+    p()
+
+
 def main(out):
     meta = dict((r[0], r[1]) for r in read_tsv(os.path.join(out, "meta.tsv")) if len(r) >= 2)
     wls = [r for r in read_tsv(os.path.join(out, "workloads.tsv"))]
@@ -124,9 +173,13 @@ def main(out):
     p("- host: %s" % meta.get("host", "?"))
     p("- %s" % meta.get("versions", "?"))
     p("- images: %s; %s" % (meta.get("bench_dir", "?"), meta.get("sizes", "?")))
+    order = "A B C D in each round"
+    if "base" in servers:
+        order = (" ".join(SERVER_LABEL[s][0] for s in servers) +
+                 " in each round (A and E swap places every other round)")
     p("- %s rounds x %s s measured (+%s s warm-up) per server and workload, "
-      "servers alternating A B C D in each round; whole run %s s"
-      % (meta.get("rounds"), meta.get("runtime"), meta.get("ramp"),
+      "servers alternating %s; whole run %s s"
+      % (meta.get("rounds"), meta.get("runtime"), meta.get("ramp"), order,
          meta.get("elapsed", "?")))
     p("- load average (1, 5, 15 min) at start: %s, at end: %s (2 cores: "
       "anything else running skews the numbers)"
@@ -134,6 +187,8 @@ def main(out):
     p("- qemu-nbd --aio=io_uring: %s" % meta.get("uring", "?"))
     p("- plugin: %s; parameters: %s" % (meta.get("plugin", "?"),
                                          meta.get("plugin_args", "(defaults)")))
+    if "base" in servers:
+        p("- base plugin: %s; same parameters" % meta.get("plugin_base", "?"))
     p("- allocating runs stop after %s s or when the image has grown by about "
       "%.1f GiB, whichever comes first (fio io_size, same for all servers)"
       % (meta.get("runtime"), int(meta.get("alloc_budget", "0")) / 2**30))
@@ -172,18 +227,13 @@ def main(out):
         qs = [s for s in QEMU if s in servers and okruns(s)]
         best = max(qs, key=med) if qs else None
 
-        def per_round(other):
+        def vs(other):
             if not other:
                 return []
-            a = {r.round: r.value(unit) for r in okruns("plugin")}
-            b = {r.round: r.value(unit) for r in okruns(other)}
-            # A server that completed no I/O at all in the window gives
-            # an infinite ratio (shown as "inf").
-            return [a[k] / b[k] if b[k] > 0 else float("inf")
-                    for k in a if k in b and (b[k] > 0 or a[k] > 0)]
+            return per_round(by, wl, "plugin", other, lambda r: r.value(unit))
 
-        rq = per_round(best)
-        rr = per_round("raw" if "raw" in servers else None)
+        rq = vs(best)
+        rr = vs("raw" if "raw" in servers else None)
         cpu_p = medcpu("plugin")
         cpu_q = [medcpu(s) for s in qs if medcpu(s) is not None]
         cpu_ratio = (cpu_p / min(cpu_q)) if cpu_p is not None and cpu_q and min(cpu_q) > 0 else None
@@ -208,6 +258,10 @@ def main(out):
             f2(cpu_ratio) if cpu_ratio is not None else "-",
             ", ".join(goals) or "-"))
     p()
+
+    # ---- before/after ------------------------------------------------------
+    if "base" in servers:
+        before_after(p, wls, by)
 
     # ---- per server --------------------------------------------------------
     p("## Per server (median, min-max over rounds)")

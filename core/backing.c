@@ -79,7 +79,7 @@ in_chain (const struct qcow2_image *child, int fd)
   if (fd == -1 || fstat (fd, &st) == -1)
     return false;
   for (; child; child = child->child) {
-    if (child->io->fd != -1 && fstat (child->io->fd, &st2) == 0 &&
+    if (io_fd (child->io) != -1 && fstat (io_fd (child->io), &st2) == 0 &&
         st.st_dev == st2.st_dev && st.st_ino == st2.st_ino)
       return true;
   }
@@ -117,7 +117,7 @@ backing_open_file (struct qcow2_image *img, char **pathp, bool *is_qcow2)
     nbdkit_error ("%s: cannot open backing file %s: %m", img->name, path);
     goto err;
   }
-  if (in_chain (img, io->fd)) {
+  if (in_chain (img, io_fd (io))) {
     nbdkit_error ("%s: backing file %s is already in the backing chain "
                   "(a loop)", img->name, path);
     errno = ELOOP;

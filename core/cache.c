@@ -534,12 +534,6 @@ cache_drop (struct cache *c, uint64_t off, uint64_t len)
   }
 }
 
-uint64_t
-cache_bytes (struct cache *c)
-{
-  return (uint64_t) c->nr << c->slice_bits;
-}
-
 uint32_t
 cache_nr_entries (struct cache *c)
 {

@@ -46,7 +46,6 @@ extern void cache_mark_dirty (struct cache *c, struct cache_entry *e);
 extern int cache_flush (struct cache *c);     /* write back dirty slices */
 extern void cache_drop (struct cache *c, uint64_t off, uint64_t len);
 extern bool cache_has_dirty (struct cache *c);
-extern uint64_t cache_bytes (struct cache *c);
 extern uint32_t cache_nr_entries (struct cache *c);
 extern void cache_stats (struct cache *c, uint64_t *hits, uint64_t *misses);
 extern int cache_stage_get (struct cache *c, void **data, uint64_t *gen);

@@ -128,20 +128,6 @@ cluster_offset (const struct layout *lo, uint64_t cluster)
   return cluster << lo->cluster_bits;
 }
 
-static void
-put32 (uint8_t *p, uint32_t v)
-{
-  v = htobe32 (v);
-  memcpy (p, &v, 4);
-}
-
-static void
-put64 (uint8_t *p, uint64_t v)
-{
-  v = htobe64 (v);
-  memcpy (p, &v, 8);
-}
-
 static int
 einval (const char *name, const char *msg)
 {
@@ -433,7 +419,7 @@ fill_reftable (const struct layout *lo, uint8_t *buf,
                                                lo->refblocks_n);
 
   for (i = 0; e < last; i++, e++)
-    put64 (&buf[i * 8], cluster_offset (lo, lo->refblocks + e));
+    put_be64 (&buf[i * 8], cluster_offset (lo, lo->refblocks + e));
 }
 
 /* Refcount 1 for the first k entries of a block.  Sub-byte entries
@@ -480,8 +466,8 @@ fill_l1 (const struct layout *lo, uint8_t *buf, uint64_t first, uint64_t n)
                                                lo->l1_size);
 
   for (i = 0; e < last; i++, e++)
-    put64 (&buf[i * 8],
-           cluster_offset (lo, lo->l2 + e) | QCOW_OFLAG_COPIED);
+    put_be64 (&buf[i * 8],
+              cluster_offset (lo, lo->l2 + e) | QCOW_OFLAG_COPIED);
 }
 
 /* Every guest cluster g maps to data cluster g.  With extended L2 the
@@ -495,8 +481,8 @@ fill_l2 (const struct layout *lo, uint8_t *buf, uint64_t first, uint64_t n)
   uint64_t last = min_u64 ((first + n) << lo->l2_bits, lo->data_n);
 
   for (i = 0; g < last; i++, g++)
-    put64 (&buf[i << shift],
-           cluster_offset (lo, lo->data + g) | QCOW_OFLAG_COPIED);
+    put_be64 (&buf[i << shift],
+              cluster_offset (lo, lo->data + g) | QCOW_OFLAG_COPIED);
 }
 
 /* Write n clusters of a region starting at cluster 'start', filling
@@ -532,8 +518,7 @@ write_data (struct qcow2_io *io, const struct layout *lo, uint8_t *buf)
 
   switch (lo->opts->preallocation) {
   case QCOW2_PREALLOC_FALLOC:
-    if (len > 0 && io->ops->preallocate &&
-        io->ops->preallocate (io, len, off) == -1) {
+    if (len > 0 && io_preallocate (io, len, off) == -1) {
       nbdkit_error ("%s: fallocate of %" PRIu64 " bytes: %m",
                     lo->name, len);
       return -1;
@@ -569,31 +554,32 @@ fill_header (const struct layout *lo, uint8_t *buf)
   cluster0_bytes (lo, feature_table, &name_off);
 
   memset (buf, 0, lo->cluster_size);
-  put32 (&buf[HDR_MAGIC], QCOW2_MAGIC);
-  put32 (&buf[HDR_VERSION], lo->version);
+  put_be32 (&buf[HDR_MAGIC], QCOW2_MAGIC);
+  put_be32 (&buf[HDR_VERSION], lo->version);
   if (opts->backing_file) {
-    put64 (&buf[HDR_BACKING_FILE_OFFSET], name_off);
-    put32 (&buf[HDR_BACKING_FILE_SIZE], strlen (opts->backing_file));
+    put_be64 (&buf[HDR_BACKING_FILE_OFFSET], name_off);
+    put_be32 (&buf[HDR_BACKING_FILE_SIZE], strlen (opts->backing_file));
   }
-  put32 (&buf[HDR_CLUSTER_BITS], lo->cluster_bits);
-  put64 (&buf[HDR_SIZE], lo->size);
-  put32 (&buf[HDR_CRYPT_METHOD], CRYPT_NONE);
-  put32 (&buf[HDR_L1_SIZE], lo->l1_size);
+  put_be32 (&buf[HDR_CLUSTER_BITS], lo->cluster_bits);
+  put_be64 (&buf[HDR_SIZE], lo->size);
+  put_be32 (&buf[HDR_CRYPT_METHOD], CRYPT_NONE);
+  put_be32 (&buf[HDR_L1_SIZE], lo->l1_size);
   /* QEMU leaves the L1 offset 0 for an empty L1 table. */
-  put64 (&buf[HDR_L1_TABLE_OFFSET],
-         lo->l1_size ? cluster_offset (lo, lo->l1) : 0);
-  put64 (&buf[HDR_REFCOUNT_TABLE_OFFSET], cluster_offset (lo, lo->reftable));
-  put32 (&buf[HDR_REFCOUNT_TABLE_CLUSTERS], lo->reftable_n);
-  put32 (&buf[HDR_NB_SNAPSHOTS], 0);
-  put64 (&buf[HDR_SNAPSHOTS_OFFSET], 0);
+  put_be64 (&buf[HDR_L1_TABLE_OFFSET],
+            lo->l1_size ? cluster_offset (lo, lo->l1) : 0);
+  put_be64 (&buf[HDR_REFCOUNT_TABLE_OFFSET],
+            cluster_offset (lo, lo->reftable));
+  put_be32 (&buf[HDR_REFCOUNT_TABLE_CLUSTERS], lo->reftable_n);
+  put_be32 (&buf[HDR_NB_SNAPSHOTS], 0);
+  put_be64 (&buf[HDR_SNAPSHOTS_OFFSET], 0);
   if (lo->version >= 3) {
-    put64 (&buf[HDR_INCOMPATIBLE_FEATURES],
-           (opts->zstd ? INCOMPAT_COMPRESSION : 0) |
-           (lo->ext_l2 ? INCOMPAT_EXTL2 : 0));
-    put64 (&buf[HDR_COMPATIBLE_FEATURES], 0);
-    put64 (&buf[HDR_AUTOCLEAR_FEATURES], 0);
-    put32 (&buf[HDR_REFCOUNT_ORDER], lo->refcount_order);
-    put32 (&buf[HDR_HEADER_LENGTH], HDR_V3_LENGTH);
+    put_be64 (&buf[HDR_INCOMPATIBLE_FEATURES],
+              (opts->zstd ? INCOMPAT_COMPRESSION : 0) |
+              (lo->ext_l2 ? INCOMPAT_EXTL2 : 0));
+    put_be64 (&buf[HDR_COMPATIBLE_FEATURES], 0);
+    put_be64 (&buf[HDR_AUTOCLEAR_FEATURES], 0);
+    put_be32 (&buf[HDR_REFCOUNT_ORDER], lo->refcount_order);
+    put_be32 (&buf[HDR_HEADER_LENGTH], HDR_V3_LENGTH);
     buf[HDR_COMPRESSION_TYPE] = opts->zstd ? COMPRESSION_ZSTD
                                            : COMPRESSION_DEFLATE;
     p = HDR_V3_LENGTH;
@@ -604,14 +590,14 @@ fill_header (const struct layout *lo, uint8_t *buf)
   /* Extensions, in QEMU's order; the area is already zero-padded. */
   if (opts->backing_format) {
     len = strlen (opts->backing_format);
-    put32 (&buf[p], EXT_BACKING_FORMAT);
-    put32 (&buf[p + 4], len);
+    put_be32 (&buf[p], EXT_BACKING_FORMAT);
+    put_be32 (&buf[p + 4], len);
     memcpy (&buf[p + 8], opts->backing_format, len);
     p += 8 + round_up_pow2 (len, 8);
   }
   if (feature_table) {
-    put32 (&buf[p], EXT_FEATURE_TABLE);
-    put32 (&buf[p + 4], NR_FEATURE_NAMES * FEATURE_ENTRY_SIZE);
+    put_be32 (&buf[p], EXT_FEATURE_TABLE);
+    put_be32 (&buf[p + 4], NR_FEATURE_NAMES * FEATURE_ENTRY_SIZE);
     p += 8;
     for (i = 0; i < NR_FEATURE_NAMES; i++, p += FEATURE_ENTRY_SIZE) {
       buf[p] = feature_names[i].type;
@@ -620,7 +606,7 @@ fill_header (const struct layout *lo, uint8_t *buf)
               strlen (feature_names[i].name));
     }
   }
-  put32 (&buf[p], EXT_END);     /* and a zero length */
+  put_be32 (&buf[p], EXT_END);     /* and a zero length */
   p += 8;
 
   if (opts->backing_file)
@@ -641,7 +627,7 @@ write_image (struct qcow2_io *io, const struct layout *lo)
   }
 
   /* The file ends at the last cluster; what is not written reads as 0. */
-  if (io->ops->truncate (io, cluster_offset (lo, lo->end)) == -1) {
+  if (io_truncate (io, cluster_offset (lo, lo->end)) == -1) {
     nbdkit_error ("%s: extending the file to %" PRIu64 " bytes: %m",
                   lo->name, cluster_offset (lo, lo->end));
     goto out;
@@ -726,7 +712,7 @@ open_target (const char *name, const struct qcow2_create_options *opts,
     io_close (io);
     goto fail;
   }
-  if (!*created && io->ops->truncate (io, 0) == -1) {
+  if (!*created && io_truncate (io, 0) == -1) {
     nbdkit_error ("%s: truncating: %m", name);
     io_close (io);
     return NULL;

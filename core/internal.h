@@ -205,6 +205,27 @@ get_be64 (const uint8_t *p)
   return be64toh (v);
 }
 
+static inline void
+put_be16 (uint8_t *p, uint16_t v)
+{
+  v = htobe16 (v);
+  memcpy (p, &v, 2);
+}
+
+static inline void
+put_be32 (uint8_t *p, uint32_t v)
+{
+  v = htobe32 (v);
+  memcpy (p, &v, 4);
+}
+
+static inline void
+put_be64 (uint8_t *p, uint64_t v)
+{
+  v = htobe64 (v);
+  memcpy (p, &v, 8);
+}
+
 /* Index math (all sizes are powers of two). */
 static inline uint64_t
 offset_into_cluster (const struct qcow2_image *img, uint64_t off)

@@ -94,22 +94,6 @@ file_truncate (struct qcow2_io *io, uint64_t size)
 }
 
 static int
-file_zero (struct qcow2_io *io, uint64_t count, uint64_t offset)
-{
-#ifdef FALLOC_FL_ZERO_RANGE
-  if (fallocate (io->fd, FALLOC_FL_ZERO_RANGE, offset, count) == 0)
-    return 0;
-#endif
-#if defined (FALLOC_FL_PUNCH_HOLE) && defined (FALLOC_FL_KEEP_SIZE)
-  if (fallocate (io->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
-                 offset, count) == 0)
-    return 0;
-#endif
-  errno = EOPNOTSUPP;
-  return -1;
-}
-
-static int
 file_preallocate (struct qcow2_io *io, uint64_t count, uint64_t offset)
 {
   int r = posix_fallocate (io->fd, offset, count);
@@ -172,7 +156,6 @@ static const struct qcow2_io_ops file_ops = {
   .flush = file_flush,
   .size = file_size,
   .truncate = file_truncate,
-  .zero = file_zero,
   .preallocate = file_preallocate,
   .reserve = file_reserve,
   .close = file_close,

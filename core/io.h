@@ -22,9 +22,11 @@
 #include <stdint.h>
 #include <stddef.h>
 #include <stdbool.h>
+#include <errno.h>
 
 struct qcow2_io;
 
+/* Call the ops through the io_* wrappers below. */
 struct qcow2_io_ops {
   int (*pread) (struct qcow2_io *io, void *buf, size_t count,
                 uint64_t offset);
@@ -33,10 +35,6 @@ struct qcow2_io_ops {
   int (*flush) (struct qcow2_io *io);
   int64_t (*size) (struct qcow2_io *io);
   int (*truncate) (struct qcow2_io *io, uint64_t size);
-  /* Optional: make [offset, offset+count) read as zeroes, cheaply
-   * (fallocate punch/zero).  NULL or -1/EOPNOTSUPP means "write zeroes".
-   */
-  int (*zero) (struct qcow2_io *io, uint64_t count, uint64_t offset);
   /* Optional: reserve space (fallocate).  NULL means "do nothing". */
   int (*preallocate) (struct qcow2_io *io, uint64_t count, uint64_t offset);
   /* Optional: reserve disk blocks past the end of the file without
@@ -94,6 +92,48 @@ static inline int64_t
 io_size (struct qcow2_io *io)
 {
   return io->ops->size (io);
+}
+
+/* Every backend has truncate; a missing one is an error all the same. */
+static inline int
+io_truncate (struct qcow2_io *io, uint64_t size)
+{
+  if (io->ops->truncate == NULL) {
+    errno = EOPNOTSUPP;
+    return -1;
+  }
+  return io->ops->truncate (io, size);
+}
+
+/* Without the op there is nothing to preallocate with: success, as the
+ * op's own "not supported" is (see file_preallocate).
+ */
+static inline int
+io_preallocate (struct qcow2_io *io, uint64_t count, uint64_t offset)
+{
+  if (io->ops->preallocate == NULL)
+    return 0;
+  return io->ops->preallocate (io, count, offset);
+}
+
+/* Without the op: -1 with EOPNOTSUPP, "never supported here", which
+ * tells the caller to stop trying.
+ */
+static inline int
+io_reserve (struct qcow2_io *io, uint64_t count, uint64_t offset)
+{
+  if (io->ops->reserve == NULL) {
+    errno = EOPNOTSUPP;
+    return -1;
+  }
+  return io->ops->reserve (io, count, offset);
+}
+
+/* The file descriptor, for locks and identity checks, or -1. */
+static inline int
+io_fd (const struct qcow2_io *io)
+{
+  return io->fd;
 }
 
 static inline void

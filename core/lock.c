@@ -168,7 +168,7 @@ static int
 apply_role (struct qcow2_io *io, const char *name, unsigned perm,
             unsigned unshared)
 {
-  int fd = io->fd;
+  int fd = io_fd (io);
   int i, r;
 
   if (fd == -1)
@@ -217,7 +217,7 @@ apply_role (struct qcow2_io *io, const char *name, unsigned perm,
 {
   (void) perm;
   (void) unshared;
-  if (io->fd == -1)
+  if (io_fd (io) == -1)
     return 0;
   nbdkit_error ("%s: image locking needs Linux open file description "
                 "locks: use locking=off", name);

@@ -30,6 +30,7 @@
 #include <errno.h>
 #include <inttypes.h>
 #include <time.h>
+#include <assert.h>
 #include <pthread.h>
 #include <stdbool.h>
 
@@ -37,6 +38,15 @@
 #include <nbdkit-plugin.h>
 
 #include "../core/qcow2.h"
+
+/* The callbacks pass nbdkit's request flags and extent types straight
+ * through to core and back, so core's values must be nbdkit's.
+ */
+static_assert (QCOW2_F_MAY_TRIM == NBDKIT_FLAG_MAY_TRIM, "flag MAY_TRIM");
+static_assert (QCOW2_F_FUA == NBDKIT_FLAG_FUA, "flag FUA");
+static_assert (QCOW2_F_FAST_ZERO == NBDKIT_FLAG_FAST_ZERO, "flag FAST_ZERO");
+static_assert (QCOW2_EXTENT_HOLE == NBDKIT_EXTENT_HOLE, "extent HOLE");
+static_assert (QCOW2_EXTENT_ZERO == NBDKIT_EXTENT_ZERO, "extent ZERO");
 
 static char *filename;
 static char *file_arg;          /* file= as given; resolved once it exists */
@@ -125,7 +135,7 @@ get_view (const char *name)
 }
 
 static int
-parse_size (const char *key, const char *value, uint64_t *out)
+parse_size (const char *value, uint64_t *out)
 {
   int64_t r = nbdkit_parse_size (value);
 
@@ -166,12 +176,12 @@ config_create (const char *key, const char *value)
     return 1;
   }
   if (strcmp (key, "size") == 0) {
-    if (parse_size (key, value, &o->size) == -1)
+    if (parse_size (value, &o->size) == -1)
       return -1;
     o->size_from_backing_file = false;
   }
   else if (strcmp (key, "cluster-size") == 0) {
-    if (parse_size (key, value, &v) == -1)
+    if (parse_size (value, &v) == -1)
       return -1;
     if (v == 0 || v > UINT32_MAX) {   /* 0 would mean the default */
       nbdkit_error ("cluster-size must be a power of 2 between 512 and 2M");
@@ -261,20 +271,16 @@ qcow2_plugin_config (const char *key, const char *value)
     readonly_opt = r;
   }
   else if (strcmp (key, "snapshot") == 0) {
-    free (snapshot);
-    snapshot = strdup (value);
-    if (snapshot == NULL) {
-      nbdkit_error ("strdup: %m");
+    if (set_string (&snapshot, value) == -1)
       return -1;
-    }
   }
   else if (strcmp (key, "l2-cache-size") == 0)
-    return parse_size (key, value, &cfg.l2_cache_size);
+    return parse_size (value, &cfg.l2_cache_size);
   else if (strcmp (key, "refcount-cache-size") == 0)
-    return parse_size (key, value, &cfg.refcount_cache_size);
+    return parse_size (value, &cfg.refcount_cache_size);
   else if (strcmp (key, "cache-entry-size") == 0) {
     uint64_t v;
-    if (parse_size (key, value, &v) == -1)
+    if (parse_size (value, &v) == -1)
       return -1;
     if (v < 512 || v > (2 << 20) || (v & (v - 1))) {
       nbdkit_error ("cache-entry-size must be a power of 2 between 512 "

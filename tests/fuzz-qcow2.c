@@ -142,7 +142,7 @@ fio_truncate (struct qcow2_io *io, uint64_t size)
     errno = EFBIG;
     return -1;
   }
-  return f->mem->ops->truncate (f->mem, size);
+  return io_truncate (f->mem, size);
 }
 
 static void

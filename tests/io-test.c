@@ -11,8 +11,8 @@
  * disk).  A failed write is by default not passed on at all; with
  * lands set it is passed on and then reported as failed, because a
  * real disk may well have written part or all of what it reports as an
- * error, and core must not assume otherwise.  The zero op counts as a
- * write, preallocate as a truncate.
+ * error, and core must not assume otherwise.  Preallocate counts as a
+ * truncate.
  *
  * The crash recorder wraps a memory io and appends every write,
  * truncate and completed flush to a log (with a copy of the data), in
@@ -158,25 +158,7 @@ fault_truncate (struct qcow2_io *io, uint64_t size)
     errno = err;
     return -1;
   }
-  return f->inner->ops->truncate (f->inner, size);
-}
-
-static int
-fault_zero (struct qcow2_io *io, uint64_t count, uint64_t offset)
-{
-  struct fault_io *f = (struct fault_io *) io;
-  int err;
-
-  if (f->inner->ops->zero == NULL) {
-    errno = EOPNOTSUPP;
-    return -1;
-  }
-  err = fault_count (f, QCOW2_FAULT_WRITE);
-  if (err) {
-    errno = err;
-    return -1;
-  }
-  return f->inner->ops->zero (f->inner, count, offset);
+  return io_truncate (f->inner, size);
 }
 
 static int
@@ -189,9 +171,7 @@ fault_preallocate (struct qcow2_io *io, uint64_t count, uint64_t offset)
     errno = err;
     return -1;
   }
-  if (f->inner->ops->preallocate == NULL)
-    return 0;
-  return f->inner->ops->preallocate (f->inner, count, offset);
+  return io_preallocate (f->inner, count, offset);
 }
 
 static void
@@ -210,7 +190,6 @@ static const struct qcow2_io_ops fault_ops = {
   .flush = fault_flush,
   .size = fault_size,
   .truncate = fault_truncate,
-  .zero = fault_zero,
   .preallocate = fault_preallocate,
   .close = fault_close,
 };
@@ -380,7 +359,7 @@ rec_truncate (struct qcow2_io *io, uint64_t size)
   int ret;
 
   pthread_mutex_lock (&r->lock);
-  ret = r->mem->ops->truncate (r->mem, size);
+  ret = io_truncate (r->mem, size);
   if (ret == 0)
     ret = rec_log (r, QCOW2_REC_TRUNCATE, size, 0, NULL, 0);
   pthread_mutex_unlock (&r->lock);

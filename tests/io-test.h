@@ -16,8 +16,7 @@
 #include "io.h"
 
 /* Fault injection: wraps inner (and owns it).  Calls are counted per
- * kind from 0 at the wrap; zero counts as a write, preallocate as a
- * truncate.
+ * kind from 0 at the wrap; preallocate counts as a truncate.
  */
 enum qcow2_fault_op {
   QCOW2_FAULT_READ,

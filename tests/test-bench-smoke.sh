@@ -26,7 +26,7 @@ export OUT_DIR=$out
 export TMPDIR=$tmpdir
 unset ROUNDS RUNTIME RAMP WORKLOADS SERVERS BENCH_DIR PLUGIN_ARGS PERF \
       FULL_SIZE SPARSE_SIZE ALLOC_SIZE ALLOC512_SIZE ALLOC_BUDGET QB_COUNT \
-      KEEP_IMAGES
+      KEEP_IMAGES PLUGIN_BASE
 
 bash "$bench" --smoke > "$tmpdir/report.md" 2> "$tmpdir/bench.log" || {
     cat "$tmpdir/bench.log" >&2

@@ -27,20 +27,6 @@
 extern char stub_last_error[];
 
 static void
-put32 (uint8_t *p, uint32_t v)
-{
-  v = htobe32 (v);
-  memcpy (p, &v, 4);
-}
-
-static void
-put64 (uint8_t *p, uint64_t v)
-{
-  v = htobe64 (v);
-  memcpy (p, &v, 8);
-}
-
-static void
 put_refcount (uint8_t *block, unsigned order, uint64_t idx, uint64_t v)
 {
   unsigned bits = 1u << order;
@@ -72,23 +58,23 @@ build (unsigned cb, unsigned order, size_t *size)
 
   assert (b);
   memcpy (b, "QFI\xfb", 4);
-  put32 (b + HDR_VERSION, 3);
-  put32 (b + HDR_CLUSTER_BITS, cb);
-  put64 (b + HDR_SIZE, 16 * cs);
-  put32 (b + HDR_L1_SIZE, 1);
-  put64 (b + HDR_L1_TABLE_OFFSET, 3 * cs);
-  put64 (b + HDR_REFCOUNT_TABLE_OFFSET, cs);
-  put32 (b + HDR_REFCOUNT_TABLE_CLUSTERS, 1);
-  put32 (b + HDR_REFCOUNT_ORDER, order);
-  put32 (b + HDR_HEADER_LENGTH, 112);
-  put64 (b + cs, 2 * cs);
+  put_be32 (b + HDR_VERSION, 3);
+  put_be32 (b + HDR_CLUSTER_BITS, cb);
+  put_be64 (b + HDR_SIZE, 16 * cs);
+  put_be32 (b + HDR_L1_SIZE, 1);
+  put_be64 (b + HDR_L1_TABLE_OFFSET, 3 * cs);
+  put_be64 (b + HDR_REFCOUNT_TABLE_OFFSET, cs);
+  put_be32 (b + HDR_REFCOUNT_TABLE_CLUSTERS, 1);
+  put_be32 (b + HDR_REFCOUNT_ORDER, order);
+  put_be32 (b + HDR_HEADER_LENGTH, 112);
+  put_be64 (b + cs, 2 * cs);
   for (i = 0; i < NCLUSTERS; i++)
     put_refcount (b + 2 * cs, order, i, 1);
-  put64 (b + 3 * cs, (4 * cs) | QCOW_OFLAG_COPIED);
-  put64 (l2 + 0, (5 * cs) | QCOW_OFLAG_COPIED);
-  put64 (l2 + 8, QCOW_OFLAG_ZERO);
-  put64 (l2 + 24, (6 * cs) | QCOW_OFLAG_COPIED);
-  put64 (l2 + 32, (7 * cs) | QCOW_OFLAG_COPIED);
+  put_be64 (b + 3 * cs, (4 * cs) | QCOW_OFLAG_COPIED);
+  put_be64 (l2 + 0, (5 * cs) | QCOW_OFLAG_COPIED);
+  put_be64 (l2 + 8, QCOW_OFLAG_ZERO);
+  put_be64 (l2 + 24, (6 * cs) | QCOW_OFLAG_COPIED);
+  put_be64 (l2 + 32, (7 * cs) | QCOW_OFLAG_COPIED);
   memset (b + 5 * cs, 0x11, cs);
   memset (b + 6 * cs, 0x22, cs);
   memset (b + 7 * cs, 0x33, cs);
@@ -215,37 +201,38 @@ test_header_validation (void)
   } while (0)
 
   CASE (b[0] = 'X', "bad magic");
-  CASE (put32 (b + HDR_VERSION, 4), "unsupported qcow2 version 4");
-  CASE (put32 (b + HDR_VERSION, 1), "unsupported qcow2 version 1");
-  CASE (put32 (b + HDR_CLUSTER_BITS, 8), "cluster_bits 8 out of range");
-  CASE (put32 (b + HDR_CLUSTER_BITS, 22), "cluster_bits 22 out of range");
-  CASE (put64 (b + HDR_L1_TABLE_OFFSET, 3 * cs + 8), "not cluster aligned");
-  CASE (put64 (b + HDR_L1_TABLE_OFFSET, 100 * cs), "beyond end of file");
-  CASE (put32 (b + HDR_L1_SIZE, 0x7fffffff), "L1 table is too large");
-  CASE (put64 (b + HDR_SIZE, UINT64_C(1) << 40), "L1 table too small");
-  CASE (put64 (b + HDR_SIZE, UINT64_MAX), "virtual size");
-  CASE (put64 (b + HDR_REFCOUNT_TABLE_OFFSET, 100 * cs),
+  CASE (put_be32 (b + HDR_VERSION, 4), "unsupported qcow2 version 4");
+  CASE (put_be32 (b + HDR_VERSION, 1), "unsupported qcow2 version 1");
+  CASE (put_be32 (b + HDR_CLUSTER_BITS, 8), "cluster_bits 8 out of range");
+  CASE (put_be32 (b + HDR_CLUSTER_BITS, 22), "cluster_bits 22 out of range");
+  CASE (put_be64 (b + HDR_L1_TABLE_OFFSET, 3 * cs + 8), "not cluster aligned");
+  CASE (put_be64 (b + HDR_L1_TABLE_OFFSET, 100 * cs), "beyond end of file");
+  CASE (put_be32 (b + HDR_L1_SIZE, 0x7fffffff), "L1 table is too large");
+  CASE (put_be64 (b + HDR_SIZE, UINT64_C(1) << 40), "L1 table too small");
+  CASE (put_be64 (b + HDR_SIZE, UINT64_MAX), "virtual size");
+  CASE (put_be64 (b + HDR_REFCOUNT_TABLE_OFFSET, 100 * cs),
         "refcount table at");
-  CASE (put64 (b + HDR_REFCOUNT_TABLE_OFFSET, 77), "refcount table offset");
-  CASE (put32 (b + HDR_REFCOUNT_TABLE_CLUSTERS, 0), "refcount table is empty");
-  CASE (put64 (b + HDR_INCOMPATIBLE_FEATURES, UINT64_C(1) << 5),
+  CASE (put_be64 (b + HDR_REFCOUNT_TABLE_OFFSET, 77), "refcount table offset");
+  CASE (put_be32 (b + HDR_REFCOUNT_TABLE_CLUSTERS, 0),
+        "refcount table is empty");
+  CASE (put_be64 (b + HDR_INCOMPATIBLE_FEATURES, UINT64_C(1) << 5),
         "unknown incompatible feature bit(s) 5");
-  CASE (put32 (b + HDR_CRYPT_METHOD, 1), "AES");
-  CASE (put32 (b + HDR_CRYPT_METHOD, 2), "LUKS");
-  CASE (put32 (b + HDR_REFCOUNT_ORDER, 7), "refcount_order 7");
-  CASE (put32 (b + HDR_HEADER_LENGTH, 100), "header_length 100");
-  CASE (put32 (b + HDR_HEADER_LENGTH, 108), "header_length 108");
+  CASE (put_be32 (b + HDR_CRYPT_METHOD, 1), "AES");
+  CASE (put_be32 (b + HDR_CRYPT_METHOD, 2), "LUKS");
+  CASE (put_be32 (b + HDR_REFCOUNT_ORDER, 7), "refcount_order 7");
+  CASE (put_be32 (b + HDR_HEADER_LENGTH, 100), "header_length 100");
+  CASE (put_be32 (b + HDR_HEADER_LENGTH, 108), "header_length 108");
   CASE (b[HDR_COMPRESSION_TYPE] = 1, "compression type");
-  CASE ((put64 (b + HDR_INCOMPATIBLE_FEATURES, INCOMPAT_COMPRESSION),
+  CASE ((put_be64 (b + HDR_INCOMPATIBLE_FEATURES, INCOMPAT_COMPRESSION),
          b[HDR_COMPRESSION_TYPE] = 7), "compression type");
-  CASE (put64 (b + HDR_INCOMPATIBLE_FEATURES, INCOMPAT_DATA_FILE),
+  CASE (put_be64 (b + HDR_INCOMPATIBLE_FEATURES, INCOMPAT_DATA_FILE),
         "external data file");
-  CASE ((put32 (b + 112, EXT_BACKING_FORMAT), put32 (b + 116, 0x100000)),
+  CASE ((put_be32 (b + 112, EXT_BACKING_FORMAT), put_be32 (b + 116, 0x100000)),
         "overruns the header area");
-  CASE ((put64 (b + HDR_BACKING_FILE_OFFSET, 200),
-         put32 (b + HDR_BACKING_FILE_SIZE, 5000)), "backing file name");
-  CASE ((put32 (b + HDR_NB_SNAPSHOTS, 3),
-         put64 (b + HDR_SNAPSHOTS_OFFSET, 50 * cs)), "snapshot table");
+  CASE ((put_be64 (b + HDR_BACKING_FILE_OFFSET, 200),
+         put_be32 (b + HDR_BACKING_FILE_SIZE, 5000)), "backing file name");
+  CASE ((put_be32 (b + HDR_NB_SNAPSHOTS, 3),
+         put_be64 (b + HDR_SNAPSHOTS_OFFSET, 50 * cs)), "snapshot table");
   size = 50;
   b = build (cb, 4, &size);
   expect_refused (b, 50, "file too short");
@@ -254,9 +241,9 @@ test_header_validation (void)
 
   /* Named unknown feature from the image's feature table. */
   b = build (cb, 4, &size);
-  put64 (b + HDR_INCOMPATIBLE_FEATURES, UINT64_C(1) << 9);
-  put32 (b + 112, EXT_FEATURE_TABLE);
-  put32 (b + 116, 48);
+  put_be64 (b + HDR_INCOMPATIBLE_FEATURES, UINT64_C(1) << 9);
+  put_be32 (b + 112, EXT_FEATURE_TABLE);
+  put_be32 (b + 116, 48);
   b[120] = 0; b[121] = 9;
   memcpy (b + 122, "frobnicate", 10);
   expect_refused (b, size, "9 (frobnicate)");
@@ -272,7 +259,7 @@ test_corrupt_l2 (void)
   struct qcow2_image *img;
   uint8_t buf[16];
 
-  put64 (b + 4 * cs + 24, (6 * cs + 512) | QCOW_OFLAG_COPIED);
+  put_be64 (b + 4 * cs + 24, (6 * cs + 512) | QCOW_OFLAG_COPIED);
   img = open_buf (b, size);
   assert (img);
   assert (qcow2_pread (img, buf, 16, 0) == 0);      /* good cluster */
@@ -307,7 +294,7 @@ test_fuzz_regressions (void)
 
   /* L1 entry pointing at an L2 table 1 TiB past the end of the file. */
   b = build (cb, 4, &size);
-  put64 (b + 3 * cs, (UINT64_C(1) << 40) | QCOW_OFLAG_COPIED);
+  put_be64 (b + 3 * cs, (UINT64_C(1) << 40) | QCOW_OFLAG_COPIED);
   img = open_rw (b, size);
   assert (img);
   assert (qcow2_pwrite (img, buf, 512, 0, 0) == -1 && errno == EIO);
@@ -320,7 +307,7 @@ test_fuzz_regressions (void)
 
   /* A data cluster far past the end of the file, written in place. */
   b = build (cb, 4, &size);
-  put64 (b + 4 * cs, (UINT64_C(1) << 40) | QCOW_OFLAG_COPIED);
+  put_be64 (b + 4 * cs, (UINT64_C(1) << 40) | QCOW_OFLAG_COPIED);
   img = open_rw (b, size);
   assert (img);
   assert (qcow2_pwrite (img, buf, 512, 0, 0) == -1 && errno == EIO);
@@ -332,8 +319,8 @@ test_fuzz_regressions (void)
    * and an allocating write.
    */
   b = build (cb, 4, &size);
-  put64 (b + cs, UINT64_C(1) << 40);
-  put64 (b + HDR_INCOMPATIBLE_FEATURES, INCOMPAT_DIRTY);
+  put_be64 (b + cs, UINT64_C(1) << 40);
+  put_be64 (b + HDR_INCOMPATIBLE_FEATURES, INCOMPAT_DIRTY);
   img = open_rw (b, size);
   assert (img);
   assert (qcow2_pwrite (img, buf, 512, 2 * cs, 0) == -1);
@@ -344,14 +331,14 @@ test_fuzz_regressions (void)
 
   /* Bitmap directory whose entries run past its end. */
   b = build (cb, 4, &size);
-  put64 (b + HDR_AUTOCLEAR_FEATURES, AUTOCLEAR_BITMAPS);
-  put32 (b + 112, EXT_BITMAPS);
-  put32 (b + 116, 24);
-  put32 (b + 120, 5);                   /* nb_bitmaps */
-  put64 (b + 128, 24);                  /* directory size */
-  put64 (b + 136, 7 * cs);              /* directory offset */
+  put_be64 (b + HDR_AUTOCLEAR_FEATURES, AUTOCLEAR_BITMAPS);
+  put_be32 (b + 112, EXT_BITMAPS);
+  put_be32 (b + 116, 24);
+  put_be32 (b + 120, 5);                   /* nb_bitmaps */
+  put_be64 (b + 128, 24);                  /* directory size */
+  put_be64 (b + 136, 7 * cs);              /* directory offset */
   memset (b + 7 * cs, 0, cs);
-  put32 (b + 7 * cs + 20, 0xfffffff0);  /* extra data size */
+  put_be32 (b + 7 * cs + 20, 0xfffffff0);  /* extra data size */
   img = open_rw (b, size);
   assert (img);
   assert (qcow2_pwrite (img, buf, 512, 2 * cs, 0) == 0);
@@ -615,7 +602,7 @@ test_empty_slices (void)
   uint8_t buf[4096];
   bool drain = false;
 
-  put64 (b + HDR_SIZE, 4 * span);
+  put_be64 (b + HDR_SIZE, 4 * span);
   img = open_rw (b, size);
   assert (img && img->empty_slices && img->empty_nbits == 16);
   l2 = img->l1[0] & L1E_OFFSET_MASK;
@@ -723,7 +710,7 @@ static int
 gate_truncate (struct qcow2_io *io, uint64_t size)
 {
   struct qcow2_io *in = ((struct gate_io *) io)->inner;
-  return in->ops->truncate (in, size);
+  return io_truncate (in, size);
 }
 
 static void
@@ -781,7 +768,7 @@ test_inflight (void)
    * COPIED flag, so a write to part of it copies the rest.
    */
   assert (g && buf);
-  put64 (b + 4 * cs, 5 * cs);
+  put_be64 (b + 4 * cs, 5 * cs);
   put_refcount (b + 2 * cs, 4, 5, 2);
   g->inner = qcow2_io_new_memory (b, size);
   assert (g->inner);

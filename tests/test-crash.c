@@ -57,7 +57,6 @@
 #undef NDEBUG
 #include <assert.h>
 #include <stdio.h>
-#include <stdarg.h>
 #include <stdlib.h>
 #include <string.h>
 #include <errno.h>
@@ -72,6 +71,7 @@
 
 #include "qcow2.h"
 #include "io-test.h"
+#include "testlib.h"
 
 #define QCOW2_INCOMPAT_DIRTY   1
 #define QCOW2_INCOMPAT_CORRUPT 2
@@ -80,27 +80,12 @@
 
 static uint64_t rng_state;
 
-static uint64_t
-rnd (void)
-{
-  uint64_t z = (rng_state += UINT64_C(0x9e3779b97f4a7c15));
-  z = (z ^ (z >> 30)) * UINT64_C(0xbf58476d1ce4e5b9);
-  z = (z ^ (z >> 27)) * UINT64_C(0x94d049bb133111eb);
-  return z ^ (z >> 31);
-}
-
-static uint64_t
-rnd_below (uint64_t n)
-{
-  return n ? rnd () % n : 0;
-}
-
 static void
 rnd_fill (uint8_t *p, size_t n)
 {
   size_t i;
   for (i = 0; i < n; i++)
-    p[i] = rnd ();
+    p[i] = rnd (&rng_state);
 }
 
 /* ---- workloads ---- */
@@ -203,67 +188,6 @@ static uint64_t total_states, total_leaky, total_dirty_stale,
 static double scale = 1;
 static const char *keep_dir = "/tmp";
 
-static void
-sys (const char *fmt, ...)
-{
-  char cmd[2048];
-  va_list ap;
-  int r;
-
-  va_start (ap, fmt);
-  vsnprintf (cmd, sizeof cmd, fmt, ap);
-  va_end (ap);
-  r = system (cmd);
-  if (r != 0) {
-    fprintf (stderr, "command failed (%d): %s\n", r, cmd);
-    exit (1);
-  }
-}
-
-static uint8_t *
-read_file (const char *path, size_t *size)
-{
-  FILE *fp = fopen (path, "r");
-  uint8_t *b;
-  long n;
-
-  assert (fp);
-  fseek (fp, 0, SEEK_END);
-  n = ftell (fp);
-  fseek (fp, 0, SEEK_SET);
-  b = malloc (n ? n : 1);
-  assert (b);
-  assert (fread (b, 1, n, fp) == (size_t) n);
-  fclose (fp);
-  *size = n;
-  return b;
-}
-
-static void
-write_file (const char *path, const uint8_t *b, size_t size)
-{
-  FILE *fp = fopen (path, "w");
-
-  assert (fp);
-  assert (fwrite (b, 1, size, fp) == size);
-  assert (fclose (fp) == 0);
-}
-
-static uint64_t
-incompat (const uint8_t *img, size_t size)
-{
-  uint32_t version;
-  uint64_t v;
-
-  if (size < 104)
-    return 0;
-  memcpy (&version, img + 4, 4);
-  if (be32toh (version) < 3)
-    return 0;                   /* v2 has no feature bits */
-  memcpy (&v, img + 72, 8);
-  return be64toh (v);
-}
-
 /* Make disk.qcow2 (and backing.raw) in r->dir. */
 static void
 make_image (struct run *r)
@@ -298,7 +222,7 @@ make_image (struct run *r)
     assert (b);
     /* Compressible, and different in every cluster. */
     for (i = 0; i < w->size; i++)
-      b[i] = (i % 7 == 0) ? rnd () : (uint8_t) (i >> 12);
+      b[i] = (i % 7 == 0) ? rnd (&rng_state) : (uint8_t) (i >> 12);
     memset (b + w->size / 2, 0, w->size / 8);
     snprintf (rpath, sizeof rpath, "%s/data.raw", r->dir);
     write_file (rpath, b, w->size);
@@ -386,9 +310,9 @@ static void
 pick_range (struct run *r, uint64_t *off, uint64_t *len, uint64_t *seq)
 {
   const struct workload *w = r->w;
-  uint64_t l = 1 + rnd_below (w->max_len), o;
+  uint64_t l = 1 + rnd_below (&rng_state, w->max_len), o;
 
-  if (rnd_below (2))
+  if (rnd_below (&rng_state, 2))
     l = (l + 511) & ~UINT64_C(511);
   if (l > w->size)
     l = w->size;
@@ -399,8 +323,8 @@ pick_range (struct run *r, uint64_t *off, uint64_t *len, uint64_t *seq)
     *seq += l;
   }
   else {
-    o = rnd_below (w->size - l + 1);
-    if (rnd_below (2))
+    o = rnd_below (&rng_state, w->size - l + 1);
+    if (rnd_below (&rng_state, 2))
       o &= ~UINT64_C(511);
   }
   *off = o;
@@ -495,7 +419,7 @@ run_threaded (struct run *r, struct qcow2_image *img)
       jobs[nt].reqs[i].img = img;
       jobs[nt].reqs[i].rec = r->rec;
       jobs[nt].reqs[i].kind = G_FLUSH;
-      jobs[nt].reqs[i].off = rnd_below (3000);
+      jobs[nt].reqs[i].off = rnd_below (&rng_state, 3000);
     }
     for (t = 0; t < nt; t++) {
       jobs[t].n = per;
@@ -503,9 +427,10 @@ run_threaded (struct run *r, struct qcow2_image *img)
       assert (jobs[t].reqs);
       for (i = 0; i < per; i++) {
         struct treq *q = &jobs[t].reqs[i];
-        uint64_t st = rnd_below (nstripes / nt) * nt + t;
-        unsigned dice = rnd_below (100);
-        uint64_t a = rnd_below (w->stripe), b = rnd_below (w->stripe);
+        uint64_t st = rnd_below (&rng_state, nstripes / nt) * nt + t;
+        unsigned dice = rnd_below (&rng_state, 100);
+        uint64_t a = rnd_below (&rng_state, w->stripe);
+        uint64_t b = rnd_below (&rng_state, w->stripe);
         if (a > b) {
           uint64_t x = a; a = b; b = x;
         }
@@ -517,7 +442,7 @@ run_threaded (struct run *r, struct qcow2_image *img)
         assert (q->data);
         if (dice < w->p_zero) {
           q->kind = G_ZERO;
-          q->flags = rnd_below (2) ? QCOW2_F_MAY_TRIM : 0;
+          q->flags = rnd_below (&rng_state, 2) ? QCOW2_F_MAY_TRIM : 0;
           memset (q->data, 0, q->len);
         }
         else if (dice < w->p_zero + w->p_trim)
@@ -547,7 +472,7 @@ run_threaded (struct run *r, struct qcow2_image *img)
     }
     for (t = 0; t <= nt; t++)
       free (jobs[t].reqs);
-    if (rnd_below (w->flush_every) == 0) {
+    if (rnd_below (&rng_state, w->flush_every) == 0) {
       start = qcow2_recorder_nr_ops (r->rec);
       assert (qcow2_flush (img) == 0);
       add_gop (r, G_FLUSH, 0, 0, NULL, start);
@@ -576,7 +501,7 @@ run_workload (struct run *r, struct qcow2_image *img)
 
   for (i = 0; i < n; i++) {
     uint64_t off, len;
-    unsigned dice = rnd_below (100);
+    unsigned dice = rnd_below (&rng_state, 100);
     size_t start = qcow2_recorder_nr_ops (r->rec);
     uint8_t *data;
 
@@ -584,7 +509,7 @@ run_workload (struct run *r, struct qcow2_image *img)
     data = malloc (len);
     assert (data);
     if (dice < w->p_zero) {
-      unsigned flags = rnd_below (2) ? QCOW2_F_MAY_TRIM : 0;
+      unsigned flags = rnd_below (&rng_state, 2) ? QCOW2_F_MAY_TRIM : 0;
       assert (qcow2_zero (img, len, off, flags) == 0);
       memset (data, 0, len);
       add_gop (r, G_ZERO, off, len, data, start);
@@ -595,7 +520,7 @@ run_workload (struct run *r, struct qcow2_image *img)
       add_gop (r, G_TRIM, off, len, data, start);
     }
     else {
-      bool fua = rnd_below (20) == 0;
+      bool fua = rnd_below (&rng_state, 20) == 0;
       rnd_fill (data, len);
       assert (qcow2_pwrite (img, data, len, off,
                             fua ? QCOW2_F_FUA : 0) == 0);
@@ -603,7 +528,7 @@ run_workload (struct run *r, struct qcow2_image *img)
       if (fua)
         add_gop (r, G_FLUSH, 0, 0, NULL, start);
     }
-    if (rnd_below (w->flush_every) == 0) {
+    if (rnd_below (&rng_state, w->flush_every) == 0) {
       start = qcow2_recorder_nr_ops (r->rec);
       assert (qcow2_flush (img) == 0);
       add_gop (r, G_FLUSH, 0, 0, NULL, start);
@@ -748,18 +673,18 @@ crash_followup (struct run *r, struct qcow2_io *rec, const uint8_t *data,
     bool *keep, dirty;
     uint64_t b;
 
-    cs.nr_ops = 1 + rnd_below (n);
+    cs.nr_ops = 1 + rnd_below (&rng_state, n);
     np = qcow2_recorder_pending (rec, cs.nr_ops, NULL);
     keep = malloc (np + 1);
     assert (keep);
     for (j = 0; j < np; j++)
-      keep[j] = rnd_below (2);
+      keep[j] = rnd_below (&rng_state, 2);
     cs.keep = keep;
     state = qcow2_recorder_crash (rec, &cs, &size);
     free (keep);
     assert (state);
     r->nested++;
-    dirty = incompat (state, size) & QCOW2_INCOMPAT_DIRTY;
+    dirty = header_incompat_bits (state, size) & QCOW2_INCOMPAT_DIRTY;
     img = open_mem (r, qcow2_io_new_memory (state, size), !dirty);
     free (state);
     if (img == NULL ||
@@ -776,7 +701,7 @@ crash_followup (struct run *r, struct qcow2_io *rec, const uint8_t *data,
       /* Still dirty: the next write repairs it (again), and then it is
        * clean.  The write puts back what is there.
        */
-      uint64_t at = rnd_below (r->w->size - 512);
+      uint64_t at = rnd_below (&rng_state, r->w->size - 512);
       if (qcow2_pwrite (img, buf + at, 512, at, 0) == -1 ||
           qcow2_flush (img) == -1 ||
           qcow2_check (img, false, &res) == -1 ||
@@ -814,9 +739,9 @@ followup (struct run *r, const uint8_t *state, size_t size, bool dirty,
   struct qcow2_io *rec = qcow2_io_new_recorder (state, size);
   struct qcow2_image *img;
   struct qcow2_check_result res;
-  uint64_t len = 1 + rnd_below (r->w->max_len < 70000 ? r->w->max_len
-                                                       : 70000);
-  uint64_t off = rnd_below (r->w->size - len + 1);
+  uint64_t len = 1 + rnd_below (&rng_state,
+                                r->w->max_len < 70000 ? r->w->max_len : 70000);
+  uint64_t off = rnd_below (&rng_state, r->w->size - len + 1);
   uint8_t *data = malloc (len), *back = malloc (len), *now;
   size_t now_size;
   int ret = -1;
@@ -892,7 +817,7 @@ check_state (struct run *r, struct qcow2_replay *rp,
   assert (state);
   r->states++;
   advance_durable (r, cs->nr_ops);
-  inc = incompat (state, size);
+  inc = header_incompat_bits (state, size);
   dirty = inc & QCOW2_INCOMPAT_DIRTY;
   if (inc & QCOW2_INCOMPAT_CORRUPT) {
     describe (r, cs, np, state, size, "marked corrupt");
@@ -997,7 +922,7 @@ struct sampler {
 static bool
 chance (double p)
 {
-  return (rnd () >> 11) * (1.0 / 9007199254740992.0) < p;
+  return (rnd (&rng_state) >> 11) * (1.0 / 9007199254740992.0) < p;
 }
 
 static void
@@ -1057,23 +982,23 @@ crash_epoch (struct run *r, struct qcow2_replay *rp, struct sampler *s,
   }
   else {
     for (k = 0; k < RANDOM_SUBSETS; k++) {
-      unsigned pct = 10 + rnd_below (81);
+      unsigned pct = 10 + rnd_below (&rng_state, 81);
       for (j = 0; j < np; j++)
-        keep[j] = rnd_below (100) < pct;
+        keep[j] = rnd_below (&rng_state, 100) < pct;
       maybe_check (r, rp, s, &cs, np);
     }
   }
   /* Torn: one landed write of more than a sector is cut short. */
   for (k = 0; k < TORN_SUBSETS && np > 0; k++) {
-    size_t t = rnd_below (np);
+    size_t t = rnd_below (&rng_state, np);
     const struct qcow2_rec_op *op = qcow2_recorder_op (r->rec, pending[t]);
     if (op->kind != QCOW2_REC_WRITE || op->len <= 512)
       continue;
     for (j = 0; j < np; j++)
-      keep[j] = rnd_below (2);
+      keep[j] = rnd_below (&rng_state, 2);
     keep[t] = true;
     cs.torn = t;
-    cs.torn_len = 512 * (1 + rnd_below ((op->len - 1) / 512));
+    cs.torn_len = 512 * (1 + rnd_below (&rng_state, (op->len - 1) / 512));
     maybe_check (r, rp, s, &cs, np);
     cs.torn = SIZE_MAX;
   }
@@ -1206,7 +1131,7 @@ test_recorder (void)
   assert (io_flush (rec) == 0);                           /* op 2 */
   memset (buf, 'D', 1024);
   assert (io_pwrite (rec, buf, 1024, 0) == 0);            /* op 3 */
-  assert (rec->ops->truncate (rec, 1536) == 0);           /* op 4 */
+  assert (io_truncate (rec, 1536) == 0);                  /* op 4 */
   assert (io_pwrite (rec, &one, 1, 4096) == 0);           /* op 5 */
   assert (io_size (rec) == 4097);
   assert (io_pread (rec, buf, 8, 0) == 0 && buf[0] == 'D');

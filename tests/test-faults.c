@@ -48,23 +48,9 @@
 
 #include "qcow2.h"
 #include "io-test.h"
+#include "testlib.h"
 
 /* ---- random numbers (the workload is the same in every run) ---- */
-
-static uint64_t
-rnd (uint64_t *s)
-{
-  uint64_t z = (*s += UINT64_C(0x9e3779b97f4a7c15));
-  z = (z ^ (z >> 30)) * UINT64_C(0xbf58476d1ce4e5b9);
-  z = (z ^ (z >> 27)) * UINT64_C(0x94d049bb133111eb);
-  return z ^ (z >> 31);
-}
-
-static uint64_t
-rnd_below (uint64_t *s, uint64_t n)
-{
-  return n ? rnd (s) % n : 0;
-}
 
 /* ---- workloads ---- */
 
@@ -108,49 +94,6 @@ static uint64_t step = 1;
 static uint64_t runs, faults_fired, retried, leaky_runs, crash_states,
   qemu_checks, failures;
 static bool verbose;
-
-static void
-sys (const char *fmt, ...)
-{
-  char cmd[2048];
-  va_list ap;
-  int r;
-
-  va_start (ap, fmt);
-  vsnprintf (cmd, sizeof cmd, fmt, ap);
-  va_end (ap);
-  r = system (cmd);
-  if (r != 0) {
-    fprintf (stderr, "command failed (%d): %s\n", r, cmd);
-    exit (1);
-  }
-}
-
-static uint8_t *
-read_file (const char *path, size_t *size)
-{
-  FILE *fp = fopen (path, "r");
-  uint8_t *b;
-  long n;
-
-  assert (fp);
-  fseek (fp, 0, SEEK_END);
-  n = ftell (fp);
-  fseek (fp, 0, SEEK_SET);
-  b = malloc (n ? n : 1);
-  assert (b && fread (b, 1, n, fp) == (size_t) n);
-  fclose (fp);
-  *size = n;
-  return b;
-}
-
-static void
-write_file (const char *path, const uint8_t *b, size_t size)
-{
-  FILE *fp = fopen (path, "w");
-
-  assert (fp && fwrite (b, 1, size, fp) == size && fclose (fp) == 0);
-}
 
 static uint8_t *
 make_image (const struct workload *w, size_t *size)
@@ -291,26 +234,10 @@ fail (const struct workload *w, const struct fault *f, const char *fmt, ...)
   return -1;
 }
 
-/* The incompatible feature bits (1 = dirty, 2 = corrupt). */
-static uint64_t
-incompat (const uint8_t *b, size_t size)
-{
-  uint32_t v;
-  uint64_t inc;
-
-  if (size < 104)
-    return 0;
-  memcpy (&v, b + 4, 4);
-  if (be32toh (v) < 3)
-    return 0;
-  memcpy (&inc, b + 72, 8);
-  return be64toh (inc);
-}
-
 static bool
 marked_corrupt (const uint8_t *b, size_t size)
 {
-  return incompat (b, size) & 2;
+  return header_incompat_bits (b, size) & 2;
 }
 
 /* A few crash states of the run must have no corruption. */
@@ -340,7 +267,7 @@ check_crash_states (const struct workload *w, const struct fault *f,
       uint8_t *b = qcow2_recorder_crash (rec, &cs, &size);
       assert (b);
       /* A dirty image may have stale refcounts until it is repaired. */
-      dirty = incompat (b, size) & 1;
+      dirty = header_incompat_bits (b, size) & 1;
       io = qcow2_io_new_memory (b, size);
       free (b);
     }
@@ -918,9 +845,9 @@ test_backend (void)
   qcow2_io_fault_arm (fio, QCOW2_FAULT_READ, 4, EIO, false);
   assert (io_pread (fio, c, 16, 0) == 0);
   assert (io_pread (fio, c, 16, 0) == -1 && errno == EIO);
-  assert (fio->ops->truncate (fio, 8192) == 0 && io_size (fio) == 8192);
+  assert (io_truncate (fio, 8192) == 0 && io_size (fio) == 8192);
   qcow2_io_fault_arm (fio, QCOW2_FAULT_TRUNCATE, 1, ENOSPC, false);
-  assert (fio->ops->truncate (fio, 0) == -1 && errno == ENOSPC);
+  assert (io_truncate (fio, 0) == -1 && errno == ENOSPC);
   qcow2_io_fault_stats (fio, &st);
   assert (st.failed[QCOW2_FAULT_READ] == 1 &&
           st.failed[QCOW2_FAULT_TRUNCATE] == 1 &&
