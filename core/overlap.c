@@ -10,11 +10,16 @@
  * why the default here is "all" (QEMU defaults to "cached", which skips
  * inactive L2 tables).
  *
- * The map is built at open from tables already in memory (header, L1,
- * refcount table) plus the L2 and refcount block offsets they hold, the
- * snapshot table and every snapshot's L1 and L2 tables, and the bitmap
- * directory and tables; it is kept current by overlap_add/remove as the
- * allocator creates and frees metadata clusters.
+ * The map is built at open by the metadata walk (walk.c, without
+ * follow): the header cluster, the active L1 and its L2 tables, the
+ * refcount table and blocks, the snapshot table and every snapshot's L1
+ * and L2 tables, the crypto header, and the bitmap directory and
+ * tables, each recorded as its parent describes it, even unaligned or
+ * oversized (a conservative map refuses more writes, never fewer); the
+ * walk reads only the snapshot L1 tables and the bitmap directory.
+ * Guest data and bitmap data are not metadata and are not recorded.
+ * The map is kept current by overlap_add/remove as the allocator
+ * creates and frees metadata clusters.
  *
  * On a hit the write is refused with EIO, the image is marked corrupt
  * (header_mark_corrupt logs once and sets the corrupt bit) and every
@@ -36,13 +41,12 @@
 #include <config.h>
 #endif
 
-#include <stdlib.h>
-#include <string.h>
 #include <errno.h>
 #include <inttypes.h>
 
 #include "internal.h"
 #include "overlap.h"
+#include "walk.h"
 
 static const char *const type_names[OV_NR_TYPES] = {
   "the image header", "the active L1 table", "an active L2 table",
@@ -111,117 +115,46 @@ overlap_remove (struct qcow2_image *img, uint64_t off, uint64_t len,
                                         + len), types);
 }
 
-/* Add the L2 tables an L1 table points to. */
+/* The overlap type of each kind of metadata the walk visits; 0 for
+ * what it visits only with follow (data), which the map never asks for.
+ */
+static const unsigned walk_types[WALK_NR_KINDS] = {
+  [WALK_HEADER] = OV_MAIN_HEADER,
+  [WALK_ACTIVE_L1] = OV_ACTIVE_L1,
+  [WALK_ACTIVE_L2] = OV_ACTIVE_L2,
+  [WALK_REFCOUNT_TABLE] = OV_REFCOUNT_TABLE,
+  [WALK_REFCOUNT_BLOCK] = OV_REFCOUNT_BLOCK,
+  [WALK_SNAPSHOT_TABLE] = OV_SNAPSHOT_TABLE,
+  [WALK_INACTIVE_L1] = OV_INACTIVE_L1,
+  [WALK_INACTIVE_L2] = OV_INACTIVE_L2,
+  [WALK_CRYPTO_HEADER] = OV_CRYPTO_HEADER,
+  [WALK_BITMAP_DIRECTORY] = OV_BITMAP_DIRECTORY,
+  [WALK_BITMAP_TABLE] = OV_BITMAP_TABLE,
+};
+
 static int
-add_l2_tables (struct qcow2_image *img, const uint64_t *l1, uint32_t n,
-               unsigned type)
+add_walked (void *opaque, enum walk_kind kind, uint64_t off, uint64_t len)
 {
-  uint32_t i;
+  struct qcow2_image *img = opaque;
 
-  for (i = 0; i < n; i++) {
-    uint64_t off = l1[i] & L1E_OFFSET_MASK;
-    if (off && overlap_add (img, off, img->cluster_size, type) == -1)
-      return -1;
-  }
-  return 0;
-}
-
-static int
-add_bitmaps (struct qcow2_image *img)
-{
-  uint8_t *dir;
-  uint64_t pos = 0;
-  uint32_t i;
-  int r = -1;
-
-  if (img->nb_bitmaps == 0 || img->bitmap_dir_size == 0)
+  if (walk_types[kind] == 0)
     return 0;
-  if (overlap_add (img, img->bitmap_dir_offset, img->bitmap_dir_size,
-                   OV_BITMAP_DIRECTORY) == -1)
-    return -1;
-  dir = malloc (img->bitmap_dir_size);
-  if (dir == NULL)
-    return -1;
-  if (io_pread (img->io, dir, img->bitmap_dir_size,
-                img->bitmap_dir_offset) == -1)
-    goto out;
-  for (i = 0; i < img->nb_bitmaps; i++) {
-    uint64_t table_off, table_len;
-    uint32_t table_size, extra;
-    uint16_t name_size;
-
-    if (pos >= img->bitmap_dir_size || img->bitmap_dir_size - pos < 24)
-      break;                    /* bitmaps are not ours to validate */
-    memcpy (&table_off, dir + pos, 8);
-    memcpy (&table_size, dir + pos + 8, 4);
-    memcpy (&name_size, dir + pos + 18, 2);
-    memcpy (&extra, dir + pos + 20, 4);
-    table_off = be64toh (table_off) & L1E_OFFSET_MASK;
-    table_len = (uint64_t) be32toh (table_size) * 8;
-    if (table_off && overlap_add (img, table_off, table_len,
-                                  OV_BITMAP_TABLE) == -1)
-      goto out;
-    pos += round_up_pow2 (24 + (uint64_t) be32toh (extra) +
-                          be16toh (name_size), 8);
-  }
-  r = 0;
- out:
-  free (dir);
-  return r;
+  return overlap_add (img, off, len, walk_types[kind]);
 }
 
 int
 overlap_build (struct qcow2_image *img)
 {
-  uint64_t i;
-  uint32_t s;
+  static const struct walk_ops ops = {
+    .visit = add_walked, .follow = false, .who = "overlap map",
+  };
 
   if (img->readonly)
     return 0;
   img->overlap = overlap_map_new (img->cluster_bits);
   if (img->overlap == NULL)
     return -1;
-
-  /* The header cluster holds the extensions and the backing file name. */
-  if (overlap_add (img, 0, img->cluster_size, OV_MAIN_HEADER) == -1 ||
-      overlap_add (img, img->l1_offset, (uint64_t) img->l1_size * 8,
-                   OV_ACTIVE_L1) == -1 ||
-      add_l2_tables (img, img->l1, img->l1_size, OV_ACTIVE_L2) == -1 ||
-      overlap_add (img, img->reftable_offset,
-                   (uint64_t) img->reftable_clusters << img->cluster_bits,
-                   OV_REFCOUNT_TABLE) == -1)
-    return -1;
-  for (i = 0; i < img->reftable_entries; i++) {
-    uint64_t off = img->reftable[i] & RT_OFFSET_MASK;
-    if (off && overlap_add (img, off, img->cluster_size,
-                            OV_REFCOUNT_BLOCK) == -1)
-      return -1;
-  }
-  if (img->nb_snapshots &&
-      overlap_add (img, img->snapshots_offset, img->snapshots_size,
-                   OV_SNAPSHOT_TABLE) == -1)
-    return -1;
-  for (s = 0; s < img->nb_snapshots; s++) {
-    const struct snapshot *sn = &img->snapshots[s];
-    uint64_t *l1;
-    int r;
-
-    if (overlap_add (img, sn->l1_offset, (uint64_t) sn->l1_size * 8,
-                     OV_INACTIVE_L1) == -1)
-      return -1;
-    l1 = snapshot_read_l1 (img, sn);
-    if (l1 == NULL)
-      return -1;
-    r = add_l2_tables (img, l1, sn->l1_size, OV_INACTIVE_L2);
-    free (l1);
-    if (r == -1)
-      return -1;
-  }
-  if (img->crypto_length &&
-      overlap_add (img, img->crypto_offset, img->crypto_length,
-                   OV_CRYPTO_HEADER) == -1)
-    return -1;
-  if (add_bitmaps (img) == -1)
+  if (walk_metadata (img, &ops, img) == -1)
     return -1;
   nbdkit_debug ("%s: overlap map built: %zu bytes", img->name,
                 overlap_map_memory (img->overlap));

@@ -5,7 +5,8 @@
 # check=report and check=repair on damaged images: our findings
 # (corruptions, leaks) must agree with qemu-img check's, report must not
 # change the file, and after repair qemu-img check is clean and the data
-# is intact.
+# is intact.  One image has a persistent bitmap (bitmap-leak): its
+# directory, table and data clusters count as used, as for qemu-img.
 
 source ./functions.sh
 requires qemu-img --version
@@ -49,13 +50,18 @@ elif kind == "mixed":
 PYEOF
 }
 
-for kind in leak refcount-zero refcount-high copied-clear mixed; do
+for kind in leak refcount-zero refcount-high copied-clear mixed bitmap-leak; do
   img=$tmpdir/$kind.qcow2
   qemu-img create -q -f qcow2 "$img" 32M
+  # A persistent bitmap: the writes below give it a directory, a table
+  # and a data cluster, which are in use (no leaks, no corruption).
+  case $kind in
+    bitmap-*) qemu-img bitmap --add "$img" b0 ;;
+  esac
   # The discarded megabyte leaves free clusters inside the file.
   qemu-io -c 'write -P 0x61 0 1M' -c 'write -P 0x63 4M 1M' \
           -c 'write -P 0x62 8M 64k' -c 'discard 4M 1M' "$img" >/dev/null
-  damage "$img" $kind
+  damage "$img" "${kind#bitmap-}"
   qemu-img check --output=json "$img" > "$tmpdir/q.json" 2>/dev/null || :
   read -r qc ql < <("$py" -c '
 import json, sys

@@ -25,6 +25,9 @@
 #     write or, at the latest, the flush after it must fail with EIO.
 #     The new data cluster and its refcount may be written (a leak), so
 #     only the refcount table and header are compared there.
+#  7. l2-to-bitmap-table, 8. l2-to-bitmap-dir: an allocated L2 entry
+#     (COPIED) points at a persistent bitmap's table, or at the bitmap
+#     directory (the map learns both from the metadata walk, walk.c).
 #
 # For each case, through nbdkit: the write into the affected range fails
 # with EIO, and so do a second write, a zero and a trim elsewhere (the
@@ -32,7 +35,8 @@
 # Afterwards: nbdkit logged exactly one "marking image as corrupt"
 # message naming the structure; the image file is byte-for-byte what it
 # was except the incompatible-features word at offset 72, which gains
-# exactly the corrupt bit (2); the protected structure's bytes are
+# exactly the corrupt bit (2), and the autoclear word at 88, which may
+# lose bits (the bitmaps bit, cases 7-8); the protected structure's bytes are
 # unchanged (checked separately, for a clearer message); qemu-img info
 # says "corrupt: true"; nbdkit serves the image read-only from then on.
 #
@@ -143,6 +147,22 @@ if cmd == "layout":
     print("cs=%d l1_offset=%d l1_len=%d rt_offset=%d rt_len=%d" %
           (im.cs, im.l1_offset, im.l1_size * 8, im.rt_offset,
            im.rt_clusters * im.cs))
+elif cmd == "bitmaps":
+    # Shell assignments for the bitmap directory and the first bitmap's
+    # table: eval "$($PY qc.py bitmaps IMG)"
+    im = Image(path)
+    p = struct.unpack(">I", im.read(100, 4))[0]     # header_length
+    while True:
+        t, n = struct.unpack(">II", im.read(p, 8))
+        if t == 0:
+            sys.exit("no bitmaps extension")
+        if t == 0x23852875:
+            break
+        p += 8 + ((n + 7) & ~7)
+    nb, _, dir_len, dir_off = struct.unpack(">IIQQ", im.read(p + 8, 24))
+    t_off, t_size = struct.unpack(">QI", im.read(dir_off, 12))
+    print("bm_dir=%d bm_dir_len=%d bm_table=%d bm_table_len=%d" %
+          (dir_off, dir_len, t_off & MASK, t_size * 8))
 elif cmd == "l2-table":                 # l2-table IMG GUEST
     print(Image(path).l2_table(num(args[0])))
 elif cmd == "snap-l2":                  # snap-l2 IMG NAME GUEST
@@ -189,7 +209,9 @@ elif cmd == "same-range":               # same-range IMG COPY OFF LEN
         sys.exit("bytes [%#x, +%d) changed: first at %#x" % (off, n, off + i))
 elif cmd == "same-but-corrupt":         # same-but-corrupt IMG COPY
     # IMG must equal COPY except the incompatible-features word, which
-    # must be COPY's with the corrupt bit (2) added.
+    # must be COPY's with the corrupt bit (2) added, and the autoclear
+    # word, which may lose bits (the plugin clears those of features it
+    # does not keep up to date, such as bitmaps, before its first change).
     a = open(path, "rb").read()
     b = open(args[0], "rb").read()
     if len(a) != len(b):
@@ -199,9 +221,13 @@ elif cmd == "same-but-corrupt":         # same-but-corrupt IMG COPY
     if new != old | 2 or old & 2:
         sys.exit("incompatible features %#x -> %#x (expected %#x)" %
                  (old, new, old | 2))
-    if a[:72] + a[80:] != b[:72] + b[80:]:
+    old = int.from_bytes(b[88:96], "big")
+    new = int.from_bytes(a[88:96], "big")
+    if new & ~old:
+        sys.exit("autoclear features %#x -> %#x (bits set)" % (old, new))
+    if a[:72] + a[80:88] + a[96:] != b[:72] + b[80:88] + b[96:]:
         i = next(i for i in range(len(a))
-                 if a[i] != b[i] and not 72 <= i < 80)
+                 if a[i] != b[i] and not 72 <= i < 80 and not 88 <= i < 96)
         sys.exit("image changed at offset %#x (cluster %#x)" %
                  (i, i & ~((1 << Image(path).cluster_bits) - 1)))
 else:
@@ -347,17 +373,24 @@ corrupt_case ()
   echo "$name: ok (${mode/late/write or flush} refused, metadata intact, corrupt: true)"
 }
 
-# control_case NAME IMG W1 GOOD: the same workload on the uncorrupted
-# image succeeds and leaves a clean image.
+# control_case NAME IMG W1 GOOD [leaks]: the same workload on the
+# uncorrupted image succeeds and leaves a clean image.  With "leaks",
+# leaked clusters are allowed: after the plugin's write (which clears
+# the bitmaps autoclear bit) qemu ignores the bitmaps, and their
+# clusters count as leaked.
 control_case ()
 {
-  local name=$1 img=$2 w1=$3 good=$4
+  local name=$1 img=$2 w1=$3 good=$4 leaks=${5:-}
   serve "$name-control" "$img" control "$w1" "$W2" "$good"
   if grep -q 'corrupt' "$name-control.log"; then
     cat "$name-control.log" >&2
     fail "$name-control: nbdkit called the intact image corrupt"
   fi
-  qcheck "$img" >/dev/null
+  if [ "$leaks" = leaks ]; then
+    qcheck_leaks_ok "$img" >/dev/null
+  else
+    qcheck "$img" >/dev/null
+  fi
   [ "$(qinfo_corrupt "$img")" = false ] ||
     fail "$name-control: qemu-img info says corrupt"
   echo "$name-control: ok (same workload succeeds uncorrupted)"
@@ -516,5 +549,34 @@ cp c6.qcow2 c6.qcow2.orig
 corrupt_case l1-to-reftable c6.qcow2 $W1 "$GOOD" \
   "0:72 80:$((cs - 80)) $rt_offset:$rt_len" 'overlaps the refcount table' late
 control_case l1-to-reftable c6-ctl.qcow2 $W1 "$GOOD"
+
+#----------------------------------------------------------------------
+# 7. An L2 entry points at a bitmap table, and 8. at the bitmap
+# directory.  The image has a persistent bitmap with data (qemu-io's
+# writes are tracked in it).
+
+W1=$((64 * 1024))
+GOOD="$((128 * 1024)):$((MiB - 128 * 1024)):0x11 $GOOD_HI"
+
+for c in 7 8; do
+  qemu-img create -q -f qcow2 c$c.qcow2 1G
+  qemu-img bitmap --add c$c.qcow2 b0
+  qemu-io -f qcow2 -c "write -P 0x11 0 1M" -c "write -P 0x22 600M 1M" \
+    c$c.qcow2 >/dev/null
+  cp c$c.qcow2 c$c-ctl.qcow2
+done
+eval "$(qc bitmaps c7.qcow2)"
+qc set-l2 c7.qcow2 $W1 $bm_table
+cp c7.qcow2 c7.qcow2.orig
+corrupt_case l2-to-bitmap-table c7.qcow2 $W1 "$GOOD" "$bm_table:$bm_table_len" \
+  'overlaps a bitmap table'
+control_case l2-to-bitmap-table c7-ctl.qcow2 $W1 "$GOOD" leaks
+
+eval "$(qc bitmaps c8.qcow2)"
+qc set-l2 c8.qcow2 $W1 $bm_dir
+cp c8.qcow2 c8.qcow2.orig
+corrupt_case l2-to-bitmap-dir c8.qcow2 $W1 "$GOOD" "$bm_dir:$bm_dir_len" \
+  'overlaps the bitmap directory'
+control_case l2-to-bitmap-dir c8-ctl.qcow2 $W1 "$GOOD" leaks
 
 echo "$0: all overlap cases refused, controls passed"
