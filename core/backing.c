@@ -14,7 +14,7 @@
  * both kinds alike, and neither this file nor cluster.c, which calls
  * it, calls back up into image.c:
  *
- *   cluster_read -> backing_read -> io_pread (img->backing_io)
+ *   cluster_read_run -> backing_read -> io_pread (img->backing_io)
  *                                     raw: the file
  *                                     qcow2: image.c -> qcow2_pread
  *                                            (the backing image)

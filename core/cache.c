@@ -24,7 +24,7 @@
  * may refuse the write, and the slice stays dirty).  That is how the
  * image orders refcount blocks and data before the L2 slices that
  * depend on them and puts every write-back through the overlap check
- * (write.c: write_before_l2_slice; refcount.c:
+ * (l2.c: l2_before_slice_write; refcount.c:
  * refcount_before_block_write); the cache itself knows nothing of
  * qcow2 and works on any io (cache.h).
  *

@@ -24,6 +24,9 @@
  * set), and with check=repair at start.
  *
  * Memory: one 32-bit counter per host cluster of the file.
+ *
+ * Locking: none taken; img->lock is held exclusively (rw.c takes it for
+ * qcow2_check and for the write that runs check_repair_dirty).
  */
 
 #ifdef HAVE_CONFIG_H
@@ -302,25 +305,20 @@ check_image (struct qcow2_image *img, bool repair,
   return r;
 }
 
+/* qcow2_check (rw.c) with img->lock held exclusively and the caches
+ * written back: check, and with repair fix, the image.
+ */
 int
-qcow2_check (struct qcow2_image *img, bool repair,
-             struct qcow2_check_result *res)
+check_run (struct qcow2_image *img, bool repair,
+           struct qcow2_check_result *res)
 {
   bool set_dirty = false;
-  int r;
+  int r = 0;
 
-  if (repair && img->readonly) {
-    errno = EROFS;
-    return -1;
-  }
-  pthread_rwlock_wrlock (&img->lock);
-  /* Metadata still in the caches is part of the image. */
-  r = img->readonly ? 0 : write_flush_locked (img);
   /* A repair rewrites refcounts and COPIED flags in two steps; the
    * dirty bit makes a crash between them recoverable (v3 only).
    */
-  if (r == 0 && repair && img->version >= 3 &&
-      !(img->incompat & INCOMPAT_DIRTY)) {
+  if (repair && img->version >= 3 && !(img->incompat & INCOMPAT_DIRTY)) {
     img->incompat |= INCOMPAT_DIRTY;
     r = header_write_features (img);
     if (r == 0)
@@ -338,7 +336,6 @@ qcow2_check (struct qcow2_image *img, bool repair,
     if (r == 0)
       r = io_flush (img->io);
   }
-  pthread_rwlock_unlock (&img->lock);
   return r;
 }
 

@@ -1,4 +1,4 @@
-/* nbdkit-qcow2: guest -> host cluster mapping.
+/* nbdkit-qcow2: guest -> host cluster mapping, and reading mapped runs.
  * Copyright (C) 2026 the nbdkit-qcow2 authors.  BSD-3-Clause, see LICENSE.
  *
  * The active L1 table lives in memory (host byte order).  L2 tables are
@@ -27,18 +27,18 @@
  * slice answer "unallocated" from the bit alone.  One bit per slice of
  * the guest disk: 4 KiB per TiB with 64 KiB clusters and 4 KiB slices.
  * The bit is set only under img->lock (shared), where the file holds
- * the slice's current contents; every change to a slice (get_entry in
- * write.c) or to an L1 entry (l1_set), and every repair that rewrites
+ * the slice's current contents; every change to a slice (l2_get_entry)
+ * or to an L1 entry (l1_set), both in l2.c, and every repair that rewrites
  * tables behind the cache (cluster_forget_all), clears the bits
  * concerned first, with the lock exclusive.
  *
- * Locking: cluster_map needs img->lock exclusively; cluster_map_cached
- * needs it at least shared and changes nothing but the staging slots (a
- * slice not in the cache is staged, see cache.c; when it cannot be, or
- * an entry would mark the image corrupt, it returns 1: take the lock
- * exclusively and call cluster_map).  cluster_map_unlocked does that
- * dance for cluster_read and qcow2_extents, which hold the lock only
- * around the mapping and do the data I/O without it.
+ * Locking: nothing here takes a lock.  cluster_map needs img->lock
+ * exclusively; cluster_map_cached needs it at least shared and changes
+ * nothing but the staging slots (a slice not in the cache is staged,
+ * see cache.c; when it cannot be, or an entry would mark the image
+ * corrupt, it returns 1: take the lock exclusively and call
+ * cluster_map).  rw.c does that dance for reads and block status, and
+ * runs cluster_read_run's data I/O with only io_lock held.
  */
 
 #ifdef HAVE_CONFIG_H
@@ -217,13 +217,10 @@ classify (struct qcow2_image *img, uint64_t e, uint64_t bitmap,
           unsigned sc, uint64_t guest, struct mapping *m, uint64_t *host,
           bool peek)
 {
-  uint64_t off;
+  uint64_t off, end;
 
   if (e & QCOW_OFLAG_COMPRESSED) {
-    unsigned x = 62 - (img->cluster_bits - 8);
-    uint64_t sectors = ((e & L2E_COMPRESSED_MASK) >> x) + 1;
-
-    off = e & ((UINT64_C(1) << x) - 1);
+    l2e_compressed (img, e, &off, &end);
     if (img->data_file_name) {
       if (peek)
         return 1;
@@ -239,7 +236,7 @@ classify (struct qcow2_image *img, uint64_t e, uint64_t bitmap,
     }
     m->kind = MAP_COMPRESSED;
     m->host_offset = off;
-    m->csize = sectors * 512 - (off & 511);
+    m->csize = end - off;
     return 0;
   }
 
@@ -291,77 +288,63 @@ classify (struct qcow2_image *img, uint64_t e, uint64_t bitmap,
   return 0;
 }
 
-/* cluster_map and cluster_map_cached.  With peek, nothing may change:
- * return 1 instead of marking the image corrupt, and instead of loading
- * a slice into the cache, either stage it (when drain is not NULL; set
- * *drain when the staging slots want draining; a failed read is -1) or
- * return 1.
+/* The L2 slice at host offset soff, which maps guest offset: through
+ * the cache, or with peek (nothing may change) only looked up in it,
+ * else staged (when drain is not NULL; see map_run).  0 with *slice set
+ * (and *ce to put back or *slot to make ready), 2 if the slice is all
+ * zero, 1 when peeking is not enough, -1 on error.
  */
 static int
-map_run (struct qcow2_image *img, uint64_t offset, uint64_t count,
-         struct mapping *m, bool peek, bool *drain)
+get_slice (struct qcow2_image *img, uint64_t offset, uint64_t soff,
+           bool peek, bool *drain, const uint64_t **slice,
+           struct cache_entry **ce, int *slot, uint64_t *gen)
 {
-  uint64_t l2 = 0, idx, slice_entries, end, cur, soff, gen = 0;
   uint32_t slice_size = UINT32_C(1) << img->slice_bits;
-  uint64_t table_span = UINT64_C(1) << (img->cluster_bits + img->l2_bits);
-  struct cache_entry *ce = NULL;
-  const uint64_t *slice;
-  unsigned unit_bits = img->subcluster_bits;
-  int r, slot = -1;
+  void *buf;
 
-  memset (m, 0, sizeof *m);
-  m->guest_offset = offset;
-  r = l2_table_offset (img, offset, &l2, peek);
-  if (r != 0)
-    return r;
-  if (l2 == 0) {
-    m->kind = MAP_UNALLOCATED;
-    m->length = min_u64 (count, table_span - (offset & (table_span - 1)));
-    return 0;
-  }
-
-  slice_entries = slice_size >> img->l2_entry_shift;
-  idx = l2_index (img, offset);
-  soff = l2 + (idx / slice_entries) * slice_size;
   if (slice_is_empty (img, offset))
-    goto empty;
-  if (peek) {
-    slice = cache_peek (img->l2_cache, soff);
-    if (slice == NULL) {
-      void *buf;
-      if (drain == NULL ||
-          (slot = cache_stage_get (img->l2_cache, &buf, &gen)) == -1)
-        return 1;
-      if (io_pread (img->io, buf, slice_size, soff) == -1) {
-        nbdkit_error ("%s: reading L2 slice at %#" PRIx64 ": %m",
-                      img->name, soff);
-        cache_stage_abort (img->l2_cache, slot);
-        return -1;
-      }
-      if (img->empty_slices && is_zero (buf, slice_size)) {
-        cache_stage_abort (img->l2_cache, slot);
-        slice_set_empty (img, offset);
-        goto empty;
-      }
-      slice = buf;
-    }
+    return 2;
+  if (!peek) {
+    *slice = cache_get (img->l2_cache, soff, true, ce);
+    return *slice == NULL ? -1 : 0;
   }
-  else {
-    slice = cache_get (img->l2_cache, soff, true, &ce);
-    if (slice == NULL)
-      return -1;
+  *slice = cache_peek (img->l2_cache, soff);
+  if (*slice != NULL)
+    return 0;
+  if (drain == NULL ||
+      (*slot = cache_stage_get (img->l2_cache, &buf, gen)) == -1)
+    return 1;
+  if (io_pread (img->io, buf, slice_size, soff) == -1) {
+    nbdkit_error ("%s: reading L2 slice at %#" PRIx64 ": %m",
+                  img->name, soff);
+    cache_stage_abort (img->l2_cache, *slot);
+    *slot = -1;
+    return -1;
   }
+  if (img->empty_slices && is_zero (buf, slice_size)) {
+    cache_stage_abort (img->l2_cache, *slot);
+    *slot = -1;
+    slice_set_empty (img, offset);
+    return 2;
+  }
+  *slice = buf;
+  return 0;
+}
 
-  /* Walk units from offset to the end of the slice or of the request. */
-  end = offset + count;
-  {
-    uint64_t slice_end_guest =
-      ((offset >> img->cluster_bits) / slice_entries + 1) * slice_entries;
-    slice_end_guest <<= img->cluster_bits;
-    if (slice_end_guest < end)
-      end = slice_end_guest;
-  }
-  cur = offset;
+/* Classify the units of slice from guest offset up to end into the run
+ * m (m->guest_offset is offset): the longest prefix of one kind, at
+ * contiguous host offsets for data; one compressed cluster alone.
+ */
+static int
+walk_slice (struct qcow2_image *img, const uint64_t *slice, uint64_t offset,
+            uint64_t end, struct mapping *m, bool peek)
+{
+  uint64_t slice_entries = (UINT64_C(1) << img->slice_bits) >>
+    img->l2_entry_shift;
+  uint64_t unit_mask = (UINT64_C(1) << img->subcluster_bits) - 1;
+  uint64_t cur = offset;
+  int r;
+
   while (cur < end) {
     uint64_t i = l2_index (img, cur) % slice_entries;
     uint64_t e, bitmap = 0, host = 0, unit_end;
@@ -376,18 +359,13 @@ map_run (struct qcow2_image *img, uint64_t offset, uint64_t count,
     else
       e = be64toh (slice[i]);
     r = classify (img, e, bitmap, sc, cur, &u, &host, peek);
-    if (r != 0) {
-      if (ce)
-        cache_put (img->l2_cache, ce);
-      if (slot != -1)
-        cache_stage_abort (img->l2_cache, slot);
+    if (r != 0)
       return r;
-    }
     /* A compressed cluster is one whole-cluster unit. */
     if (u.kind == MAP_COMPRESSED)
       unit_end = (cur | (img->cluster_size - 1)) + 1;
     else
-      unit_end = (cur | ((UINT64_C(1) << unit_bits) - 1)) + 1;
+      unit_end = (cur | unit_mask) + 1;
     if (unit_end > end)
       unit_end = end;
 
@@ -395,7 +373,7 @@ map_run (struct qcow2_image *img, uint64_t offset, uint64_t count,
       m->kind = u.kind;
       m->copied = u.copied;
       if (u.kind == MAP_DATA)
-        m->host_offset = host + (cur & ((UINT64_C(1) << unit_bits) - 1));
+        m->host_offset = host + (cur & unit_mask);
       else if (u.kind == MAP_COMPRESSED) {
         m->host_offset = u.host_offset;
         m->csize = u.csize;
@@ -413,21 +391,66 @@ map_run (struct qcow2_image *img, uint64_t offset, uint64_t count,
     if (m->kind == MAP_COMPRESSED)
       break;
   }
-  if (ce)
-    cache_put (img->l2_cache, ce);
-  if (slot != -1 && cache_stage_ready (img->l2_cache, slot, soff, gen))
-    *drain = true;
   m->length = cur - offset;
   return 0;
+}
 
- empty:
-  /* Every entry of the slice is 0: unallocated to the slice's end. */
-  {
-    uint64_t span = UINT64_C(1) << slice_span_bits (img);
+/* cluster_map and cluster_map_cached.  With peek, nothing may change:
+ * return 1 instead of marking the image corrupt, and instead of loading
+ * a slice into the cache, either stage it (when drain is not NULL; set
+ * *drain when the staging slots want draining; a failed read is -1) or
+ * return 1.
+ */
+static int
+map_run (struct qcow2_image *img, uint64_t offset, uint64_t count,
+         struct mapping *m, bool peek, bool *drain)
+{
+  uint64_t l2 = 0, slice_entries, soff, end, gen = 0, span;
+  uint32_t slice_size = UINT32_C(1) << img->slice_bits;
+  uint64_t table_span = UINT64_C(1) << (img->cluster_bits + img->l2_bits);
+  struct cache_entry *ce = NULL;
+  const uint64_t *slice = NULL;
+  int r, slot = -1;
+
+  memset (m, 0, sizeof *m);
+  m->guest_offset = offset;
+  r = l2_table_offset (img, offset, &l2, peek);
+  if (r != 0)
+    return r;
+  if (l2 == 0) {
+    m->kind = MAP_UNALLOCATED;
+    m->length = min_u64 (count, table_span - (offset & (table_span - 1)));
+    return 0;
+  }
+
+  slice_entries = slice_size >> img->l2_entry_shift;
+  soff = l2 + (l2_index (img, offset) / slice_entries) * slice_size;
+  r = get_slice (img, offset, soff, peek, drain, &slice, &ce, &slot, &gen);
+  if (r == 2) {
+    /* Every entry of the slice is 0: unallocated to the slice's end. */
+    span = UINT64_C(1) << slice_span_bits (img);
     m->kind = MAP_UNALLOCATED;
     m->length = min_u64 (count, span - (offset & (span - 1)));
+    return 0;
   }
-  return 0;
+  if (r != 0)
+    return r;
+
+  /* Walk units from offset to the end of the slice or of the request. */
+  end = (((offset >> img->cluster_bits) / slice_entries + 1) * slice_entries)
+    << img->cluster_bits;
+  if (end > offset + count)
+    end = offset + count;
+  r = walk_slice (img, slice, offset, end, m, peek);
+  if (ce)
+    cache_put (img->l2_cache, ce);
+  if (slot != -1) {
+    if (r != 0)
+      cache_stage_abort (img->l2_cache, slot);
+    else if (cache_stage_ready (img->l2_cache, slot, soff, gen))
+      *drain = true;
+  }
+  return r;
 }
 
 int
@@ -485,95 +508,48 @@ read_compressed (struct qcow2_image *img, void *buf, const struct mapping *m)
   return r;
 }
 
-/* Map the first run of [offset, offset+count) with img->lock held only
- * for the mapping: shared when the L2 slice is cached, empty or can be
- * staged, exclusively otherwise.  With io and a run of data, io_lock is
- * taken shared before img->lock is dropped (the caller releases it
- * after its I/O).  When *drain is set, the caller, holding no lock,
- * calls cluster_drain.
+/* Read the guest data of run m (mapped at guest offset 'offset') into
+ * buf.  Takes no lock: the caller holds img->lock, or io_lock shared
+ * for MAP_DATA and MAP_COMPRESSED (rw.c).
  */
 int
-cluster_map_unlocked (struct qcow2_image *img, uint64_t offset,
-                      uint64_t count, struct mapping *m, bool io,
-                      bool *drain)
+cluster_read_run (struct qcow2_image *img, void *buf, const struct mapping *m,
+                  uint64_t offset)
 {
-  int r;
-
-  pthread_rwlock_rdlock (&img->lock);
-  r = cluster_map_cached (img, offset, count, m, drain);
-  if (r == 1) {
-    pthread_rwlock_unlock (&img->lock);
-    pthread_rwlock_wrlock (&img->lock);
-    r = cluster_map (img, offset, count, m);
+  switch (m->kind) {
+  case MAP_DATA:
+    if (io_pread (img->data_io, buf, m->length, m->host_offset) == -1) {
+      nbdkit_error ("%s: reading data at %#" PRIx64 ": %m", img->name,
+                    m->host_offset);
+      return -1;
+    }
+    return 0;
+  case MAP_ZERO:
+    memset (buf, 0, m->length);
+    return 0;
+  case MAP_UNALLOCATED:
+    return backing_read (img, buf, m->length, offset);
+  case MAP_COMPRESSED:
+    return read_compressed (img, buf, m);
   }
-  if (r == 0 && io && (m->kind == MAP_DATA || m->kind == MAP_COMPRESSED))
-    pthread_rwlock_rdlock (&img->io_lock);
-  pthread_rwlock_unlock (&img->lock);
-  return r;
+  abort ();
 }
 
-void
-cluster_drain (struct qcow2_image *img)
-{
-  pthread_rwlock_wrlock (&img->lock);
-  cache_stage_drain (img->l2_cache);
-  pthread_rwlock_unlock (&img->lock);
-}
-
-/* Read guest data.  With locked, img->lock is held exclusively by the
- * caller (the write path reading what it copies).  Otherwise the lock
- * is held only for the mapping, shared when the L2 slice is cached or
- * can be staged and exclusively otherwise (and once per batch to drain
- * the staged slices), and data I/O runs under the shared io_lock so
- * that no cluster is freed while it is being read.
+/* Read guest data with img->lock held exclusively (the write path
+ * reading what it copies).
  */
 int
-cluster_read (struct qcow2_image *img, void *buf, uint64_t count,
-              uint64_t offset, bool locked)
+cluster_read_locked (struct qcow2_image *img, void *buf, uint64_t count,
+                     uint64_t offset)
 {
   uint8_t *p = buf;
 
   while (count > 0) {
     struct mapping m;
-    bool drain = false;
-    int r;
 
-    if (locked)
-      r = cluster_map (img, offset, count, &m);
-    else
-      r = cluster_map_unlocked (img, offset, count, &m, true, &drain);
-    if (r == -1)
+    if (cluster_map (img, offset, count, &m) == -1 ||
+        cluster_read_run (img, p, &m, offset) == -1)
       return -1;
-
-    switch (m.kind) {
-    case MAP_DATA:
-      r = io_pread (img->data_io, p, m.length, m.host_offset);
-      if (!locked)
-        pthread_rwlock_unlock (&img->io_lock);
-      if (r == -1) {
-        nbdkit_error ("%s: reading data at %#" PRIx64 ": %m", img->name,
-                      m.host_offset);
-        return -1;
-      }
-      break;
-    case MAP_ZERO:
-      memset (p, 0, m.length);
-      break;
-    case MAP_UNALLOCATED:
-      if (backing_read (img, p, m.length, offset) == -1)
-        return -1;
-      break;
-    case MAP_COMPRESSED:
-      r = read_compressed (img, p, &m);
-      if (!locked)
-        pthread_rwlock_unlock (&img->io_lock);
-      if (r == -1)
-        return -1;
-      break;
-    }
-    /* Only now, with no lock held (io_lock comes after img->lock). */
-    if (drain)
-      cluster_drain (img);
     p += m.length;
     offset += m.length;
     count -= m.length;

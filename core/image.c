@@ -1,4 +1,4 @@
-/* nbdkit-qcow2: opening and closing images; the public entry points.
+/* nbdkit-qcow2: opening and closing images.
  * Copyright (C) 2026 the nbdkit-qcow2 authors.  BSD-3-Clause, see LICENSE.
  *
  * Every struct qcow2_image is made here: the image served, a read-only
@@ -18,8 +18,8 @@
  * clusters); slices are 4 KiB, or the cluster size when smaller.
  * Memory is only used as the cache fills.
  *
- * Locking: public functions take img->lock around metadata access;
- * guest data I/O happens without it.
+ * The I/O entry points are in rw.c, which alone takes the image's
+ * locks; opening and closing run while no request does.
  */
 
 #ifdef HAVE_CONFIG_H
@@ -67,7 +67,7 @@ setup_caches (struct qcow2_image *img)
   rc_bytes = img->cfg.refcount_cache_size ? img->cfg.refcount_cache_size
                                           : DEFAULT_RC_CACHE;
   img->l2_cache = cache_create (img->io, img->name, "L2", img->slice_bits,
-                                l2_bytes, write_before_l2_slice, img);
+                                l2_bytes, l2_before_slice_write, img);
   img->rc_cache = cache_create (img->io, img->name, "refcount",
                                 img->slice_bits, rc_bytes,
                                 refcount_before_block_write, img);
@@ -465,7 +465,7 @@ qcow2_close (struct qcow2_image *img)
   if (img->reserved) {
     int64_t size = io_size (img->io);
     if (size != -1)
-      img->io->ops->truncate (img->io, size);
+      io_truncate (img->io, size);
   }
   image_free (img);
   return r;
@@ -487,102 +487,4 @@ uint32_t
 qcow2_cluster_size (struct qcow2_image *img)
 {
   return img->cluster_size;
-}
-
-int
-qcow2_pread (struct qcow2_image *img, void *buf, uint64_t count,
-             uint64_t offset)
-{
-  if (image_check_range (img, count, offset, "request") == -1)
-    return -1;
-  return cluster_read (img, buf, count, offset, false);
-}
-
-int
-qcow2_prefetch (struct qcow2_image *img, uint64_t count, uint64_t offset)
-{
-  int r = 0;
-
-  if (image_check_range (img, count, offset, "request") == -1)
-    return -1;
-  pthread_rwlock_wrlock (&img->lock);
-  while (count > 0) {
-    struct mapping m;
-    if (cluster_map (img, offset, count, &m) == -1) {
-      r = -1;
-      break;
-    }
-    offset += m.length;
-    count -= m.length;
-  }
-  pthread_rwlock_unlock (&img->lock);
-  return r;
-}
-
-/* What a mapping kind looks like to an NBD client. */
-static int
-extent_type (struct qcow2_image *img, const struct mapping *m,
-             uint32_t *type)
-{
-  switch (m->kind) {
-  case MAP_DATA:
-  case MAP_COMPRESSED:
-    *type = 0;
-    return 0;
-  case MAP_ZERO:
-    *type = QCOW2_EXTENT_ZERO;
-    return 0;
-  case MAP_UNALLOCATED:
-    /* Without a backing file: a hole that reads as zeroes.  With one:
-     * whatever the backing file says there; past its end, zeroes.
-     */
-    *type = QCOW2_EXTENT_HOLE | QCOW2_EXTENT_ZERO;
-    return 0;
-  }
-  abort ();
-}
-
-struct backing_extents {
-  qcow2_extent_fn fn;
-  void *opaque;
-};
-
-int
-qcow2_extents (struct qcow2_image *img, uint64_t count, uint64_t offset,
-               bool req_one, qcow2_extent_fn fn, void *opaque)
-{
-  if (image_check_range (img, count, offset, "request") == -1)
-    return -1;
-  while (count > 0) {
-    struct mapping m;
-    uint32_t type;
-    bool drain = false;
-    int r;
-
-    r = cluster_map_unlocked (img, offset, count, &m, false, &drain);
-    if (drain)
-      cluster_drain (img);
-    if (r == -1 || extent_type (img, &m, &type) == -1)
-      return -1;
-
-    if (m.kind == MAP_UNALLOCATED && offset < img->backing_size) {
-      /* Ask the backing file about the part it covers. */
-      uint64_t n = min_u64 (m.length, img->backing_size - offset);
-      if (img->backing) {
-        if (qcow2_extents (img->backing, n, offset, req_one, fn,
-                           opaque) == -1)
-          return -1;
-      }
-      else if (fn (opaque, offset, n, 0) == -1)   /* raw: data */
-        return -1;
-      m.length = n;
-    }
-    else if (fn (opaque, offset, m.length, type) == -1)
-      return -1;
-    offset += m.length;
-    count -= m.length;
-    if (req_one)
-      break;
-  }
-  return 0;
 }

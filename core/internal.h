@@ -2,8 +2,9 @@
  * Copyright (C) 2026 the nbdkit-qcow2 authors.  BSD-3-Clause, see LICENSE.
  *
  * Locking: every field below the "lock" line is protected by img->lock,
- * which public entry points (qcow2.h) take and release; functions
- * declared here assume it is held exclusively unless they say otherwise.
+ * which only the request layer (rw.c, the public I/O entry points)
+ * takes and releases; functions declared here never take it, and
+ * assume it is held exclusively unless they say otherwise.
  * img->lock is a reader-writer lock: everything that may change state
  * holds it exclusively; the fast paths of reads and in-place writes hold
  * it shared and only look (cluster_map_cached, overlap queries; the L2
@@ -157,6 +158,7 @@ struct qcow2_image {
   uint64_t host_end;            /* bytes: end of allocated clusters */
   uint64_t reserved_end;        /* bytes: reservations tried up to */
   bool reserved;                /* blocks may be reserved past EOF */
+  bool reserve_failed;          /* a failed reservation to give back */
   bool corrupt;                 /* sticky: every write fails with EIO */
   bool dirty_written;           /* dirty bit is set on disk */
   bool autoclear_cleared;       /* header made writable for us */
@@ -173,7 +175,7 @@ struct qcow2_image {
   /* Allocating writes whose data is being written with 'lock' dropped:
    * changed with both 'lock' (exclusive) and inflight_lock held, so
    * either is enough to read it.  Until an entry goes, no other write,
-   * zero or trim may touch its guest range (write.c: inflight_wait).
+   * zero or trim may touch its guest range (rw.c: inflight_wait).
    */
   pthread_mutex_t inflight_lock;
   pthread_cond_t inflight_done;
@@ -269,6 +271,23 @@ min_u64 (uint64_t a, uint64_t b)
   return a < b ? a : b;
 }
 
+/* A compressed L2 entry e: the host offset *off of its first byte and
+ * the end *end of the 512-byte sectors it covers.  Bits 0 to x-1 hold
+ * the offset and bits x to 61 the number of sectors after the first,
+ * with x = 62 - (cluster_bits - 8) (qcow2 spec, "Compressed Clusters
+ * Descriptor").  *end < 2^63: no overflow.
+ */
+static inline void
+l2e_compressed (const struct qcow2_image *img, uint64_t e, uint64_t *off,
+                uint64_t *end)
+{
+  unsigned x = 62 - (img->cluster_bits - 8);
+  uint64_t sectors = ((e & L2E_COMPRESSED_MASK) >> x) + 1;
+
+  *off = e & ((UINT64_C(1) << x) - 1);
+  *end = (*off & ~UINT64_C(511)) + sectors * 512;
+}
+
 /* Every request: [offset, offset+count) must lie inside the disk;
  * 'what' names it in the message ("request", "write", ...).
  */
@@ -307,12 +326,10 @@ extern int cluster_map (struct qcow2_image *img, uint64_t offset,
 extern int cluster_map_cached (struct qcow2_image *img, uint64_t offset,
                                uint64_t count, struct mapping *m,
                                bool *drain);
-extern int cluster_map_unlocked (struct qcow2_image *img, uint64_t offset,
-                                 uint64_t count, struct mapping *m, bool io,
-                                 bool *drain);
-extern void cluster_drain (struct qcow2_image *img);
-extern int cluster_read (struct qcow2_image *img, void *buf,
-                         uint64_t count, uint64_t offset, bool locked);
+extern int cluster_read_run (struct qcow2_image *img, void *buf,
+                             const struct mapping *m, uint64_t offset);
+extern int cluster_read_locked (struct qcow2_image *img, void *buf,
+                                uint64_t count, uint64_t offset);
 extern bool is_zero (const void *buf, size_t n);
 extern int cluster_empty_init (struct qcow2_image *img, uint64_t max_bytes);
 extern void cluster_empty_forget (struct qcow2_image *img, uint64_t guest,
@@ -322,14 +339,66 @@ extern void cluster_forget_all (struct qcow2_image *img);
 /* check.c */
 extern int check_image (struct qcow2_image *img, bool repair,
                         struct qcow2_check_result *res);
+extern int check_run (struct qcow2_image *img, bool repair,
+                      struct qcow2_check_result *res);
 /* Before the first write to an image left dirty (dirty bit set, not by
  * us): rebuild the refcounts and clear the bit.
  */
 extern int check_repair_dirty (struct qcow2_image *img);
 
-/* write.c */
-extern int write_before_l2_slice (void *img, uint64_t off, uint32_t len);
-extern int write_flush_locked (struct qcow2_image *img);
+/* l2.c */
+/* An L2 entry's slice pinned in the L2 cache, and the entry in it. */
+struct l2_ref {
+  struct cache_entry *ce;
+  uint64_t *slice;
+  uint64_t *entry;              /* first word of the entry */
+};
+extern int l2_before_slice_write (void *img, uint64_t off, uint32_t len);
+extern int l2_get_entry (struct qcow2_image *img, uint64_t guest,
+                         struct l2_ref *ref);
+extern void l2_put_entry (struct qcow2_image *img, struct l2_ref *ref,
+                          bool dirty);
+extern int l2_entry_host_range (struct qcow2_image *img, uint64_t e,
+                                uint64_t guest, uint64_t bound,
+                                uint64_t *first, uint64_t *n);
+extern int l2_free_entry_later (struct qcow2_image *img, uint64_t e,
+                                uint64_t guest, uint64_t bound);
+extern int l2_check_old_entries (struct qcow2_image *img, uint64_t c0,
+                                 uint64_t n);
+extern int l2_write_back (struct qcow2_image *img);
+
+/* write.c: an allocating write of one run in three steps (rw.c):
+ * write_plan with img->lock held allocates the clusters and builds what
+ * to write; the data is written (the lock dropped); write_link, the
+ * lock held again, points the L2 entries at it, or write_abandon gives
+ * the clusters back.
+ */
+struct write_plan {
+  const uint8_t *src;           /* write len bytes of src ... */
+  uint64_t len, host;           /* ... at host offset host of data_io */
+  uint64_t c0, n;               /* guest clusters [c0, c0 + n*cs) */
+  uint64_t first;               /* host offset of the first new cluster */
+  uint64_t bound;               /* end of the file before allocating */
+  uint64_t consumed;            /* bytes of the request covered */
+  uint8_t *data;                /* the buffer src points into, or NULL */
+};
+extern int write_plan (struct qcow2_image *img, const uint8_t *buf,
+                       uint64_t off, const struct mapping *m,
+                       struct write_plan *p);
+extern int write_link (struct qcow2_image *img, struct write_plan *p);
+extern void write_abandon (struct qcow2_image *img, struct write_plan *p);
+extern int write_data_check (struct qcow2_image *img, uint64_t host,
+                             uint64_t len);
+extern void write_whole_clusters (const struct qcow2_image *img,
+                                  uint64_t count, uint64_t offset,
+                                  uint64_t *a, uint64_t *b);
+extern int write_zero_plan (struct qcow2_image *img, uint64_t count,
+                            uint64_t offset, unsigned flags, uint64_t *a,
+                            uint64_t *b, bool *trim, bool *may_trim);
+extern int write_zeroes (struct qcow2_image *img, uint64_t off,
+                         uint64_t len, unsigned flags);
+extern int64_t zero_clusters (struct qcow2_image *img, uint64_t c0,
+                              uint64_t n, bool trim, bool may_trim);
 
 /* image.c */
 extern struct qcow2_image *image_open (struct qcow2_io *io, const char *name,
@@ -392,5 +461,7 @@ extern void refcount_unalloc (struct qcow2_image *img, uint64_t off,
 extern int refcount_free_later (struct qcow2_image *img, uint64_t off,
                                 uint64_t n);
 extern int refcount_commit_frees (struct qcow2_image *img);
+extern int refcount_write_back (struct qcow2_image *img);
+extern void refcount_give_back_reservation (struct qcow2_image *img);
 
 #endif /* QCOW2_INTERNAL_H */

@@ -12,7 +12,7 @@
  *           -> bit offset in block = block index << refcount_order
  *           -> slice = bit offset / 8 >> slice_bits
  *
- * Locking: all functions need img->lock.
+ * Locking: none taken; every function needs img->lock exclusively.
  */
 
 #ifdef HAVE_CONFIG_H
@@ -475,43 +475,53 @@ ensure_refblock (struct qcow2_image *img, uint64_t c)
  *
  * A reservation that fails (short of space: see io.c) may have taken
  * part of the range all the same, and that must not stay taken while
- * writes, ours or anybody's, get ENOSPC: it is given back at once, by
- * truncating the file to its own size.  (Punching a hole would do
- * nothing: ext4 ignores holes punched past the end of the file.)  A
- * data write running with img->lock dropped could be extending the
- * file meanwhile, and the truncate would cut it short, so it is done
- * with io_lock held exclusively, which every such write holds shared
- * (the others need img->lock, held here).  The next step tries again.
+ * writes, ours or anybody's, get ENOSPC: it is given back before the
+ * request that tried it drops img->lock or writes its data, by
+ * truncating the file to its own size (refcount_give_back_reservation;
+ * punching a hole would do nothing: ext4 ignores holes punched past the
+ * end of the file).  A data write running with img->lock dropped could
+ * be extending the file meanwhile, and the truncate would cut it
+ * short, so rw.c calls it with io_lock held exclusively, which every
+ * such write holds shared.  The next step tries again.
  */
 #define RESERVE_STEP (UINT64_C(8) << 20)
 
 static void
 reserve_ahead (struct qcow2_image *img)
 {
-  const struct qcow2_io_ops *ops = img->io->ops;
   uint64_t from, to;
-  int64_t size;
   int r;
 
-  if (ops->reserve == NULL || img->host_end <= img->reserved_end)
+  if (img->host_end <= img->reserved_end)
     return;
   from = img->reserved_end > img->host_end - img->cluster_size
     ? img->reserved_end : img->host_end - img->cluster_size;
   to = round_up_pow2 (img->host_end + RESERVE_STEP, RESERVE_STEP);
-  r = ops->reserve (img->io, to - from, from);
+  r = io_reserve (img->io, to - from, from);
   if (r == -1 && (errno == EOPNOTSUPP || errno == ENOSYS)) {
     img->reserved_end = UINT64_MAX;     /* not supported: stop trying */
     return;
   }
   img->reserved_end = to;
   img->reserved = true;
-  if (r == 0)
-    return;
-  pthread_rwlock_wrlock (&img->io_lock);
+  if (r == -1)
+    img->reserve_failed = true;
+}
+
+/* With img->lock and io_lock held exclusively (rw.c): give back what a
+ * failed reservation took.
+ */
+void
+refcount_give_back_reservation (struct qcow2_image *img)
+{
+  int64_t size;
+  int e = errno;
+
   size = io_size (img->io);
-  if (size == -1 || ops->truncate (img->io, size) == -1)
+  if (size == -1 || io_truncate (img->io, size) == -1)
     nbdkit_debug ("%s: giving back a failed reservation: %m", img->name);
-  pthread_rwlock_unlock (&img->io_lock);
+  img->reserve_failed = false;
+  errno = e;
 }
 
 /* Allocate n contiguous clusters with refcount 1; returns the host
@@ -756,4 +766,17 @@ refcount_commit_frees (struct qcow2_image *img)
     img->pending_alloc = 0;
   }
   return r;
+}
+
+/* Write the dirty refcount blocks and sync. */
+int
+refcount_write_back (struct qcow2_image *img)
+{
+  if (cache_flush (img->rc_cache) == -1)
+    return -1;
+  if (io_flush (img->io) == -1) {
+    nbdkit_error ("%s: sync: %m", img->name);
+    return -1;
+  }
+  return 0;
 }

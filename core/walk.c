@@ -88,11 +88,11 @@ static void
 compressed_range (const struct qcow2_image *img, uint64_t e,
                   uint64_t *off, uint64_t *len)
 {
-  unsigned x = 62 - (img->cluster_bits - 8);
-  uint64_t sectors = ((e & L2E_COMPRESSED_MASK) >> x) + 1;
+  uint64_t first, end;
 
-  *off = (e & ((UINT64_C(1) << x) - 1)) & ~UINT64_C(511);
-  *len = sectors * 512;
+  l2e_compressed (img, e, &first, &end);
+  *off = first & ~UINT64_C(511);
+  *len = end - *off;
 }
 
 /* Visit the clusters the L2 table at 'l2' points to. */

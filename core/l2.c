@@ -1,0 +1,381 @@
+/* nbdkit-qcow2: changing L1 and L2 tables.
+ * Copyright (C) 2026 the nbdkit-qcow2 authors.  BSD-3-Clause, see LICENSE.
+ *
+ * Every change to the active L1 table and its L2 tables is made here:
+ * an entry is changed through l2_get_entry / l2_put_entry (the slice
+ * pinned in the L2 cache, its table made the active L1's own first), a
+ * missing L2 table is allocated, one shared with a snapshot is copied
+ * (cow_l2_table), and dirty L1 entries are written by write_l1.  The L2
+ * cache writes dirty slices back through l2_before_slice_write.
+ *
+ * The write-ordering rules (write.c's comment lists them) that concern
+ * metadata are enforced here, before any L2 slice or L1 entry reaches
+ * the file (l2_barrier):
+ *
+ *  1. dirty refcount blocks are written first, so a refcount increment
+ *     reaches the file before any entry that points at the cluster;
+ *  2. guest data written since the last sync (img->need_sync) is synced
+ *     first, so no entry points at unwritten data;
+ *  4. the table's range passes the overlap check.
+ *
+ * And rule 3's guard: what an entry references is checked before it is
+ * freed or copied from (l2_entry_host_range), so that a corrupt entry
+ * pointing at metadata never hands that metadata to the allocator.
+ *
+ * Locking: none taken; everything here needs img->lock exclusively.
+ */
+
+#ifdef HAVE_CONFIG_H
+#include <config.h>
+#endif
+
+#include <stdlib.h>
+#include <string.h>
+#include <errno.h>
+#include <inttypes.h>
+
+#include "internal.h"
+#include "overlap.h"
+
+/* Rules 1 and 2: before an L2 slice or L1 entry is written. */
+static int
+l2_barrier (struct qcow2_image *img)
+{
+  if (cache_flush (img->rc_cache) == -1)
+    return -1;
+  if (img->need_sync) {
+    if (img->data_io != img->io && io_flush (img->data_io) == -1) {
+      nbdkit_error ("%s: syncing data file: %m", img->name);
+      return -1;
+    }
+    if (io_flush (img->io) == -1) {
+      nbdkit_error ("%s: sync: %m", img->name);
+      return -1;
+    }
+    img->need_sync = false;
+  }
+  return 0;
+}
+
+/* The L2 cache's before_write (cache.h): rules 1 and 2, then rule 4. */
+int
+l2_before_slice_write (void *opaque, uint64_t off, uint32_t len)
+{
+  struct qcow2_image *img = opaque;
+
+  if (l2_barrier (img) == -1)
+    return -1;
+  return overlap_check_write (img, off, len, OV_ACTIVE_L2);
+}
+
+static int
+write_l1 (struct qcow2_image *img)
+{
+  uint32_t lo = img->l1_dirty_lo, hi = img->l1_dirty_hi, i;
+  uint64_t *be;
+  int r = -1;
+
+  if (!img->l1_dirty)
+    return 0;
+  if (l2_barrier (img) == -1)
+    return -1;
+  be = malloc ((size_t) (hi - lo + 1) * 8);
+  if (be == NULL)
+    return -1;
+  for (i = lo; i <= hi; i++)
+    be[i - lo] = htobe64 (img->l1[i]);
+  if (overlap_check_write (img, img->l1_offset + (uint64_t) lo * 8,
+                           (uint64_t) (hi - lo + 1) * 8, OV_ACTIVE_L1) == 0) {
+    r = io_pwrite (img->io, be, (size_t) (hi - lo + 1) * 8,
+                   img->l1_offset + (uint64_t) lo * 8);
+    if (r == -1)
+      nbdkit_error ("%s: writing L1 table: %m", img->name);
+  }
+  free (be);
+  if (r == 0)
+    img->l1_dirty = false;
+  return r;
+}
+
+static void
+l1_set (struct qcow2_image *img, uint64_t i, uint64_t v)
+{
+  img->l1[i] = v;
+  cache_stage_invalidate (img->l2_cache);
+  cluster_empty_forget (img, i << (img->cluster_bits + img->l2_bits),
+                        UINT64_C(1) << (img->cluster_bits + img->l2_bits));
+  if (!img->l1_dirty) {
+    img->l1_dirty = true;
+    img->l1_dirty_lo = img->l1_dirty_hi = i;
+  }
+  if (i < img->l1_dirty_lo)
+    img->l1_dirty_lo = i;
+  if (i > img->l1_dirty_hi)
+    img->l1_dirty_hi = i;
+}
+
+/* The host clusters [*first, *first + *n) that L2 entry e (of guest
+ * offset guest) holds a reference to (*n = 0: none), checked before
+ * the entry is freed or copied away from.  'bound' is the end of the
+ * file as it was before this request allocated anything: an entry read
+ * before the allocation cannot legitimately point at the new clusters.
+ * A range that is not cluster aligned, reaches past bound, or touches
+ * the header or metadata the overlap map knows of is corruption:
+ * freeing it would hand the metadata to the allocator, and the next
+ * allocating write would put guest data over it.  Nothing is freed
+ * then; the image is marked corrupt.  A compressed entry's sector
+ * field gives at most two clusters of bytes, so its range is at most
+ * three clusters.
+ */
+int
+l2_entry_host_range (struct qcow2_image *img, uint64_t e, uint64_t guest,
+                  uint64_t bound, uint64_t *first, uint64_t *n)
+{
+  uint64_t off, end, hit;
+  unsigned t = 0;
+
+  *first = *n = 0;
+  if (img->data_file_name)
+    return 0;                   /* data clusters are not refcounted */
+  if (e & QCOW_OFLAG_COMPRESSED)
+    l2e_compressed (img, e, &off, &end);
+  else {
+    off = e & L2E_OFFSET_MASK;
+    if (off == 0)
+      return 0;
+    if (offset_into_cluster (img, off) != 0)
+      return header_mark_corrupt (img, "data cluster offset %#" PRIx64
+                                  " for guest offset %#" PRIx64 " is not "
+                                  "cluster aligned", off, guest);
+    end = off + img->cluster_size;
+  }
+  if (end > bound)
+    return header_mark_corrupt (img, "L2 entry %#" PRIx64 " for guest "
+                                "offset %#" PRIx64 " reaches past the end "
+                                "of the file (%#" PRIx64 ")", e, guest,
+                                bound);
+  *first = off >> img->cluster_bits;
+  *n = ((end - 1) >> img->cluster_bits) - *first + 1;
+  if (*first == 0 ||
+      (img->overlap &&
+       (t = overlap_map_query (img->overlap, *first, *n, OV_ALL, &hit)))) {
+    *n = 0;
+    return header_mark_corrupt (img, "L2 entry %#" PRIx64 " for guest "
+                                "offset %#" PRIx64 " points at %s",
+                                e, guest, t ? overlap_type_name (t)
+                                : overlap_type_name (OV_MAIN_HEADER));
+  }
+  return 0;
+}
+
+/* Free (deferred) what entry e references, after the same checks. */
+int
+l2_free_entry_later (struct qcow2_image *img, uint64_t e, uint64_t guest,
+                  uint64_t bound)
+{
+  uint64_t first, n;
+
+  if (l2_entry_host_range (img, e, guest, bound, &first, &n) == -1)
+    return -1;
+  return refcount_free_later (img, first << img->cluster_bits, n);
+}
+
+/* Copy a shared L2 table (refcount > 1) so the active L1 owns it. */
+static int
+cow_l2_table (struct qcow2_image *img, uint64_t l1i, uint64_t old)
+{
+  uint64_t cs = img->cluster_size, n = cs >> img->l2_entry_shift, i;
+  uint64_t *t = malloc (cs);
+  int64_t new;
+  int r = -1;
+
+  if (t == NULL)
+    return -1;
+  /* Dirty slices of a shared table cannot exist (we never change one),
+   * so the file has its current contents.
+   */
+  if (io_pread (img->io, t, cs, old) == -1) {
+    nbdkit_error ("%s: reading L2 table: %m", img->name);
+    goto out;
+  }
+  for (i = 0; i < n; i++) {
+    uint64_t *ep = &t[i << (img->l2_entry_shift - 3)];
+    uint64_t e = be64toh (*ep), host = e & L2E_OFFSET_MASK, rc;
+    if ((e & QCOW_OFLAG_COMPRESSED) || host == 0 || img->data_file_name)
+      continue;
+    if (refcount_get (img, host >> img->cluster_bits, &rc) == -1)
+      goto out;
+    e = rc == 1 ? (e | QCOW_OFLAG_COPIED) : (e & ~QCOW_OFLAG_COPIED);
+    *ep = htobe64 (e);
+  }
+  new = refcount_alloc (img, 1);
+  if (new == -1)
+    goto out;
+  /* The map learns of a new table only once it is written, so a failed
+   * write leaves no phantom table in the map, and the cluster, which
+   * nothing points at, is given back.
+   */
+  if (overlap_check_write (img, new, cs, OV_ACTIVE_L2) == -1)
+    goto out;
+  if (io_pwrite (img->io, t, cs, new) == -1) {
+    nbdkit_error ("%s: writing L2 table copy: %m", img->name);
+    refcount_unalloc (img, new, 1);
+    goto out;
+  }
+  if (overlap_add (img, new, cs, OV_ACTIVE_L2) == -1)
+    goto out;
+  img->need_sync = true;
+  overlap_remove (img, old, cs, OV_ACTIVE_L2);
+  l1_set (img, l1i, (uint64_t) new | QCOW_OFLAG_COPIED);
+  r = refcount_free_later (img, old, 1);
+ out:
+  free (t);
+  return r;
+}
+
+/* Make the L2 table for guest offset exist and belong to the active L1
+ * alone; return its offset and whether it is brand new (all zero).
+ */
+static int
+l2_for_write (struct qcow2_image *img, uint64_t guest, uint64_t *l2,
+              bool *fresh)
+{
+  uint64_t l1i = l1_index (img, guest), e, off, rc;
+  uint64_t cs = img->cluster_size;
+
+  *fresh = false;
+  e = img->l1[l1i];
+  off = e & L1E_OFFSET_MASK;
+  if (off == 0) {
+    int64_t new = refcount_alloc (img, 1);
+    void *zero;
+    if (new == -1)
+      return -1;
+    if (overlap_check_write (img, new, cs, OV_ACTIVE_L2) == -1)
+      return -1;
+    /* Until the map and the L1 table know of it, nothing points at the
+     * new table: a failure gives it back.
+     */
+    zero = calloc (1, cs);
+    if (zero == NULL) {
+      refcount_unalloc (img, new, 1);
+      return -1;
+    }
+    if (io_pwrite (img->io, zero, cs, new) == -1) {
+      nbdkit_error ("%s: writing new L2 table: %m", img->name);
+      free (zero);
+      refcount_unalloc (img, new, 1);
+      return -1;
+    }
+    free (zero);
+    if (overlap_add (img, new, cs, OV_ACTIVE_L2) == -1)
+      return -1;
+    cache_drop (img->l2_cache, new, cs);
+    img->need_sync = true;
+    l1_set (img, l1i, (uint64_t) new | QCOW_OFLAG_COPIED);
+    *l2 = new;
+    *fresh = true;
+    return 0;
+  }
+  if (offset_into_cluster (img, off) != 0)
+    return header_mark_corrupt (img, "L2 table offset %#" PRIx64
+                                " is not cluster aligned", off);
+  /* An L1 entry pointing at other metadata would make every later L2
+   * update a write over it: refuse now, before the guest write is
+   * acknowledged, not at the next flush.
+   */
+  if (overlap_check_write (img, off, cs,
+                           (e & QCOW_OFLAG_COPIED) ? OV_ACTIVE_L2
+                           : OV_ACTIVE_L2 | OV_INACTIVE_L2) == -1)
+    return -1;
+  if (!(e & QCOW_OFLAG_COPIED)) {
+    if (refcount_get (img, off >> img->cluster_bits, &rc) == -1)
+      return -1;
+    if (rc == 0)
+      return header_mark_corrupt (img, "L2 table at %#" PRIx64
+                                  " has refcount 0", off);
+    if (rc > 1) {
+      if (cow_l2_table (img, l1i, off) == -1)
+        return -1;
+      *l2 = img->l1[l1i] & L1E_OFFSET_MASK;
+      return 0;
+    }
+    l1_set (img, l1i, off | QCOW_OFLAG_COPIED);
+  }
+  *l2 = off;
+  return 0;
+}
+
+int
+l2_get_entry (struct qcow2_image *img, uint64_t guest, struct l2_ref *ref)
+{
+  uint64_t l2 = 0, idx = l2_index (img, guest);
+  uint32_t slice_size = UINT32_C(1) << img->slice_bits;
+  uint64_t per_slice = slice_size >> img->l2_entry_shift;
+  bool fresh;
+
+  cluster_empty_forget (img, guest, 1);    /* the caller changes it */
+  if (l2_for_write (img, guest, &l2, &fresh) == -1)
+    return -1;
+  ref->slice = cache_get (img->l2_cache, l2 + (idx / per_slice) * slice_size,
+                          !fresh, &ref->ce);
+  if (ref->slice == NULL)
+    return -1;
+  ref->entry = &ref->slice[(idx % per_slice) << (img->l2_entry_shift - 3)];
+  return 0;
+}
+
+void
+l2_put_entry (struct qcow2_image *img, struct l2_ref *ref, bool dirty)
+{
+  if (dirty)
+    cache_mark_dirty (img->l2_cache, ref->ce);
+  cache_put (img->l2_cache, ref->ce);
+}
+
+/* Check the entries of guest clusters [c0, c0 + n*cs) that an
+ * allocating write will free, before it allocates or copies anything
+ * (l2_entry_host_range; the link checks them again, against the same
+ * bound, before it frees them).
+ */
+int
+l2_check_old_entries (struct qcow2_image *img, uint64_t c0, uint64_t n)
+{
+  uint64_t cs = img->cluster_size, i = 0, first, nc;
+  uint64_t per_slice = (UINT64_C(1) << img->slice_bits) >> img->l2_entry_shift;
+  struct l2_ref ref;
+
+  while (i < n) {
+    uint64_t left = per_slice - l2_index (img, c0 + i * cs) % per_slice;
+    if (l2_get_entry (img, c0 + i * cs, &ref) == -1)
+      return -1;
+    for (; left > 0 && i < n;
+         left--, i++, ref.entry += 1u << (img->l2_entry_shift - 3)) {
+      if (l2_entry_host_range (img, be64toh (ref.entry[0]), c0 + i * cs,
+                            img->host_end, &first, &nc) == -1) {
+        l2_put_entry (img, &ref, false);
+        return -1;
+      }
+    }
+    l2_put_entry (img, &ref, false);
+  }
+  return 0;
+}
+
+
+/* Write the L2 cache's dirty slices and the dirty L1 entries back, in
+ * order (rules 1 and 2 first), and sync.
+ */
+int
+l2_write_back (struct qcow2_image *img)
+{
+  if (l2_barrier (img) == -1 ||
+      cache_flush (img->l2_cache) == -1 ||
+      write_l1 (img) == -1)
+    return -1;
+  if (io_flush (img->io) == -1) {
+    nbdkit_error ("%s: sync: %m", img->name);
+    return -1;
+  }
+  return 0;
+}

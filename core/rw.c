@@ -1,0 +1,632 @@
+/* nbdkit-qcow2: the request layer: every public I/O entry point.
+ * Copyright (C) 2026 the nbdkit-qcow2 authors.  BSD-3-Clause, see LICENSE.
+ *
+ * qcow2_pread, qcow2_pwrite, qcow2_zero, qcow2_trim, qcow2_flush,
+ * qcow2_extents, qcow2_prefetch and qcow2_check split a request into
+ * runs (cluster.c maps them) and decide, run by run, which locks it
+ * holds.  This is the only file that takes or drops img->lock, io_lock
+ * or inflight_lock; the files below it say which lock they need and
+ * never change it.
+ *
+ *   img->lock (rwlock)   shared: look up mappings in the caches (the
+ *                        fast paths of reads and in-place writes);
+ *                        exclusive: anything that may change metadata
+ *   io_lock (rwlock)     shared: guest data I/O done with img->lock
+ *                        dropped; exclusive: freeing clusters (the
+ *                        commit of deferred frees) or cutting the file
+ *   inflight_lock        the list of allocating writes in flight
+ *
+ * Lock order: img->lock, then io_lock, then inflight_lock.  Data I/O
+ * takes io_lock shared before img->lock is dropped, so a cluster cannot
+ * be freed between its mapping and the I/O (write.c, rule 3).
+ *
+ * A read maps each run with img->lock shared when the L2 slice is
+ * cached or can be staged (cache.c), exclusively otherwise, and reads
+ * the data with only io_lock held.  A write tries the shared fast path
+ * first (a COPIED data cluster whose slice is cached: written in place,
+ * in parallel with other writes); anything else takes img->lock
+ * exclusively: in place once mapped, or as an allocating write
+ * (write.c), whose data is written with img->lock dropped while its
+ * guest range is "in flight" (struct inflight) and whose entries are
+ * linked with the lock taken again.  Zero and trim hold it exclusively
+ * throughout.  Deferred frees are committed here (flush_locked): at a
+ * flush, after a request once too many are pending, and in the middle
+ * of a large zero or trim.
+ */
+
+#ifdef HAVE_CONFIG_H
+#include <config.h>
+#endif
+
+#include <stdlib.h>
+#include <string.h>
+#include <errno.h>
+#include <inttypes.h>
+
+#include "internal.h"
+#include "overlap.h"
+
+/* Frees pile up until the next flush; past this many clusters a write
+ * flushes by itself so that freed space is reused.
+ */
+#define MAX_PENDING_FREES 8192
+
+/* Release img->lock held exclusively.  A reservation of disk space
+ * that failed in the section is given back first (refcount.c), with
+ * io_lock held exclusively: it truncates the file to its own size,
+ * which would cut short a data write extending the file meanwhile.
+ */
+static void
+unlock_exclusive (struct qcow2_image *img)
+{
+  if (img->reserve_failed) {
+    pthread_rwlock_wrlock (&img->io_lock);
+    refcount_give_back_reservation (img);
+    pthread_rwlock_unlock (&img->io_lock);
+  }
+  pthread_rwlock_unlock (&img->lock);
+}
+
+/* From img->lock held (exclusively when excl) to io_lock held shared,
+ * for data I/O.
+ */
+static void
+lock_for_io (struct qcow2_image *img, bool excl)
+{
+  if (excl && img->reserve_failed) {
+    pthread_rwlock_wrlock (&img->io_lock);
+    refcount_give_back_reservation (img);
+    pthread_rwlock_unlock (&img->io_lock);
+  }
+  pthread_rwlock_rdlock (&img->io_lock);
+  pthread_rwlock_unlock (&img->lock);
+}
+
+/* Write everything back in order and sync (l2.c), then apply the
+ * deferred frees with io_lock held exclusively (rule 3) and write them.
+ */
+static int
+flush_locked (struct qcow2_image *img)
+{
+  int r;
+
+  if (l2_write_back (img) == -1)
+    return -1;
+  if (img->nr_pending == 0)
+    return 0;
+  pthread_rwlock_wrlock (&img->io_lock);
+  r = refcount_commit_frees (img);
+  pthread_rwlock_unlock (&img->io_lock);
+  /* The decrements could wait for the next flush (until then a crash
+   * only leaks), but a clean close must not leak: write them now.
+   */
+  if (r == -1)
+    return -1;
+  return refcount_write_back (img);
+}
+
+static int
+maybe_commit (struct qcow2_image *img)
+{
+  if (img->pending_clusters > MAX_PENDING_FREES)
+    return flush_locked (img);
+  return 0;
+}
+
+/* ---- reads -------------------------------------------------------- */
+
+/* Map the first run of [offset, offset+count) with img->lock held only
+ * for the mapping: shared when the L2 slice is cached, empty or can be
+ * staged, exclusively otherwise.  With io and a run of data, io_lock is
+ * taken shared before img->lock is dropped (the caller releases it
+ * after its I/O).  When *drain is set, the caller, once it holds no
+ * lock, calls drain.
+ */
+static int
+map_run_locking (struct qcow2_image *img, uint64_t offset, uint64_t count,
+                 struct mapping *m, bool io, bool *drain)
+{
+  bool excl = false;
+  int r;
+
+  pthread_rwlock_rdlock (&img->lock);
+  r = cluster_map_cached (img, offset, count, m, drain);
+  if (r == 1) {
+    pthread_rwlock_unlock (&img->lock);
+    pthread_rwlock_wrlock (&img->lock);
+    excl = true;
+    r = cluster_map (img, offset, count, m);
+  }
+  if (r == 0 && io && (m->kind == MAP_DATA || m->kind == MAP_COMPRESSED)) {
+    lock_for_io (img, excl);
+    return 0;
+  }
+  if (excl)
+    unlock_exclusive (img);
+  else
+    pthread_rwlock_unlock (&img->lock);
+  return r;
+}
+
+/* Move the slices staged by readers into the cache. */
+static void
+drain (struct qcow2_image *img)
+{
+  pthread_rwlock_wrlock (&img->lock);
+  cache_stage_drain (img->l2_cache);
+  pthread_rwlock_unlock (&img->lock);
+}
+
+int
+qcow2_pread (struct qcow2_image *img, void *buf, uint64_t count,
+             uint64_t offset)
+{
+  uint8_t *p = buf;
+
+  if (image_check_range (img, count, offset, "request") == -1)
+    return -1;
+  while (count > 0) {
+    struct mapping m;
+    bool drain_now = false;
+    int r;
+
+    if (map_run_locking (img, offset, count, &m, true, &drain_now) == -1)
+      return -1;
+    r = cluster_read_run (img, p, &m, offset);
+    if (m.kind == MAP_DATA || m.kind == MAP_COMPRESSED)
+      pthread_rwlock_unlock (&img->io_lock);
+    if (r == -1)
+      return -1;
+    /* Only now, with no lock held (io_lock comes after img->lock). */
+    if (drain_now)
+      drain (img);
+    p += m.length;
+    offset += m.length;
+    count -= m.length;
+  }
+  return 0;
+}
+
+int
+qcow2_prefetch (struct qcow2_image *img, uint64_t count, uint64_t offset)
+{
+  int r = 0;
+
+  if (image_check_range (img, count, offset, "request") == -1)
+    return -1;
+  pthread_rwlock_wrlock (&img->lock);
+  while (count > 0) {
+    struct mapping m;
+    if (cluster_map (img, offset, count, &m) == -1) {
+      r = -1;
+      break;
+    }
+    offset += m.length;
+    count -= m.length;
+  }
+  pthread_rwlock_unlock (&img->lock);
+  return r;
+}
+
+/* What a mapping kind looks like to an NBD client. */
+static uint32_t
+extent_type (const struct mapping *m)
+{
+  switch (m->kind) {
+  case MAP_DATA:
+  case MAP_COMPRESSED:
+    return 0;
+  case MAP_ZERO:
+    return QCOW2_EXTENT_ZERO;
+  case MAP_UNALLOCATED:
+    /* Without a backing file: a hole that reads as zeroes.  With one:
+     * whatever the backing file says there (see qcow2_extents).
+     */
+    return QCOW2_EXTENT_HOLE | QCOW2_EXTENT_ZERO;
+  }
+  abort ();
+}
+
+int
+qcow2_extents (struct qcow2_image *img, uint64_t count, uint64_t offset,
+               bool req_one, qcow2_extent_fn fn, void *opaque)
+{
+  if (image_check_range (img, count, offset, "request") == -1)
+    return -1;
+  while (count > 0) {
+    struct mapping m;
+    bool drain_now = false;
+    int r;
+
+    r = map_run_locking (img, offset, count, &m, false, &drain_now);
+    if (drain_now)
+      drain (img);
+    if (r == -1)
+      return -1;
+
+    if (m.kind == MAP_UNALLOCATED && offset < img->backing_size) {
+      /* Ask the backing file about the part it covers; past its end,
+       * zeroes.
+       */
+      uint64_t n = min_u64 (m.length, img->backing_size - offset);
+      if (img->backing) {
+        if (qcow2_extents (img->backing, n, offset, req_one, fn,
+                           opaque) == -1)
+          return -1;
+      }
+      else if (fn (opaque, offset, n, 0) == -1)   /* raw: data */
+        return -1;
+      m.length = n;
+    }
+    else if (fn (opaque, offset, m.length, extent_type (&m)) == -1)
+      return -1;
+    offset += m.length;
+    count -= m.length;
+    if (req_one)
+      break;
+  }
+  return 0;
+}
+
+/* ---- writes ------------------------------------------------------- */
+
+/* Guest ranges in flight (struct inflight): clusters that an allocating
+ * write has taken from the allocator and is filling with img->lock
+ * dropped, before it links them.  Anything else that would change the
+ * same guest clusters meanwhile (a write to another part of one of
+ * them, a zero, a trim) would work from the old mapping and one of the
+ * two would be lost, so it waits.  Reads need not: until the link they
+ * see the old contents, which is a valid answer for a read racing a
+ * write.
+ */
+static bool
+inflight_overlaps (const struct qcow2_image *img, uint64_t a, uint64_t b)
+{
+  const struct inflight *f;
+
+  for (f = img->inflight; f != NULL; f = f->next)
+    if (f->start < b && a < f->end)
+      return true;
+  return false;
+}
+
+/* With img->lock held exclusively: if guest [off, off+len) shares a
+ * cluster with a range in flight, drop the lock, wait until it has
+ * gone, and return true (the caller starts again); else false.
+ */
+static bool
+inflight_wait (struct qcow2_image *img, uint64_t off, uint64_t len)
+{
+  uint64_t cs = img->cluster_size;
+  uint64_t a = off & ~(cs - 1), b = round_up_pow2 (off + len, cs);
+
+  if (img->inflight == NULL || !inflight_overlaps (img, a, b))
+    return false;
+  pthread_mutex_lock (&img->inflight_lock);
+  unlock_exclusive (img);
+  while (inflight_overlaps (img, a, b))
+    pthread_cond_wait (&img->inflight_done, &img->inflight_lock);
+  pthread_mutex_unlock (&img->inflight_lock);
+  return true;
+}
+
+static void
+inflight_add (struct qcow2_image *img, struct inflight *f, uint64_t a,
+              uint64_t b)
+{
+  f->start = a;
+  f->end = b;
+  pthread_mutex_lock (&img->inflight_lock);
+  f->next = img->inflight;
+  img->inflight = f;
+  pthread_mutex_unlock (&img->inflight_lock);
+}
+
+static void
+inflight_remove (struct qcow2_image *img, struct inflight *f)
+{
+  struct inflight **pp;
+
+  pthread_mutex_lock (&img->inflight_lock);
+  for (pp = &img->inflight; *pp != f; pp = &(*pp)->next)
+    ;
+  *pp = f->next;
+  pthread_cond_broadcast (&img->inflight_done);
+  pthread_mutex_unlock (&img->inflight_lock);
+}
+
+/* May the image be written?  With img->lock held exclusively. */
+static int
+check_writable (struct qcow2_image *img)
+{
+  if (img->readonly) {
+    errno = EROFS;
+    return -1;
+  }
+  if (img->corrupt) {
+    errno = EIO;
+    return -1;
+  }
+  if ((img->incompat & INCOMPAT_DIRTY) && !img->dirty_written &&
+      check_repair_dirty (img) == -1)
+    return -1;
+  return header_prepare_write (img);
+}
+
+/* Write p to the COPIED data run m in place, with img->lock held
+ * (exclusively when excl): the lock is dropped before the data I/O,
+ * which runs under the shared io_lock (rule 3 keeps the cluster ours).
+ * Returns m->length, or -1.
+ */
+static int64_t
+write_in_place (struct qcow2_image *img, const uint8_t *p,
+                const struct mapping *m, bool excl)
+{
+  int r;
+
+  lock_for_io (img, excl);
+  r = io_pwrite (img->data_io, p, m->length, m->host_offset);
+  pthread_rwlock_unlock (&img->io_lock);
+  if (r == -1) {
+    nbdkit_error ("%s: writing data at %#" PRIx64 ": %m", img->name,
+                  m->host_offset);
+    return -1;
+  }
+  return m->length;
+}
+
+/* The fast path of an in-place write: with img->lock held shared, map
+ * [offset, offset+count) and check it.  Returns the length written, 0
+ * if the exclusive path is needed (slice not cached, not a COPIED data
+ * cluster, header not yet prepared, anything to report), -1 on an I/O
+ * error.  Drops img->lock.
+ */
+static int64_t
+write_in_place_cached (struct qcow2_image *img, const uint8_t *p,
+                       uint64_t count, uint64_t offset)
+{
+  struct mapping m;
+
+  if (img->readonly || img->corrupt || !header_write_ready (img) ||
+      cluster_map_cached (img, offset, count, &m, NULL) != 0 ||
+      m.kind != MAP_DATA || !m.copied ||
+      (img->data_io == img->io &&
+       (m.host_offset >= img->host_end ||
+        img->host_end - m.host_offset < m.length ||
+        !overlap_write_ok (img, m.host_offset, m.length, 0)))) {
+    pthread_rwlock_unlock (&img->lock);
+    return 0;
+  }
+  return write_in_place (img, p, &m, false);
+}
+
+/* An allocating write (write.c), with img->lock held exclusively:
+ * plan, write the data with the lock dropped and the guest range in
+ * flight, link.  Returns the bytes of the request it covered, with
+ * the lock held again, or -1.
+ */
+static int64_t
+write_allocating (struct qcow2_image *img, const uint8_t *buf,
+                  uint64_t offset, const struct mapping *m)
+{
+  uint64_t cs = img->cluster_size;
+  struct write_plan p;
+  struct inflight f;
+  int r;
+
+  r = write_plan (img, buf, offset, m, &p);
+  if (r == -1)
+    return -1;
+  if (r == 1)
+    return p.consumed;
+  if (write_data_check (img, p.host, p.len) == -1) {
+    write_abandon (img, &p);
+    return -1;
+  }
+  inflight_add (img, &f, p.c0, p.c0 + p.n * cs);
+  lock_for_io (img, true);
+  r = io_pwrite (img->data_io, p.src, p.len, p.host);
+  pthread_rwlock_unlock (&img->io_lock);
+  pthread_rwlock_wrlock (&img->lock);
+  if (r == -1)
+    nbdkit_error ("%s: writing data at %#" PRIx64 ": %m", img->name, p.host);
+  else {
+    img->need_sync = true;
+    if (img->corrupt) {         /* marked while the lock was dropped */
+      errno = EIO;
+      r = -1;
+    }
+  }
+  /* Still in flight (no other request touches these guest clusters)
+   * and holding img->lock: the clusters not linked are ours alone.
+   */
+  if (r == -1)
+    write_abandon (img, &p);
+  else
+    r = write_link (img, &p);
+  inflight_remove (img, &f);
+  return r == -1 ? -1 : (int64_t) p.consumed;
+}
+
+int
+qcow2_pwrite (struct qcow2_image *img, const void *buf, uint64_t count,
+              uint64_t offset, unsigned flags)
+{
+  const uint8_t *p = buf;
+
+  if (image_check_range (img, count, offset, "write") == -1)
+    return -1;
+  while (count > 0) {
+    struct mapping m;
+    int64_t n;
+
+    pthread_rwlock_rdlock (&img->lock);
+    n = write_in_place_cached (img, p, count, offset);
+    if (n == -1)
+      return -1;
+    if (n > 0)
+      goto next;
+
+    pthread_rwlock_wrlock (&img->lock);
+    if (check_writable (img) == -1 ||
+        cluster_map (img, offset, count, &m) == -1)
+      goto err;
+    if (inflight_wait (img, offset, m.length))
+      continue;                 /* lock dropped: map again */
+    if (m.kind == MAP_DATA && m.copied) {
+      if (write_data_check (img, m.host_offset, m.length) == -1)
+        goto err;
+      n = write_in_place (img, p, &m, true);
+      if (n == -1)
+        return -1;
+    }
+    else {
+      n = write_allocating (img, p, offset, &m);
+      if (n == -1 || maybe_commit (img) == -1)
+        goto err;
+      unlock_exclusive (img);
+    }
+  next:
+    p += n;
+    offset += n;
+    count -= n;
+  }
+  if (flags & QCOW2_F_FUA)
+    return qcow2_flush (img);
+  return 0;
+
+ err:
+  unlock_exclusive (img);
+  return -1;
+}
+
+int
+qcow2_flush (struct qcow2_image *img)
+{
+  int r;
+
+  if (img->readonly)
+    return 0;
+  pthread_rwlock_wrlock (&img->lock);
+  r = flush_locked (img);
+  if (r == 0 && img->data_io != img->io && io_flush (img->data_io) == -1) {
+    nbdkit_error ("%s: syncing data file: %m", img->name);
+    r = -1;
+  }
+  unlock_exclusive (img);
+  return r;
+}
+
+/* ---- zero and trim ------------------------------------------------ */
+
+/* The start of a zero or trim: the range checked, img->lock held
+ * exclusively with no write in flight over the range, the image
+ * writable.  On -1 no lock is held.
+ */
+static int
+change_begin (struct qcow2_image *img, uint64_t count, uint64_t offset,
+              const char *what)
+{
+  if (image_check_range (img, count, offset, what) == -1)
+    return -1;
+  do
+    pthread_rwlock_wrlock (&img->lock);
+  while (inflight_wait (img, offset, count));
+  if (check_writable (img) == -1) {
+    unlock_exclusive (img);
+    return -1;
+  }
+  return 0;
+}
+
+/* The end of a zero or trim that returned r: commit frees if many are
+ * pending, drop the lock, flush for FUA.
+ */
+static int
+change_end (struct qcow2_image *img, int r, unsigned flags)
+{
+  if (r == 0)
+    r = maybe_commit (img);
+  unlock_exclusive (img);
+  if (r == 0 && (flags & QCOW2_F_FUA))
+    return qcow2_flush (img);
+  return r;
+}
+
+/* zero_clusters over guest [a, b), committing the frees whenever it
+ * stops because too many are pending.
+ */
+static int
+change_clusters (struct qcow2_image *img, uint64_t a, uint64_t b,
+                 bool trim, bool may_trim)
+{
+  uint64_t cs = img->cluster_size;
+
+  while (a < b) {
+    int64_t n = zero_clusters (img, a, (b - a) / cs, trim, may_trim);
+    if (n == -1)
+      return -1;
+    a += n * cs;
+    if (a < b && flush_locked (img) == -1)
+      return -1;
+  }
+  return 0;
+}
+
+int
+qcow2_zero (struct qcow2_image *img, uint64_t count, uint64_t offset,
+            unsigned flags)
+{
+  uint64_t a, b, end = offset + count;
+  bool trim, may_trim;
+  int r = -1;
+
+  if (change_begin (img, count, offset, "zero") == -1)
+    return -1;
+  if (write_zero_plan (img, count, offset, flags, &a, &b, &trim,
+                       &may_trim) == 0 &&
+      write_zeroes (img, offset, a - offset, flags) == 0 &&
+      change_clusters (img, a, b, trim, may_trim) == 0 &&
+      (end <= b || write_zeroes (img, b, end - b, flags) == 0))
+    r = 0;
+  return change_end (img, r, flags);
+}
+
+int
+qcow2_trim (struct qcow2_image *img, uint64_t count, uint64_t offset,
+            unsigned flags)
+{
+  uint64_t a, b;
+  int r = 0;
+
+  if (change_begin (img, count, offset, "trim") == -1)
+    return -1;
+  /* Trim is advisory: only whole clusters, and nothing with an external
+   * data file (whose contents must stay as they are when raw).
+   */
+  write_whole_clusters (img, count, offset, &a, &b);
+  if (a < b && !img->data_file_name)
+    r = change_clusters (img, a, b, true, true);
+  return change_end (img, r, flags);
+}
+
+/* ---- check -------------------------------------------------------- */
+
+int
+qcow2_check (struct qcow2_image *img, bool repair,
+             struct qcow2_check_result *res)
+{
+  int r;
+
+  if (repair && img->readonly) {
+    errno = EROFS;
+    return -1;
+  }
+  pthread_rwlock_wrlock (&img->lock);
+  /* Metadata still in the caches is part of the image. */
+  r = img->readonly ? 0 : flush_locked (img);
+  if (r == 0)
+    r = check_run (img, repair, res);
+  unlock_exclusive (img);
+  return r;
+}
