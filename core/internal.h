@@ -69,7 +69,7 @@ struct snapshot {
 };
 
 /* A guest range whose new host clusters are being written outside
- * img->lock (write.c); it lives on the writer's stack.
+ * img->lock (rw.c); it lives on the writer's stack.
  */
 struct inflight {
   uint64_t start, end;          /* guest bytes, cluster aligned */
@@ -116,7 +116,10 @@ struct qcow2_image {
   uint32_t refcount_bits;       /* 1 << refcount_order */
   uint32_t rb_bits;             /* log2 entries per refcount block */
 
-  /* The active L1 table, host byte order (cluster.c). */
+  /* The active L1 table, host byte order: loaded by cluster.c, changed
+   * by l2.c, rewritten by check.c's repair of COPIED flags, replaced
+   * in snapshot views (image.c).
+   */
   uint64_t l1_offset;
   uint32_t l1_size;
   uint64_t *l1;

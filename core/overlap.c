@@ -29,7 +29,7 @@
  * ones always build it, whatever overlap-check says: the level chooses
  * which types each host write is checked against, but the allocator
  * (no cluster holding metadata is handed out, whatever its refcount)
- * and the frees (no L2 entry over metadata is freed, write.c) consult
+ * and the frees (no L2 entry over metadata is freed, l2.c) consult
  * the whole map at every level.  overlap-check=none switches off the
  * per-write check, not those guards.
  *

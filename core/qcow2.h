@@ -7,7 +7,9 @@
  * number of threads at once.
  *
  * All functions return 0 (or a value) on success and -1 with errno set
- * on failure, after reporting the reason once with nbdkit_error.
+ * on failure, after reporting the reason with nbdkit_error; except that
+ * writes to an image that is read-only (EROFS) or was marked corrupt
+ * (EIO) fail silently: that was reported once, when it became so.
  */
 
 #ifndef QCOW2_H

@@ -207,9 +207,9 @@ rb_entries (const struct qcow2_image *img)
   return UINT64_C(1) << img->rb_bits;
 }
 
-/* Is cluster c free: refcount 0 and not metadata the map knows of?  A
- * cluster the map calls metadata with refcount 0 is refcount corruption,
- * caught here before the allocator hands out a live L2 table.
+/* Is cluster c free by its refcount (0, or past the end of the file)?
+ * The run found is then checked against the overlap map
+ * (check_run_free).
  */
 static int
 cluster_is_free (struct qcow2_image *img, uint64_t c, bool *is_free)
