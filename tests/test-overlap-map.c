@@ -17,7 +17,11 @@
  * OVERLAP_TEST_OPS (random operations of the main configuration,
  * default 2000000; the others run a quarter or an eighth, see configs)
  * so a failure reproduces and valgrind can run a short version;
- * OVERLAP_TEST_ONLY (fixed, faults or random) runs one part.
+ * OVERLAP_TEST_ONLY (fixed, faults or random) runs one part;
+ * OVERLAP_TEST_FAULT_STEP=K (default 1): the one-at-a-time allocation
+ * failure scenarios fail each of the first 8 allocations of an
+ * operation, then only every K-th and the last (the sanitizer pass in
+ * CI uses 4: each try rebuilds and verifies a whole model).
  *
  * It is built with its own copy of the map (core/overlap-map.c and
  * overlap-map-update.c) and its test hooks (core/overlap-map-check.c:
@@ -1475,9 +1479,27 @@ settle (struct model *md, int r, bool add, uint64_t first, uint64_t n,
     assert (r == -1 ? !saw_new : !any_old);
 }
 
+/* OVERLAP_TEST_FAULT_STEP, see the top. */
+static uint64_t fault_step = 1;
+
+/* The allocation to fail after allocation k, of total. */
+static uint64_t
+next_fault (uint64_t k, uint64_t total)
+{
+  if (fault_step == 1 || k < 8)
+    return k + 1;
+  if (k >= total || k + fault_step < total)
+    return k + fault_step;
+  return total;
+}
+
 /* Build a state, then run one operation with allocation 1, 2, 3 ...
  * failing, until it runs without reaching the failing allocation.
- * 'setup' builds the same state every time.
+ * 'setup' builds the same state every time (no allocation fails in
+ * it, and the map is deterministic), so the whole model is compared
+ * with it the first time only; then the map's invariants and counts.
+ * After the first 8, only every fault_step-th allocation fails, and
+ * the last one (a run without failures counts them first).
  */
 static void
 fault_scenario (const char *name, void (*setup) (struct model *),
@@ -1486,14 +1508,30 @@ fault_scenario (const char *name, void (*setup) (struct model *),
   struct model md;
   uint16_t *before = malloc (n * sizeof (uint16_t));
   struct seg *s;
-  uint64_t k, i, failed = 0, unit, regrains = 0, allocs;
+  uint64_t k, i, failed = 0, unit, regrains = 0, allocs, total = 0, tries = 0;
   int r;
 
   assert (before != NULL);
-  for (k = 1; ; k++) {
+  if (fault_step > 1) {
+    /* How many allocations the operation makes when none fails. */
     model_init (&md);
     setup (&md);
-    model_verify (&md);
+    fault_count = 0;
+    assert ((add ? overlap_map_add (md.m, first, n, t)
+             : overlap_map_remove (md.m, first, n, t)) == 0);
+    total = fault_count;
+    model_free (&md);
+  }
+  for (k = 1; ; k = next_fault (k, total)) {
+    tries++;
+    model_init (&md);
+    setup (&md);
+    if (k == 1)
+      model_verify (&md);
+    else {
+      check (md.m);
+      expect_counts (&md);
+    }
     s = seg_of (&md, first, n);
     for (i = 0; i < n; i++)
       before[i] = s->ref[first - s->base + i];
@@ -1516,8 +1554,12 @@ fault_scenario (const char *name, void (*setup) (struct model *),
       break;
   }
   printf ("  %-34s %3" PRIu64 " allocations, %3" PRIu64 " failures "
-          "seen by the caller%s\n", name, k - 1, failed,
+          "seen by the caller%s", name, allocs, failed,
           regrains ? ", a regrain" : "");
+  if (tries - 1 < allocs)
+    printf (" (%" PRIu64 " of them failed, step %" PRIu64 ")",
+            tries - 1, fault_step);
+  printf ("\n");
   free (before);
 }
 
@@ -1935,6 +1977,12 @@ main (void)
   uint64_t seed = env_u64 ("OVERLAP_TEST_SEED", 20260101);
   uint64_t nops = env_u64 ("OVERLAP_TEST_OPS", 2000000);
   size_t i;
+
+#ifdef OVERLAP_MAP_FAULT_INJECTION
+  fault_step = env_u64 ("OVERLAP_TEST_FAULT_STEP", 1);
+  if (fault_step == 0)
+    fault_step = 1;
+#endif
 
   setvbuf (stdout, NULL, _IOLBF, 0);
   rng_state = seed ? seed : 1;
