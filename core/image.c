@@ -285,6 +285,7 @@ image_open (struct qcow2_io *io, const char *name, const char *dir,
   pthread_mutex_init (&img->inflight_lock, NULL);
   pthread_cond_init (&img->inflight_done, NULL);
   img->io = io;
+  img->give_back_reservation = rw_give_back_reservation;
   img->cfg = *cfg;
   img->readonly = cfg->readonly || io->readonly;
   img->child = child;

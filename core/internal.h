@@ -161,7 +161,10 @@ struct qcow2_image {
   uint64_t host_end;            /* bytes: end of allocated clusters */
   uint64_t reserved_end;        /* bytes: reservations tried up to */
   bool reserved;                /* blocks may be reserved past EOF */
-  bool reserve_failed;          /* a failed reservation to give back */
+  /* Gives back a failed reservation with io_lock held exclusively
+   * (rw.c's rw_give_back_reservation, installed by image.c).
+   */
+  void (*give_back_reservation) (struct qcow2_image *img);
   bool corrupt;                 /* sticky: every write fails with EIO */
   bool dirty_written;           /* dirty bit is set on disk */
   bool autoclear_cleared;       /* header made writable for us */
@@ -348,6 +351,9 @@ extern int check_run (struct qcow2_image *img, bool repair,
  * us): rebuild the refcounts and clear the bit.
  */
 extern int check_repair_dirty (struct qcow2_image *img);
+
+/* rw.c */
+extern void rw_give_back_reservation (struct qcow2_image *img);
 
 /* l2.c */
 /* An L2 entry's slice pinned in the L2 cache, and the entry in it. */

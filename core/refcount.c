@@ -475,14 +475,14 @@ ensure_refblock (struct qcow2_image *img, uint64_t c)
  *
  * A reservation that fails (short of space: see io.c) may have taken
  * part of the range all the same, and that must not stay taken while
- * writes, ours or anybody's, get ENOSPC: it is given back before the
- * request that tried it drops img->lock or writes its data, by
- * truncating the file to its own size (refcount_give_back_reservation;
- * punching a hole would do nothing: ext4 ignores holes punched past the
- * end of the file).  A data write running with img->lock dropped could
- * be extending the file meanwhile, and the truncate would cut it
- * short, so rw.c calls it with io_lock held exclusively, which every
- * such write holds shared.  The next step tries again.
+ * writes, ours or anybody's, get ENOSPC: it is given back at once, by
+ * truncating the file to its own size (punching a hole would do
+ * nothing: ext4 ignores holes punched past the end of the file).  A
+ * data write running with img->lock dropped could be extending the
+ * file meanwhile, and the truncate would cut it short, so that is done
+ * with io_lock held exclusively, which every such write holds shared:
+ * by rw.c, the only file that takes locks, through the hook
+ * img->give_back_reservation.  The next step tries again.
  */
 #define RESERVE_STEP (UINT64_C(8) << 20)
 
@@ -505,11 +505,11 @@ reserve_ahead (struct qcow2_image *img)
   img->reserved_end = to;
   img->reserved = true;
   if (r == -1)
-    img->reserve_failed = true;
+    img->give_back_reservation (img);
 }
 
-/* With img->lock and io_lock held exclusively (rw.c): give back what a
- * failed reservation took.
+/* With img->lock and io_lock held exclusively (rw.c's
+ * rw_give_back_reservation): give back what a failed reservation took.
  */
 void
 refcount_give_back_reservation (struct qcow2_image *img)
@@ -520,7 +520,6 @@ refcount_give_back_reservation (struct qcow2_image *img)
   size = io_size (img->io);
   if (size == -1 || io_truncate (img->io, size) == -1)
     nbdkit_debug ("%s: giving back a failed reservation: %m", img->name);
-  img->reserve_failed = false;
   errno = e;
 }
 

@@ -51,35 +51,26 @@
  */
 #define MAX_PENDING_FREES 8192
 
-/* Release img->lock held exclusively.  A reservation of disk space
- * that failed in the section is given back first (refcount.c), with
- * io_lock held exclusively: it truncates the file to its own size,
- * which would cut short a data write extending the file meanwhile.
- */
+/* From img->lock held to io_lock held shared, for data I/O. */
 static void
-unlock_exclusive (struct qcow2_image *img)
+lock_for_io (struct qcow2_image *img)
 {
-  if (img->reserve_failed) {
-    pthread_rwlock_wrlock (&img->io_lock);
-    refcount_give_back_reservation (img);
-    pthread_rwlock_unlock (&img->io_lock);
-  }
+  pthread_rwlock_rdlock (&img->io_lock);
   pthread_rwlock_unlock (&img->lock);
 }
 
-/* From img->lock held (exclusively when excl) to io_lock held shared,
- * for data I/O.
+/* A reservation of disk space failed (refcount.c: reserve_ahead, with
+ * img->lock held exclusively): give back at once whatever it took, by
+ * truncating the file to its own size, with io_lock held exclusively,
+ * as that would cut short a data write extending the file meanwhile.
+ * image.c installs this as img->give_back_reservation.
  */
-static void
-lock_for_io (struct qcow2_image *img, bool excl)
+void
+rw_give_back_reservation (struct qcow2_image *img)
 {
-  if (excl && img->reserve_failed) {
-    pthread_rwlock_wrlock (&img->io_lock);
-    refcount_give_back_reservation (img);
-    pthread_rwlock_unlock (&img->io_lock);
-  }
-  pthread_rwlock_rdlock (&img->io_lock);
-  pthread_rwlock_unlock (&img->lock);
+  pthread_rwlock_wrlock (&img->io_lock);
+  refcount_give_back_reservation (img);
+  pthread_rwlock_unlock (&img->io_lock);
 }
 
 /* Write everything back in order and sync (l2.c), then apply the
@@ -126,7 +117,6 @@ static int
 map_run_locking (struct qcow2_image *img, uint64_t offset, uint64_t count,
                  struct mapping *m, bool io, bool *drain)
 {
-  bool excl = false;
   int r;
 
   pthread_rwlock_rdlock (&img->lock);
@@ -134,17 +124,13 @@ map_run_locking (struct qcow2_image *img, uint64_t offset, uint64_t count,
   if (r == 1) {
     pthread_rwlock_unlock (&img->lock);
     pthread_rwlock_wrlock (&img->lock);
-    excl = true;
     r = cluster_map (img, offset, count, m);
   }
   if (r == 0 && io && (m->kind == MAP_DATA || m->kind == MAP_COMPRESSED)) {
-    lock_for_io (img, excl);
+    lock_for_io (img);
     return 0;
   }
-  if (excl)
-    unlock_exclusive (img);
-  else
-    pthread_rwlock_unlock (&img->lock);
+  pthread_rwlock_unlock (&img->lock);
   return r;
 }
 
@@ -303,7 +289,7 @@ inflight_wait (struct qcow2_image *img, uint64_t off, uint64_t len)
   if (img->inflight == NULL || !inflight_overlaps (img, a, b))
     return false;
   pthread_mutex_lock (&img->inflight_lock);
-  unlock_exclusive (img);
+  pthread_rwlock_unlock (&img->lock);
   while (inflight_overlaps (img, a, b))
     pthread_cond_wait (&img->inflight_done, &img->inflight_lock);
   pthread_mutex_unlock (&img->inflight_lock);
@@ -354,17 +340,17 @@ check_writable (struct qcow2_image *img)
 }
 
 /* Write p to the COPIED data run m in place, with img->lock held
- * (exclusively when excl): the lock is dropped before the data I/O,
+ * (shared or exclusive): the lock is dropped before the data I/O,
  * which runs under the shared io_lock (rule 3 keeps the cluster ours).
  * Returns m->length, or -1.
  */
 static int64_t
 write_in_place (struct qcow2_image *img, const uint8_t *p,
-                const struct mapping *m, bool excl)
+                const struct mapping *m)
 {
   int r;
 
-  lock_for_io (img, excl);
+  lock_for_io (img);
   r = io_pwrite (img->data_io, p, m->length, m->host_offset);
   pthread_rwlock_unlock (&img->io_lock);
   if (r == -1) {
@@ -397,7 +383,7 @@ write_in_place_cached (struct qcow2_image *img, const uint8_t *p,
     pthread_rwlock_unlock (&img->lock);
     return 0;
   }
-  return write_in_place (img, p, &m, false);
+  return write_in_place (img, p, &m);
 }
 
 /* An allocating write (write.c), with img->lock held exclusively:
@@ -424,7 +410,7 @@ write_allocating (struct qcow2_image *img, const uint8_t *buf,
     return -1;
   }
   inflight_add (img, &f, p.c0, p.c0 + p.n * cs);
-  lock_for_io (img, true);
+  lock_for_io (img);
   r = io_pwrite (img->data_io, p.src, p.len, p.host);
   pthread_rwlock_unlock (&img->io_lock);
   pthread_rwlock_wrlock (&img->lock);
@@ -476,7 +462,7 @@ qcow2_pwrite (struct qcow2_image *img, const void *buf, uint64_t count,
     if (m.kind == MAP_DATA && m.copied) {
       if (write_data_check (img, m.host_offset, m.length) == -1)
         goto err;
-      n = write_in_place (img, p, &m, true);
+      n = write_in_place (img, p, &m);
       if (n == -1)
         return -1;
     }
@@ -484,7 +470,7 @@ qcow2_pwrite (struct qcow2_image *img, const void *buf, uint64_t count,
       n = write_allocating (img, p, offset, &m);
       if (n == -1 || maybe_commit (img) == -1)
         goto err;
-      unlock_exclusive (img);
+      pthread_rwlock_unlock (&img->lock);
     }
   next:
     p += n;
@@ -496,7 +482,7 @@ qcow2_pwrite (struct qcow2_image *img, const void *buf, uint64_t count,
   return 0;
 
  err:
-  unlock_exclusive (img);
+  pthread_rwlock_unlock (&img->lock);
   return -1;
 }
 
@@ -513,7 +499,7 @@ qcow2_flush (struct qcow2_image *img)
     nbdkit_error ("%s: syncing data file: %m", img->name);
     r = -1;
   }
-  unlock_exclusive (img);
+  pthread_rwlock_unlock (&img->lock);
   return r;
 }
 
@@ -533,7 +519,7 @@ change_begin (struct qcow2_image *img, uint64_t count, uint64_t offset,
     pthread_rwlock_wrlock (&img->lock);
   while (inflight_wait (img, offset, count));
   if (check_writable (img) == -1) {
-    unlock_exclusive (img);
+    pthread_rwlock_unlock (&img->lock);
     return -1;
   }
   return 0;
@@ -547,7 +533,7 @@ change_end (struct qcow2_image *img, int r, unsigned flags)
 {
   if (r == 0)
     r = maybe_commit (img);
-  unlock_exclusive (img);
+  pthread_rwlock_unlock (&img->lock);
   if (r == 0 && (flags & QCOW2_F_FUA))
     return qcow2_flush (img);
   return r;
@@ -567,8 +553,16 @@ change_clusters (struct qcow2_image *img, uint64_t a, uint64_t b,
     if (n == -1)
       return -1;
     a += n * cs;
-    if (a < b && flush_locked (img) == -1)
-      return -1;
+    if (a < b) {
+      if (flush_locked (img) == -1)
+        return -1;
+      /* The commit empties the list, so the next call goes on. */
+      if (n == 0 && img->nr_pending > 0) {
+        nbdkit_error ("%s: deferred frees were not committed", img->name);
+        errno = EIO;
+        return -1;
+      }
+    }
   }
   return 0;
 }
@@ -627,6 +621,6 @@ qcow2_check (struct qcow2_image *img, bool repair,
   r = img->readonly ? 0 : flush_locked (img);
   if (r == 0)
     r = check_run (img, repair, res);
-  unlock_exclusive (img);
+  pthread_rwlock_unlock (&img->lock);
   return r;
 }

@@ -5,8 +5,8 @@
  * opened through the memory io backend: reads of every cluster kind,
  * run merging, extents, header validation on corrupted headers, index
  * math, the table cache (hit, miss, LRU eviction, pinning, write-back,
- * staging, empty slices), in-flight writes and refcount entries of every
- * width.
+ * staging, empty slices), in-flight writes, refcount entries of every
+ * width, deferred frees and the give-back of a failed reservation.
  */
 
 #include <config.h>
@@ -913,6 +913,153 @@ test_pending_frees (void)
   free (b);
 }
 
+/* A reservation of disk space that fails (refcount.c: reserve_ahead)
+ * may have taken part of its range; it is given back (the file
+ * truncated to its own size) before anything more is written, also on
+ * the paths that write under img->lock: the subclusters of extended L2
+ * entries and the real zeroes of a v2 zero.  The io below fails every
+ * reservation and counts writes made while one is not given back.
+ */
+struct resv_io {
+  struct qcow2_io io;             /* must be first */
+  struct qcow2_io *inner;
+  bool fail, held;
+  unsigned fails, writes_held;
+};
+
+static int
+resv_pread (struct qcow2_io *io, void *buf, size_t n, uint64_t off)
+{
+  return io_pread (((struct resv_io *) io)->inner, buf, n, off);
+}
+
+static int
+resv_pwrite (struct qcow2_io *io, const void *buf, size_t n, uint64_t off)
+{
+  struct resv_io *r = (struct resv_io *) io;
+
+  if (r->held)
+    r->writes_held++;
+  return io_pwrite (r->inner, buf, n, off);
+}
+
+static int
+resv_flush (struct qcow2_io *io)
+{
+  return io_flush (((struct resv_io *) io)->inner);
+}
+
+static int64_t
+resv_size (struct qcow2_io *io)
+{
+  return io_size (((struct resv_io *) io)->inner);
+}
+
+static int
+resv_truncate (struct qcow2_io *io, uint64_t size)
+{
+  struct resv_io *r = (struct resv_io *) io;
+
+  r->held = false;
+  return io_truncate (r->inner, size);
+}
+
+static int
+resv_reserve (struct qcow2_io *io, uint64_t count, uint64_t off)
+{
+  struct resv_io *r = (struct resv_io *) io;
+
+  (void) count;
+  (void) off;
+  if (!r->fail)
+    return 0;
+  r->fails++;
+  r->held = true;
+  errno = ENOSPC;
+  return -1;
+}
+
+static void
+resv_close (struct qcow2_io *io)
+{
+  io_close (((struct resv_io *) io)->inner);
+  free (io);
+}
+
+static const struct qcow2_io_ops resv_ops = {
+  .pread = resv_pread, .pwrite = resv_pwrite, .flush = resv_flush,
+  .size = resv_size, .truncate = resv_truncate, .reserve = resv_reserve,
+  .close = resv_close,
+};
+
+static void
+reservation_case (const struct qcow2_create_options *co0, bool zero)
+{
+  struct qcow2_create_options co = *co0;
+  struct qcow2_config cfg = { 0 };
+  char dir[] = "/tmp/test-core-XXXXXX", path[64];
+  static uint8_t file[1 << 20], buf[65536];
+  struct resv_io *r = calloc (1, sizeof *r);
+  struct qcow2_image *img;
+  struct qcow2_check_result cr;
+  uint64_t i;
+  size_t size;
+  FILE *fp;
+
+  assert (r && mkdtemp (dir));
+  snprintf (path, sizeof path, "%s/disk.qcow2", dir);
+  co.overwrite = co.no_locking = true;
+  assert (qcow2_create (path, &co) == 0);
+  fp = fopen (path, "r");
+  assert (fp);
+  size = fread (file, 1, sizeof file, fp);
+  assert (size > 0);
+  fclose (fp);
+  unlink (path);
+  rmdir (dir);
+  r->inner = qcow2_io_new_memory (file, size);
+  assert (r->inner);
+  r->io.ops = &resv_ops;
+  r->io.fd = -1;
+  img = qcow2_open_io (&r->io, "resv.qcow2", NULL, &cfg);
+  assert (img);
+
+  memset (buf, 0x5a, sizeof buf);
+  if (!zero) {
+    r->fail = true;
+    assert (qcow2_pwrite (img, buf, 4096, 8192, 0) == 0);
+  }
+  else {
+    /* Fill up to just below the reservation's end, then zero a range
+     * of data and unallocated clusters: on v2 real zeroes, written
+     * under the lock into clusters allocated there.
+     */
+    for (i = 0; i == 0 || img->host_end + 4 * 65536 <= img->reserved_end;
+         i++)
+      assert (qcow2_pwrite (img, buf, sizeof buf, i * 65536, 0) == 0);
+    r->fail = true;
+    assert (qcow2_zero (img, 8 * 65536, (i - 1) * 65536, 0) == 0);
+  }
+  assert (r->fails > 0);
+  assert (r->writes_held == 0);
+  r->fail = false;
+  assert (qcow2_check (img, false, &cr) == 0);
+  assert (cr.corruptions == 0 && cr.errors == 0);
+  assert (qcow2_close (img) == 0);
+}
+
+static void
+test_failed_reservation (void)
+{
+  struct qcow2_create_options std = { .size = 64 << 20 };
+  struct qcow2_create_options ext = { .size = 64 << 20, .extended_l2 = true };
+  struct qcow2_create_options v2 = { .size = 64 << 20, .version = 2 };
+
+  reservation_case (&std, false);
+  reservation_case (&ext, false);
+  reservation_case (&v2, true);
+}
+
 int
 main (void)
 {
@@ -929,6 +1076,7 @@ main (void)
   test_inflight ();
   test_refcount_widths ();
   test_pending_frees ();
+  test_failed_reservation ();
   test_fuzz_regressions ();
   printf ("test-core: all passed\n");
   return 0;
