@@ -29,7 +29,10 @@
  * (write.c), whose data is written with img->lock dropped while its
  * guest range is "in flight" (struct inflight) and whose entries are
  * linked with the lock taken again.  Zero and trim hold it exclusively
- * throughout.  Deferred frees are committed here (flush_locked): at a
+ * throughout.  With detect-zeroes, a write's whole clusters of zeroes
+ * become zero requests and the rest is written as above; the policy
+ * options (detect-zeroes, discard, discard-no-unref) are applied here,
+ * write.c only sees the flags that result.  Deferred frees are committed here (flush_locked): at a
  * flush, after a request once too many are pending, and in the middle
  * of a large zero or trim.
  */
@@ -448,14 +451,11 @@ write_allocating (struct qcow2_image *img, const uint8_t *buf,
   return r == -1 ? -1 : (int64_t) p.consumed;
 }
 
-int
-qcow2_pwrite (struct qcow2_image *img, const void *buf, uint64_t count,
-              uint64_t offset, unsigned flags)
+/* Write guest [offset, offset+count) from buf as data, run by run. */
+static int
+write_data (struct qcow2_image *img, const uint8_t *p, uint64_t count,
+            uint64_t offset)
 {
-  const uint8_t *p = buf;
-
-  if (image_check_range (img, count, offset, "write") == -1)
-    return -1;
   while (count > 0) {
     struct mapping m;
     int64_t n;
@@ -491,13 +491,80 @@ qcow2_pwrite (struct qcow2_image *img, const void *buf, uint64_t count,
     offset += n;
     count -= n;
   }
-  if (flags & QCOW2_F_FUA)
-    return qcow2_flush (img);
   return 0;
 
  err:
   unlock_exclusive (img);
   return -1;
+}
+
+static int zero_range (struct qcow2_image *img, uint64_t count,
+                       uint64_t offset, unsigned flags);
+
+/* The flags a zero request is carried out with: discard-no-unref
+ * takes away the client's permission to free clusters.  (discard=ignore
+ * does not: QEMU 7.2 with discard=ignore still frees clusters for a
+ * write-zeroes that may unmap, and so does the plugin.)
+ */
+static unsigned
+zero_flags (const struct qcow2_image *img, unsigned flags)
+{
+  if (img->cfg.discard_no_unref)
+    flags &= ~QCOW2_F_MAY_TRIM;
+  return flags;
+}
+
+/* detect-zeroes: the runs of whole clusters of the write that are all
+ * zeroes become zero requests (metadata only), the rest is written as
+ * data.  Only called when the image can zero whole clusters by
+ * metadata with these flags (write_zero_by_metadata), so the scan is
+ * never wasted on an image that would write the zeroes anyway.  The
+ * partial last cluster of the disk counts as whole.
+ */
+static int
+write_detect_zeroes (struct qcow2_image *img, const uint8_t *buf,
+                     uint64_t count, uint64_t offset, unsigned zflags)
+{
+  uint64_t cs = img->cluster_size, end = offset + count, a, b, c, pos;
+
+  write_whole_clusters (img, count, offset, &a, &b);
+  b = min_u64 (b, end);
+  pos = offset;                 /* written up to here */
+  for (c = a; c < b; ) {
+    uint64_t z = c;
+    while (z < b && is_zero (buf + (z - offset), min_u64 (cs, b - z)))
+      z = min_u64 (z + cs, b);
+    if (z == c) {
+      c = min_u64 (c + cs, b);
+      continue;
+    }
+    if (write_data (img, buf + (pos - offset), c - pos, pos) == -1 ||
+        zero_range (img, z - c, c, zflags) == -1)
+      return -1;
+    pos = c = z;
+  }
+  return write_data (img, buf + (pos - offset), end - pos, pos);
+}
+
+int
+qcow2_pwrite (struct qcow2_image *img, const void *buf, uint64_t count,
+              uint64_t offset, unsigned flags)
+{
+  unsigned zflags = 0;
+  int r;
+
+  if (image_check_range (img, count, offset, "write") == -1)
+    return -1;
+  if (img->cfg.detect_zeroes == QCOW2_DETECT_ZEROES_UNMAP)
+    zflags = zero_flags (img, QCOW2_F_MAY_TRIM);
+  if (img->cfg.detect_zeroes != QCOW2_DETECT_ZEROES_OFF &&
+      write_zero_by_metadata (img, zflags & QCOW2_F_MAY_TRIM))
+    r = write_detect_zeroes (img, buf, count, offset, zflags);
+  else
+    r = write_data (img, buf, count, offset);
+  if (r == 0 && (flags & QCOW2_F_FUA))
+    return qcow2_flush (img);
+  return r;
 }
 
 int
@@ -573,8 +640,9 @@ change_clusters (struct qcow2_image *img, uint64_t a, uint64_t b,
   return 0;
 }
 
-int
-qcow2_zero (struct qcow2_image *img, uint64_t count, uint64_t offset,
+/* Zero guest [offset, offset+count) with flags as they are. */
+static int
+zero_range (struct qcow2_image *img, uint64_t count, uint64_t offset,
             unsigned flags)
 {
   uint64_t a, b, end = offset + count;
@@ -593,12 +661,33 @@ qcow2_zero (struct qcow2_image *img, uint64_t count, uint64_t offset,
 }
 
 int
+qcow2_zero (struct qcow2_image *img, uint64_t count, uint64_t offset,
+            unsigned flags)
+{
+  return zero_range (img, count, offset, zero_flags (img, flags));
+}
+
+int
 qcow2_trim (struct qcow2_image *img, uint64_t count, uint64_t offset,
             unsigned flags)
 {
   uint64_t a, b;
   int r = 0;
 
+  /* discard=ignore, or discard-no-unref on v2, which has no way to
+   * keep a cluster allocated and make it read as zero: the trim
+   * succeeds and changes nothing (trim is advisory).
+   */
+  if (img->cfg.discard_ignore ||
+      (img->cfg.discard_no_unref && img->version < 3)) {
+    if (image_check_range (img, count, offset, "trim") == -1)
+      return -1;
+    if (img->readonly) {
+      errno = EROFS;
+      return -1;
+    }
+    return 0;
+  }
   if (change_begin (img, count, offset, "trim") == -1)
     return -1;
   /* Trim is advisory: only whole clusters, and nothing with an external
