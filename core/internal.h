@@ -402,6 +402,8 @@ extern int write_zero_plan (struct qcow2_image *img, uint64_t count,
                             uint64_t *b, bool *trim, bool *may_trim);
 extern int write_zeroes (struct qcow2_image *img, uint64_t off,
                          uint64_t len, unsigned flags);
+extern int zero_subclusters (struct qcow2_image *img, uint64_t off,
+                             uint64_t len, bool trim);
 extern int64_t zero_clusters (struct qcow2_image *img, uint64_t c0,
                               uint64_t n, bool trim, bool may_trim);
 

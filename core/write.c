@@ -507,6 +507,42 @@ zero_clusters (struct qcow2_image *img, uint64_t c0, uint64_t n, bool trim,
   return n;
 }
 
+/* Extended L2: make the whole subclusters [off, off+len), inside one
+ * cluster, read as zeroes (zero, or a trim over a backing file: their
+ * zero bits set) or discarded (trim without a backing file behind
+ * them: neither bit, which reads as zeroes too).  The host cluster, if
+ * any, stays allocated.  Returns 1, changing nothing, for a compressed
+ * cluster (whose subclusters have no bits of their own).
+ */
+int
+zero_subclusters (struct qcow2_image *img, uint64_t off, uint64_t len,
+                  bool trim)
+{
+  uint64_t cs = img->cluster_size, c0 = off & ~(cs - 1), mask, e, bm;
+  unsigned s0 = (off - c0) >> img->subcluster_bits;
+  unsigned s1 = (off + len - c0) >> img->subcluster_bits;
+  bool backing = img->backing_name != NULL && c0 < img->backing_size;
+  struct l2_ref ref;
+
+  /* No L2 table and nothing behind it: already reads as zeroes. */
+  if ((img->l1[l1_index (img, c0)] & L1E_OFFSET_MASK) == 0 && !backing)
+    return 0;
+  mask = ((UINT64_C(1) << s1) - 1) & ~((UINT64_C(1) << s0) - 1);
+  if (l2_get_entry (img, c0, &ref) == -1)
+    return -1;
+  e = be64toh (ref.entry[0]);
+  if (e & QCOW_OFLAG_COMPRESSED) {
+    l2_put_entry (img, &ref, false);
+    return 1;
+  }
+  bm = be64toh (ref.entry[1]) & ~(mask | (mask << 32));
+  if (!trim || backing)
+    bm |= mask << 32;
+  ref.entry[1] = htobe64 (bm);
+  l2_put_entry (img, &ref, true);
+  return 0;
+}
+
 /* Can whole clusters be zeroed by changing metadata only (a zero
  * request with or without may_trim)?  v3 without a raw external data
  * file: zero flags; v2 without backing or data file: discarded
