@@ -401,11 +401,15 @@ extern int write_data_check (struct qcow2_image *img, uint64_t host,
 extern void write_whole_clusters (const struct qcow2_image *img,
                                   uint64_t count, uint64_t offset,
                                   uint64_t *a, uint64_t *b);
+extern bool write_zero_by_metadata (const struct qcow2_image *img,
+                                    bool may_trim);
 extern int write_zero_plan (struct qcow2_image *img, uint64_t count,
                             uint64_t offset, unsigned flags, uint64_t *a,
                             uint64_t *b, bool *trim, bool *may_trim);
 extern int write_zeroes (struct qcow2_image *img, uint64_t off,
                          uint64_t len, unsigned flags);
+extern int zero_subclusters (struct qcow2_image *img, uint64_t off,
+                             uint64_t len, bool trim);
 extern int64_t zero_clusters (struct qcow2_image *img, uint64_t c0,
                               uint64_t n, bool trim, bool may_trim);
 

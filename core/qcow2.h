@@ -30,6 +30,13 @@ enum qcow2_overlap_mode {
   QCOW2_OVERLAP_ALL,
 };
 
+/* detect-zeroes (qemu-nbd's option): what a write of zeroes becomes. */
+enum qcow2_detect_zeroes {
+  QCOW2_DETECT_ZEROES_OFF = 0,  /* written as data */
+  QCOW2_DETECT_ZEROES_ON,       /* whole clusters: zero clusters, kept */
+  QCOW2_DETECT_ZEROES_UNMAP,    /* whole clusters: zero, old ones freed */
+};
+
 struct qcow2_config {
   bool readonly;                /* never write; lock only as a reader */
   uint64_t l2_cache_size;       /* bytes of L2 slices; 0 = default */
@@ -37,6 +44,10 @@ struct qcow2_config {
   uint32_t cache_entry_size;    /* slice size in bytes; 0 = default */
   enum qcow2_overlap_mode overlap_check;
   bool no_locking;              /* do not take QEMU-compatible file locks */
+  enum qcow2_detect_zeroes detect_zeroes;
+  bool discard_ignore;          /* trims do nothing; zeroes never unmap */
+  bool discard_no_unref;        /* trims and zeroes keep data clusters
+                                   allocated (as zero clusters) */
 };
 
 /* Flags for pwrite/zero/trim, the same values as nbdkit's. */

@@ -29,9 +29,12 @@
  * (write.c), whose data is written with img->lock dropped while its
  * guest range is "in flight" (struct inflight) and whose entries are
  * linked with the lock taken again.  Zero and trim hold it exclusively
- * throughout.  Deferred frees are committed here (flush_locked): at a
- * flush, after a request once too many are pending, and in the middle
- * of a large zero or trim.
+ * throughout.  With detect-zeroes, a write's whole clusters of zeroes
+ * become zero requests and the rest is written as above; the policy
+ * options (detect-zeroes, discard, discard-no-unref) are applied here,
+ * write.c only sees the flags that result.  Deferred frees are
+ * committed here (flush_locked): at a flush, after a request once too
+ * many are pending, and in the middle of a large zero or trim.
  */
 
 #ifdef HAVE_CONFIG_H
@@ -434,14 +437,11 @@ write_allocating (struct qcow2_image *img, const uint8_t *buf,
   return r == -1 ? -1 : (int64_t) p.consumed;
 }
 
-int
-qcow2_pwrite (struct qcow2_image *img, const void *buf, uint64_t count,
-              uint64_t offset, unsigned flags)
+/* Write guest [offset, offset+count) from buf as data, run by run. */
+static int
+write_data (struct qcow2_image *img, const uint8_t *p, uint64_t count,
+            uint64_t offset)
 {
-  const uint8_t *p = buf;
-
-  if (image_check_range (img, count, offset, "write") == -1)
-    return -1;
   while (count > 0) {
     struct mapping m;
     int64_t n;
@@ -477,13 +477,80 @@ qcow2_pwrite (struct qcow2_image *img, const void *buf, uint64_t count,
     offset += n;
     count -= n;
   }
-  if (flags & QCOW2_F_FUA)
-    return qcow2_flush (img);
   return 0;
 
  err:
   pthread_rwlock_unlock (&img->lock);
   return -1;
+}
+
+static int zero_range (struct qcow2_image *img, uint64_t count,
+                       uint64_t offset, unsigned flags);
+
+/* The flags a zero request is carried out with: discard-no-unref
+ * takes away the client's permission to free clusters.  (discard=ignore
+ * does not: QEMU 7.2 with discard=ignore still frees clusters for a
+ * write-zeroes that may unmap, and so does the plugin.)
+ */
+static unsigned
+zero_flags (const struct qcow2_image *img, unsigned flags)
+{
+  if (img->cfg.discard_no_unref)
+    flags &= ~QCOW2_F_MAY_TRIM;
+  return flags;
+}
+
+/* detect-zeroes: the runs of whole clusters of the write that are all
+ * zeroes become zero requests (metadata only), the rest is written as
+ * data.  Only called when the image can zero whole clusters by
+ * metadata with these flags (write_zero_by_metadata), so the scan is
+ * never wasted on an image that would write the zeroes anyway.  The
+ * partial last cluster of the disk counts as whole.
+ */
+static int
+write_detect_zeroes (struct qcow2_image *img, const uint8_t *buf,
+                     uint64_t count, uint64_t offset, unsigned zflags)
+{
+  uint64_t cs = img->cluster_size, end = offset + count, a, b, c, pos;
+
+  write_whole_clusters (img, count, offset, &a, &b);
+  b = min_u64 (b, end);
+  pos = offset;                 /* written up to here */
+  for (c = a; c < b; ) {
+    uint64_t z = c;
+    while (z < b && is_zero (buf + (z - offset), min_u64 (cs, b - z)))
+      z = min_u64 (z + cs, b);
+    if (z == c) {
+      c = min_u64 (c + cs, b);
+      continue;
+    }
+    if (write_data (img, buf + (pos - offset), c - pos, pos) == -1 ||
+        zero_range (img, z - c, c, zflags) == -1)
+      return -1;
+    pos = c = z;
+  }
+  return write_data (img, buf + (pos - offset), end - pos, pos);
+}
+
+int
+qcow2_pwrite (struct qcow2_image *img, const void *buf, uint64_t count,
+              uint64_t offset, unsigned flags)
+{
+  unsigned zflags = 0;
+  int r;
+
+  if (image_check_range (img, count, offset, "write") == -1)
+    return -1;
+  if (img->cfg.detect_zeroes == QCOW2_DETECT_ZEROES_UNMAP)
+    zflags = zero_flags (img, QCOW2_F_MAY_TRIM);
+  if (img->cfg.detect_zeroes != QCOW2_DETECT_ZEROES_OFF &&
+      write_zero_by_metadata (img, zflags & QCOW2_F_MAY_TRIM))
+    r = write_detect_zeroes (img, buf, count, offset, zflags);
+  else
+    r = write_data (img, buf, count, offset);
+  if (r == 0 && (flags & QCOW2_F_FUA))
+    return qcow2_flush (img);
+  return r;
 }
 
 int
@@ -567,8 +634,81 @@ change_clusters (struct qcow2_image *img, uint64_t a, uint64_t b,
   return 0;
 }
 
-int
-qcow2_zero (struct qcow2_image *img, uint64_t count, uint64_t offset,
+/* The whole subclusters [*a, *b) of guest [off, off+len), a piece of
+ * one cluster; the partial last subcluster of the disk counts as whole.
+ */
+static void
+whole_subclusters (const struct qcow2_image *img, uint64_t off, uint64_t len,
+                   uint64_t *a, uint64_t *b)
+{
+  uint64_t scs = UINT64_C(1) << img->subcluster_bits;
+
+  *a = round_up_pow2 (off, scs);
+  *b = (off + len) & ~(scs - 1);
+  if (off + len == img->size)
+    *b = round_up_pow2 (off + len, scs);
+}
+
+/* Zero guest [off, off+len), the partial clusters at the edges of a
+ * zero request: real zeroes, except that with extended L2 entries the
+ * whole subclusters in them get their zero bits (metadata only).
+ */
+static int
+zero_edge (struct qcow2_image *img, uint64_t off, uint64_t len,
+           unsigned flags)
+{
+  uint64_t cs = img->cluster_size;
+
+  if (!img->ext_l2 || !write_zero_by_metadata (img, false) ||
+      (flags & QCOW2_F_FAST_ZERO))
+    return write_zeroes (img, off, len, flags);
+  while (len > 0) {
+    uint64_t n = min_u64 (len, cs - offset_into_cluster (img, off)), a, b;
+    int r = 0;
+
+    whole_subclusters (img, off, n, &a, &b);
+    if (a < b && (r = zero_subclusters (img, a, b - a, false)) == -1)
+      return -1;
+    if (a >= b || r == 1) {
+      if (write_zeroes (img, off, n, flags) == -1)
+        return -1;
+    }
+    else if (write_zeroes (img, off, a - off, flags) == -1 ||
+             (b < off + n &&
+              write_zeroes (img, b, off + n - b, flags) == -1))
+      return -1;
+    off += n;
+    len -= n;
+  }
+  return 0;
+}
+
+/* Trim guest [off, off+len), the partial clusters at the edges of a
+ * trim: with extended L2 entries, their whole subclusters; else
+ * nothing (trim is advisory).
+ */
+static int
+trim_edge (struct qcow2_image *img, uint64_t off, uint64_t len)
+{
+  uint64_t cs = img->cluster_size;
+
+  if (!img->ext_l2)
+    return 0;
+  while (len > 0) {
+    uint64_t n = min_u64 (len, cs - offset_into_cluster (img, off)), a, b;
+
+    whole_subclusters (img, off, n, &a, &b);
+    if (a < b && zero_subclusters (img, a, b - a, true) == -1)
+      return -1;
+    off += n;
+    len -= n;
+  }
+  return 0;
+}
+
+/* Zero guest [offset, offset+count) with flags as they are. */
+static int
+zero_range (struct qcow2_image *img, uint64_t count, uint64_t offset,
             unsigned flags)
 {
   uint64_t a, b, end = offset + count;
@@ -579,11 +719,18 @@ qcow2_zero (struct qcow2_image *img, uint64_t count, uint64_t offset,
     return -1;
   if (write_zero_plan (img, count, offset, flags, &a, &b, &trim,
                        &may_trim) == 0 &&
-      write_zeroes (img, offset, a - offset, flags) == 0 &&
+      zero_edge (img, offset, a - offset, flags) == 0 &&
       change_clusters (img, a, b, trim, may_trim) == 0 &&
-      (end <= b || write_zeroes (img, b, end - b, flags) == 0))
+      (end <= b || zero_edge (img, b, end - b, flags) == 0))
     r = 0;
   return change_end (img, r, flags);
+}
+
+int
+qcow2_zero (struct qcow2_image *img, uint64_t count, uint64_t offset,
+            unsigned flags)
+{
+  return zero_range (img, count, offset, zero_flags (img, flags));
 }
 
 int
@@ -593,14 +740,36 @@ qcow2_trim (struct qcow2_image *img, uint64_t count, uint64_t offset,
   uint64_t a, b;
   int r = 0;
 
+  /* discard=ignore, or discard-no-unref on v2, which has no way to
+   * keep a cluster allocated and make it read as zero: the trim
+   * succeeds and changes nothing (trim is advisory).
+   */
+  if (img->cfg.discard_ignore ||
+      (img->cfg.discard_no_unref && img->version < 3)) {
+    if (image_check_range (img, count, offset, "trim") == -1)
+      return -1;
+    if (img->readonly) {
+      errno = EROFS;
+      return -1;
+    }
+    return 0;
+  }
   if (change_begin (img, count, offset, "trim") == -1)
     return -1;
-  /* Trim is advisory: only whole clusters, and nothing with an external
-   * data file (whose contents must stay as they are when raw).
+  /* Trim is advisory: only whole clusters (with extended L2 entries,
+   * whole subclusters), and nothing with an external data file (whose
+   * contents must stay as they are when raw).
    */
   write_whole_clusters (img, count, offset, &a, &b);
-  if (a < b && !img->data_file_name)
-    r = change_clusters (img, a, b, true, true);
+  if (img->data_file_name)
+    ;
+  else if (a >= b)
+    r = trim_edge (img, offset, count);
+  else if (trim_edge (img, offset, a - offset) == -1 ||
+           change_clusters (img, a, b, true, true) == -1 ||
+           (offset + count > b &&
+            trim_edge (img, b, offset + count - b) == -1))
+    r = -1;
   return change_end (img, r, flags);
 }
 

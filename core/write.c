@@ -452,7 +452,11 @@ write_zeroes (struct qcow2_image *img, uint64_t off, uint64_t len,
  * as the backing file, or zeroes without one; v3 images with a backing
  * file get the zero flag instead, as QEMU does), zero makes them read as
  * zeroes.  Host clusters are freed unless zeroing without may_trim, which
- * keeps them allocated (preallocated zero clusters).  Returns how many
+ * keeps them allocated (preallocated zero clusters).  With
+ * discard-no-unref on a v3 image a trim keeps them too: a data cluster
+ * of ours (COPIED, not compressed) stays allocated and gets the zero
+ * flag (extended L2: its subclusters read as zero, or as the backing
+ * file as before), so the file does not fragment.  Returns how many
  * clusters it changed: fewer than n once MAX_PENDING_RANGES frees are
  * pending, which the caller (rw.c) commits before it goes on.
  */
@@ -479,8 +483,15 @@ zero_clusters (struct qcow2_image *img, uint64_t c0, uint64_t n, bool trim,
       return -1;
     e = be64toh (ref.entry[0]);
     host = e & L2E_OFFSET_MASK;
-    keep = !trim && !may_trim && host && (e & QCOW_OFLAG_COPIED) &&
-           !(e & QCOW_OFLAG_COMPRESSED);
+    /* discard-no-unref: a data cluster of ours stays allocated even
+     * when trimmed; on v3 (the only version that can say "allocated
+     * but reads as zero") rw.c lets trims through only then.
+     */
+    keep = host && (e & QCOW_OFLAG_COPIED) && !(e & QCOW_OFLAG_COMPRESSED) &&
+           ((!trim && !may_trim) ||
+            (img->cfg.discard_no_unref && img->version >= 3));
+    if (keep && !img->ext_l2)
+      want_zero = true;         /* a kept cluster must not read as data */
     if (!keep && l2_free_entry_later (img, e, g, img->host_end) == -1) {
       l2_put_entry (img, &ref, false);
       return -1;
@@ -494,6 +505,56 @@ zero_clusters (struct qcow2_image *img, uint64_t c0, uint64_t n, bool trim,
     l2_put_entry (img, &ref, true);
   }
   return n;
+}
+
+/* Extended L2: make the whole subclusters [off, off+len), inside one
+ * cluster, read as zeroes (zero, or a trim over a backing file: their
+ * zero bits set) or discarded (trim without a backing file behind
+ * them: neither bit, which reads as zeroes too).  The host cluster, if
+ * any, stays allocated.  Returns 1, changing nothing, for a compressed
+ * cluster (whose subclusters have no bits of their own).
+ */
+int
+zero_subclusters (struct qcow2_image *img, uint64_t off, uint64_t len,
+                  bool trim)
+{
+  uint64_t cs = img->cluster_size, c0 = off & ~(cs - 1), mask, e, bm;
+  unsigned s0 = (off - c0) >> img->subcluster_bits;
+  unsigned s1 = (off + len - c0) >> img->subcluster_bits;
+  bool backing = img->backing_name != NULL && c0 < img->backing_size;
+  struct l2_ref ref;
+
+  /* No L2 table and nothing behind it: already reads as zeroes. */
+  if ((img->l1[l1_index (img, c0)] & L1E_OFFSET_MASK) == 0 && !backing)
+    return 0;
+  mask = ((UINT64_C(1) << s1) - 1) & ~((UINT64_C(1) << s0) - 1);
+  if (l2_get_entry (img, c0, &ref) == -1)
+    return -1;
+  e = be64toh (ref.entry[0]);
+  if (e & QCOW_OFLAG_COMPRESSED) {
+    l2_put_entry (img, &ref, false);
+    return 1;
+  }
+  bm = be64toh (ref.entry[1]) & ~(mask | (mask << 32));
+  if (!trim || backing)
+    bm |= mask << 32;
+  ref.entry[1] = htobe64 (bm);
+  l2_put_entry (img, &ref, true);
+  return 0;
+}
+
+/* Can whole clusters be zeroed by changing metadata only (a zero
+ * request with or without may_trim)?  v3 without a raw external data
+ * file: zero flags; v2 without backing or data file: discarded
+ * clusters read as zero, but only a client that allows it may lose
+ * the allocation.
+ */
+bool
+write_zero_by_metadata (const struct qcow2_image *img, bool may_trim)
+{
+  if (img->version >= 3)
+    return !(img->autoclear & AUTOCLEAR_DATA_FILE_RAW);
+  return !img->backing_name && !img->data_file_name && may_trim;
 }
 
 /* How zeroing guest [offset, offset+count) splits: real zeroes
@@ -510,7 +571,7 @@ write_zero_plan (struct qcow2_image *img, uint64_t count, uint64_t offset,
                  unsigned flags, uint64_t *a, uint64_t *b, bool *trim,
                  bool *may_trim)
 {
-  bool meta = img->version >= 3 && !(img->autoclear & AUTOCLEAR_DATA_FILE_RAW);
+  bool meta = write_zero_by_metadata (img, false);
   uint64_t end = offset + count;
 
   write_whole_clusters (img, count, offset, a, b);

@@ -315,6 +315,34 @@ qcow2_plugin_config (const char *key, const char *value)
       return -1;
     }
   }
+  else if (strcmp (key, "detect-zeroes") == 0) {
+    if (strcmp (value, "off") == 0)
+      cfg.detect_zeroes = QCOW2_DETECT_ZEROES_OFF;
+    else if (strcmp (value, "on") == 0)
+      cfg.detect_zeroes = QCOW2_DETECT_ZEROES_ON;
+    else if (strcmp (value, "unmap") == 0)
+      cfg.detect_zeroes = QCOW2_DETECT_ZEROES_UNMAP;
+    else {
+      nbdkit_error ("detect-zeroes must be off, on or unmap");
+      return -1;
+    }
+  }
+  else if (strcmp (key, "discard") == 0) {
+    if (strcmp (value, "unmap") == 0 || strcmp (value, "on") == 0)
+      cfg.discard_ignore = false;
+    else if (strcmp (value, "ignore") == 0 || strcmp (value, "off") == 0)
+      cfg.discard_ignore = true;
+    else {
+      nbdkit_error ("discard must be unmap or ignore");
+      return -1;
+    }
+  }
+  else if (strcmp (key, "discard-no-unref") == 0) {
+    int r = nbdkit_parse_bool (value);
+    if (r == -1)
+      return -1;
+    cfg.discard_no_unref = r;
+  }
   else if (strcmp (key, "locking") == 0) {
     int r = nbdkit_parse_bool (value);
     if (r == -1)
@@ -349,6 +377,11 @@ qcow2_plugin_config_complete (void)
     if (qcow2_create (file_arg, &create_opts) == -1)
       return -1;
   }
+  /* As qemu-nbd refuses it: unmap needs the permission to discard. */
+  if (cfg.detect_zeroes == QCOW2_DETECT_ZEROES_UNMAP && cfg.discard_ignore) {
+    nbdkit_error ("detect-zeroes=unmap needs discard=unmap");
+    return -1;
+  }
   filename = nbdkit_realpath (file_arg);
   if (filename == NULL)
     return -1;
@@ -370,6 +403,11 @@ qcow2_plugin_config_complete (void)
   "                             Metadata overlap checks (default all).\n" \
   "locking=on|off               QEMU-compatible image locking (default on).\n" \
   "check=off|report|repair      Check refcounts at start (default off).\n" \
+  "detect-zeroes=off|on|unmap   Store written zero clusters as zero\n" \
+  "                             clusters (unmap: freeing them); default off.\n" \
+  "discard=unmap|ignore         Honour or ignore trims (default unmap).\n" \
+  "discard-no-unref=on|off      Trims and zeroes keep clusters allocated\n" \
+  "                             (default off).\n" \
   "create=true|force            Create the image first (force: replace an\n" \
   "                             existing file).  With create:\n" \
   "  size=<SIZE>                Virtual size (default: backing file's).\n" \
