@@ -30,6 +30,16 @@ enum qcow2_overlap_mode {
   QCOW2_OVERLAP_ALL,
 };
 
+/* cache=, with qemu-nbd's meanings (the man page has them). */
+enum qcow2_cache_mode {
+  QCOW2_CACHE_WRITEBACK = 0,    /* page cache; flush = fdatasync */
+  QCOW2_CACHE_NONE,             /* O_DIRECT; flush = fdatasync */
+  QCOW2_CACHE_WRITETHROUGH,     /* page cache; every write FUA */
+  QCOW2_CACHE_DIRECTSYNC,       /* O_DIRECT; every write FUA */
+  QCOW2_CACHE_UNSAFE,           /* page cache; never fdatasync */
+  QCOW2_CACHE_AUTO,             /* O_DIRECT if possible, else evict */
+};
+
 struct qcow2_config {
   bool readonly;                /* never write; lock only as a reader */
   uint64_t l2_cache_size;       /* bytes of L2 slices; 0 = default */
@@ -37,6 +47,7 @@ struct qcow2_config {
   uint32_t cache_entry_size;    /* slice size in bytes; 0 = default */
   enum qcow2_overlap_mode overlap_check;
   bool no_locking;              /* do not take QEMU-compatible file locks */
+  enum qcow2_cache_mode cache;  /* for the image, data and backing files */
 };
 
 /* Flags for pwrite/zero/trim, the same values as nbdkit's. */
