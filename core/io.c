@@ -705,7 +705,7 @@ try_direct (struct qcow2_io *io, char *why, size_t n)
   a = query_align (io->fd, &ma);
   if (a == -1)
     return -1;
-  if (ma == 0 || ma < (uint32_t) a)
+  if (ma == 0)
     ma = a;
   if (!valid_align (a) || !valid_align (ma)) {
     fcntl (io->fd, F_SETFL, fl);
