@@ -47,6 +47,10 @@
  * where a buffered write would have ended it exactly: the same bytes
  * read back.
  *
+ * XXX nbdkit 1.32 hands the plugin malloc'd request buffers, 16-byte
+ * aligned: with cache=none every data request goes through the bounce
+ * buffer (one memcpy), and each nbdkit thread keeps up to BOUNCE_MAX.
+ *
  * XXX A stream of aligned writes holding a stripe shared can keep a
  * read-modify-write of that stripe waiting (glibc's rwlocks prefer
  * readers); requests are bounded, so it waits, never forever.

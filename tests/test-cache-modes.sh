@@ -164,6 +164,13 @@ loop_case ()
             fail "data file data-$cs.raw differs from its mirror"
     done
 
+    echo "== fdatasync per mode"
+    if command -v strace >/dev/null; then
+        sync_modes "$mnt"
+    else
+        echo "$0: note: strace is missing: fdatasync counts not checked"
+    fi
+
     echo "== cache=auto on ext4"
     nbdkit -v -U - "$PLUGIN" file="$mnt/img-512.qcow2" cache=auto \
            --run true 2> "$tmpdir/auto-ext4.log" ||
@@ -171,6 +178,46 @@ loop_case ()
     grep "img-512.qcow2: cache: direct I/O (O_DIRECT), alignment 4096" \
          "$tmpdir/auto-ext4.log" ||
         fail "cache=auto on ext4 on 4K sectors did not choose O_DIRECT"
+}
+
+# sync_modes DIR: the flush side of each mode, counted with strace:
+# 20 writes and 5 zeroes without FUA, then one flush, and close.
+# writeback: a few fdatasyncs (the flush, close); writethrough and
+# directsync: one or more per request; unsafe: none at all.  Each
+# leaves a consistent image with the data written.
+sync_modes ()
+{
+    local dir=$1 mode n min max
+    for mode in writeback writethrough directsync unsafe; do
+        qemu-img create -q -f qcow2 "$dir/sync.qcow2" 4M
+        strace -f -qq -e trace=fdatasync -o "$tmpdir/strace.$mode" \
+            nbdkit -U - "$PLUGIN" file="$dir/sync.qcow2" cache=$mode --run '
+            nbdsh -u "$uri" -c "
+for i in range(20):
+    h.pwrite(b\"%c\" % (65 + i) * 1000, i * 70000)
+for i in range(5):
+    h.zero(3000, i * 70000 + 100)
+h.flush()
+"'
+        n=$(grep -c 'fdatasync(' "$tmpdir/strace.$mode" || :)
+        case $mode in
+        writeback) min=1 max=10 ;;
+        writethrough|directsync) min=25 max=100000 ;;
+        unsafe) min=0 max=0 ;;
+        esac
+        echo "cache=$mode: $n fdatasync calls (expected $min..$max)"
+        [ "$n" -ge $min ] && [ "$n" -le $max ] ||
+            fail "cache=$mode: $n fdatasync calls, expected $min..$max"
+        qcheck "$dir/sync.qcow2"
+        out=$(qemu-io -c "read -P 0x54 $((19 * 70000)) 1000" \
+                      -c "read -P 0 $((4 * 70000 + 100)) 3000" \
+                      -c "read -P 0x45 $((4 * 70000)) 100" \
+                      "$dir/sync.qcow2")
+        [ "$(grep -c '^read ' <<< "$out")" = 3 ] &&
+            ! grep -q 'failed' <<< "$out" ||
+            fail "cache=$mode: the data did not reach the image: $out"
+        rm -f "$dir/sync.qcow2"
+    done
 }
 
 if [ "$(id -u)" = 0 ] && command -v losetup >/dev/null &&
