@@ -358,7 +358,9 @@ qcow2_open (const char *filename, const struct qcow2_config *cfg)
     io = qcow2_io_open_file_mode (filename, true, cache_io_mode (cfg));
   }
   if (io == NULL) {
-    nbdkit_error ("%s: %m", filename);
+    /* io.c has said why a cache mode was refused (EINVAL). */
+    if (errno != EINVAL || cache_io_mode (cfg) == 0)
+      nbdkit_error ("%s: %m", filename);
     return NULL;
   }
   /* Lock before reading anything: an image QEMU is writing must not
