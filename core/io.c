@@ -711,6 +711,12 @@ try_direct (struct qcow2_io *io, char *why, size_t n)
     return -1;
   if (ma == 0)
     ma = a;
+  /* The bounce buffer's blocks are at multiples of a from an address
+   * aligned to BOUNCE_ALIGN: they are only aligned for ma if a is a
+   * multiple of it.  A coarser offset alignment is always allowed.
+   */
+  if (a > 0 && ma > a)
+    a = ma;
   if (!valid_align (a) || !valid_align (ma)) {
     fcntl (io->fd, F_SETFL, fl);
     if (a == 0)
