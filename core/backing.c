@@ -112,7 +112,7 @@ backing_open_file (struct qcow2_image *img, char **pathp, bool *is_qcow2)
   path = resolve (img->dir, img->backing_name);
   if (path == NULL)
     return NULL;
-  io = qcow2_io_open_file (path, true);
+  io = qcow2_io_open_file_mode (path, true, cache_io_mode (&img->cfg));
   if (io == NULL) {
     nbdkit_error ("%s: cannot open backing file %s: %m", img->name, path);
     goto err;
@@ -184,7 +184,8 @@ backing_open_data_file (struct qcow2_image *img)
   path = resolve (img->dir, img->data_file_name);
   if (path == NULL)
     return -1;
-  img->data_io = qcow2_io_open_file (path, img->readonly);
+  img->data_io = qcow2_io_open_file_mode (path, img->readonly,
+                                          cache_io_mode (&img->cfg));
   if (img->data_io == NULL) {
     nbdkit_error ("%s: cannot open external data file %s: %m",
                   img->name, path);

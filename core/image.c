@@ -350,15 +350,17 @@ qcow2_open (const char *filename, const struct qcow2_config *cfg)
   char *dir;
   bool ro = cfg->readonly;
 
-  io = qcow2_io_open_file (filename, ro);
+  io = qcow2_io_open_file_mode (filename, ro, cache_io_mode (cfg));
   if (io == NULL && !ro && (errno == EACCES || errno == EROFS ||
                             errno == EPERM)) {
     nbdkit_debug ("%s: cannot open for writing (%m), opening read-only",
                   filename);
-    io = qcow2_io_open_file (filename, true);
+    io = qcow2_io_open_file_mode (filename, true, cache_io_mode (cfg));
   }
   if (io == NULL) {
-    nbdkit_error ("%s: %m", filename);
+    /* io.c has said why a cache mode was refused (EINVAL). */
+    if (errno != EINVAL || cache_io_mode (cfg) == 0)
+      nbdkit_error ("%s: %m", filename);
     return NULL;
   }
   /* Lock before reading anything: an image QEMU is writing must not
@@ -425,7 +427,7 @@ qcow2_open_snapshot (struct qcow2_image *img, const char *name)
     errno = EIO;
     return NULL;
   }
-  io = qcow2_io_open_file (img->name, true);
+  io = qcow2_io_open_file_mode (img->name, true, cache_io_mode (&cfg));
   if (io == NULL) {
     nbdkit_error ("%s: %m", img->name);
     return NULL;

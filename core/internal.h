@@ -294,6 +294,34 @@ l2e_compressed (const struct qcow2_image *img, uint64_t e, uint64_t *off,
   *end = (*off & ~UINT64_C(511)) + sectors * 512;
 }
 
+/* How cfg->cache opens a file (io.h's QCOW2_IO_*): the image, its data
+ * file, its backing files (read-only: FUA and flush do not matter to
+ * them) and snapshot views all alike.
+ */
+static inline unsigned
+cache_io_mode (const struct qcow2_config *cfg)
+{
+  switch (cfg->cache) {
+  case QCOW2_CACHE_NONE:
+  case QCOW2_CACHE_DIRECTSYNC:
+    return QCOW2_IO_DIRECT;
+  case QCOW2_CACHE_AUTO:
+    return QCOW2_IO_AUTO;
+  case QCOW2_CACHE_UNSAFE:
+    return QCOW2_IO_NO_SYNC;
+  default:
+    return 0;
+  }
+}
+
+/* cache=writethrough and directsync: every write as if FUA. */
+static inline bool
+cache_write_through (const struct qcow2_config *cfg)
+{
+  return cfg->cache == QCOW2_CACHE_WRITETHROUGH ||
+    cfg->cache == QCOW2_CACHE_DIRECTSYNC;
+}
+
 /* Every request: [offset, offset+count) must lie inside the disk;
  * 'what' names it in the message ("request", "write", ...).
  */

@@ -4,6 +4,56 @@
  * Two backends live here: the real file (positional I/O on an fd, safe
  * to call from many threads at once) and a growable memory file for the
  * unit tests and the fuzzer.  See io.h for the semantics both keep.
+ *
+ * The file backend has three ways of using the page cache (io.h's
+ * QCOW2_IO_* modes, the plugin's cache=):
+ *
+ *  buffered   plain pread/pwrite (cache=writeback, writethrough, unsafe)
+ *  direct     O_DIRECT (cache=none, directsync; auto where it works)
+ *  evict      buffered, and every range written is written back and
+ *             dropped from the page cache a few writes later, and every
+ *             range read at once (cache=auto without O_DIRECT)
+ *
+ * Direct I/O needs the offset, the length and the buffer aligned (the
+ * logical block size: statx's STATX_DIOALIGN, else BLKSSZGET on a block
+ * device, else probed with O_DIRECT reads of 512 then 4096 bytes).  The
+ * callers above align nothing (an L1 entry is 8 bytes, a header field
+ * less), so this file does:
+ *
+ *   aligned offset, length and buffer   straight to the file
+ *   anything else                       through a per-thread bounce
+ *                                       buffer, in chunks of BOUNCE_MAX
+ *
+ *   guest bytes:          |<------- count ------->|
+ *   aligned blocks:   |.......|.......|.......|.......|
+ *                     ^ head block read            ^ tail block read
+ *                       (read-modify-write)          (read-modify-write)
+ *
+ * A write that does not cover its first or last block whole reads those
+ * blocks, copies its bytes in and writes the blocks back.  Two such
+ * writes into one block would lose each other's bytes, and so would an
+ * aligned write landing between the read and the write back; so every
+ * direct write holds the stripes (NR_STRIPES rwlocks, one per
+ * STRIPE_SIZE of the file modulo NR_STRIPES) it touches: exclusively
+ * for a read-modify-write, shared otherwise, so aligned writes never
+ * wait for each other.  Stripes are taken in index order (no deadlock).
+ * Reads take nothing: a block is only ever rewritten with its own bytes
+ * or new ones.
+ *
+ * Reads past end of file still read zeroes: with O_DIRECT a read that
+ * ends short of its length, or off a block boundary, hit the end of the
+ * file.  A read-modify-write past the end of the file writes the rest
+ * of its last block as zeroes, so the file may end on a block boundary
+ * where a buffered write would have ended it exactly: the same bytes
+ * read back.
+ *
+ * XXX nbdkit 1.32 hands the plugin malloc'd request buffers, 16-byte
+ * aligned: with cache=none every data request goes through the bounce
+ * buffer (one memcpy), and each nbdkit thread keeps up to BOUNCE_MAX.
+ *
+ * XXX A stream of aligned writes holding a stripe shared can keep a
+ * read-modify-write of that stripe waiting (glibc's rwlocks prefer
+ * readers); requests are bounded, so it waits, never forever.
  */
 
 #ifdef HAVE_CONFIG_H
@@ -11,24 +61,185 @@
 #endif
 
 #include <stdlib.h>
+#include <stdio.h>
+#include <stdint.h>
+#include <inttypes.h>
 #include <string.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <unistd.h>
 #include <pthread.h>
+#include <sys/ioctl.h>
 #include <sys/stat.h>
 #include <sys/statvfs.h>
 #include <sys/vfs.h>
+#include <linux/fs.h>
+
+#include <nbdkit-plugin.h>
 
 #include "io.h"
 
 /* ---- file backend ---- */
 
-static int
-file_pread (struct qcow2_io *io, void *buf, size_t count, uint64_t offset)
-{
-  char *p = buf;
+#define STRIPE_SHIFT 16                 /* 64 KiB of file per stripe */
+#define NR_STRIPES 64                   /* one bit each in a uint64_t */
+#define BOUNCE_MAX (UINT32_C(1) << 20)  /* bounce chunk */
+#define BOUNCE_ALIGN 65536              /* largest alignment accepted */
+#define EVICT_WINDOW 8                  /* written ranges kept cached */
 
+struct range {
+  uint64_t offset, count;
+};
+
+struct file_io {
+  struct qcow2_io io;                   /* must be first */
+  pthread_rwlock_t stripes[NR_STRIPES]; /* direct only */
+  pthread_mutex_t evict_lock;           /* evict only: the ring below */
+  struct range recent[EVICT_WINDOW];
+  unsigned recent_next;
+};
+
+/* -- per-thread bounce buffers -- */
+
+struct bounce {
+  void *buf;
+  size_t size;
+};
+
+static pthread_key_t bounce_key;
+static pthread_once_t bounce_once = PTHREAD_ONCE_INIT;
+static bool bounce_key_ok;
+
+static void
+bounce_free (void *p)
+{
+  struct bounce *b = p;
+
+  free (b->buf);
+  free (b);
+}
+
+static void
+bounce_key_init (void)
+{
+  bounce_key_ok = pthread_key_create (&bounce_key, bounce_free) == 0;
+}
+
+/* Threads that outlive the library (when nbdkit unloads the plugin)
+ * must not call bounce_free in unmapped code: drop the key first.
+ */
+static void __attribute__ ((destructor))
+bounce_key_fini (void)
+{
+  if (bounce_key_ok)
+    pthread_key_delete (bounce_key);
+}
+
+/* This thread's bounce buffer, of at least size bytes (<= BOUNCE_MAX).
+ * Allocated once per thread at the largest size asked, freed when the
+ * thread exits: no allocation per request.
+ */
+static void *
+bounce_get (size_t size)
+{
+  struct bounce *b;
+  void *p;
+  int r;
+
+  pthread_once (&bounce_once, bounce_key_init);
+  if (!bounce_key_ok) {
+    errno = ENOMEM;
+    return NULL;
+  }
+  b = pthread_getspecific (bounce_key);
+  if (b == NULL) {
+    b = calloc (1, sizeof *b);
+    if (b == NULL)
+      return NULL;
+    if (pthread_setspecific (bounce_key, b) != 0) {
+      free (b);
+      errno = ENOMEM;
+      return NULL;
+    }
+  }
+  if (b->size >= size)
+    return b->buf;
+  /* Grow to the next power of 2: few reallocations per thread. */
+  {
+    size_t n = 4096;
+    while (n < size)
+      n *= 2;
+    size = n;
+  }
+  r = posix_memalign (&p, BOUNCE_ALIGN, size);
+  if (r != 0) {
+    errno = r;
+    return NULL;
+  }
+  free (b->buf);
+  b->buf = p;
+  b->size = size;
+  return p;
+}
+
+/* -- stripes -- */
+
+static uint64_t
+stripe_mask (uint64_t offset, uint64_t count)
+{
+  uint64_t first = offset >> STRIPE_SHIFT;
+  uint64_t last = (offset + count - 1) >> STRIPE_SHIFT;
+  uint64_t mask = 0, i;
+
+  if (last - first + 1 >= NR_STRIPES)
+    return UINT64_MAX;
+  for (i = first; i <= last; i++)
+    mask |= UINT64_C(1) << (i % NR_STRIPES);
+  return mask;
+}
+
+static void
+stripes_lock (struct file_io *f, uint64_t mask, bool excl)
+{
+  unsigned i;
+
+  for (i = 0; i < NR_STRIPES; i++) {
+    if (mask & (UINT64_C(1) << i)) {
+      if (excl)
+        pthread_rwlock_wrlock (&f->stripes[i]);
+      else
+        pthread_rwlock_rdlock (&f->stripes[i]);
+    }
+  }
+}
+
+static void
+stripes_unlock (struct file_io *f, uint64_t mask)
+{
+  unsigned i;
+
+  for (i = 0; i < NR_STRIPES; i++)
+    if (mask & (UINT64_C(1) << i))
+      pthread_rwlock_unlock (&f->stripes[i]);
+}
+
+/* -- plain positional I/O -- */
+
+static inline bool
+is_aligned (const struct qcow2_io *io, const void *buf, size_t count,
+            uint64_t offset)
+{
+  return ((offset | count) & (io->align - 1)) == 0 &&
+    ((uintptr_t) buf & (io->mem_align - 1)) == 0;
+}
+
+/* Read the whole buffer, zeroes past end of file.  With O_DIRECT a
+ * read that ends off a block boundary ended at end of file: retrying
+ * the rest there would fail (EINVAL), and it is all zeroes.
+ */
+static int
+read_full (struct qcow2_io *io, char *p, size_t count, uint64_t offset)
+{
   while (count > 0) {
     ssize_t r = pread (io->fd, p, count, offset);
     if (r == -1) {
@@ -36,28 +247,34 @@ file_pread (struct qcow2_io *io, void *buf, size_t count, uint64_t offset)
         continue;
       return -1;
     }
-    if (r == 0) {               /* past end of file: zeroes */
-      memset (p, 0, count);
-      return 0;
-    }
+    if (r == 0)                 /* past end of file */
+      break;
     p += r;
     count -= r;
     offset += r;
+    if (io->direct && (r & (io->align - 1)))
+      break;
   }
+  memset (p, 0, count);
   return 0;
 }
 
 static int
-file_pwrite (struct qcow2_io *io, const void *buf, size_t count,
-             uint64_t offset)
+write_full (struct qcow2_io *io, const char *p, size_t count,
+            uint64_t offset)
 {
-  const char *p = buf;
-
   while (count > 0) {
     ssize_t r = pwrite (io->fd, p, count, offset);
     if (r == -1) {
       if (errno == EINTR)
         continue;
+      return -1;
+    }
+    /* A short direct write off a block boundary cannot be continued
+     * (EINVAL); it stopped for want of space.
+     */
+    if (io->direct && (r & (io->align - 1))) {
+      errno = ENOSPC;
       return -1;
     }
     p += r;
@@ -67,10 +284,191 @@ file_pwrite (struct qcow2_io *io, const void *buf, size_t count,
   return 0;
 }
 
+/* -- direct I/O through the bounce buffer -- */
+
+static inline uint64_t
+align_down (uint64_t x, uint32_t a)
+{
+  return x & ~(uint64_t) (a - 1);
+}
+
+static inline uint64_t
+align_up (uint64_t x, uint32_t a)
+{
+  return align_down (x + a - 1, a);
+}
+
+static int
+direct_pread (struct qcow2_io *io, char *p, size_t count, uint64_t offset)
+{
+  uint32_t a = io->align;
+
+  while (count > 0) {
+    uint64_t start = align_down (offset, a);
+    size_t skip = offset - start;
+    size_t n = count < BOUNCE_MAX - skip ? count : BOUNCE_MAX - skip;
+    size_t len = align_up (skip + n, a);
+    char *b = bounce_get (len);
+
+    if (b == NULL || read_full (io, b, len, start) == -1)
+      return -1;
+    memcpy (p, b + skip, n);
+    p += n;
+    count -= n;
+    offset += n;
+  }
+  return 0;
+}
+
+/* One chunk: [start, start+len) covers the caller's n bytes at skip. */
+static int
+direct_pwrite_chunk (struct file_io *f, const char *p, size_t n,
+                     uint64_t start, size_t skip, size_t len)
+{
+  struct qcow2_io *io = &f->io;
+  uint32_t a = io->align;
+  bool head = skip != 0, tail = ((skip + n) & (a - 1)) != 0;
+  uint64_t mask = stripe_mask (start, len);
+  char *b = bounce_get (len);
+  int r = -1;
+
+  if (b == NULL)
+    return -1;
+  stripes_lock (f, mask, head || tail);
+  if (head && read_full (io, b, a, start) == -1)
+    goto out;
+  if (tail && (len > a || !head) &&
+      read_full (io, b + len - a, a, start + len - a) == -1)
+    goto out;
+  memcpy (b + skip, p, n);
+  r = write_full (io, b, len, start);
+ out:
+  stripes_unlock (f, mask);
+  return r;
+}
+
+static int
+direct_pwrite (struct file_io *f, const char *p, size_t count,
+               uint64_t offset)
+{
+  struct qcow2_io *io = &f->io;
+  uint32_t a = io->align;
+
+  if (is_aligned (io, p, count, offset)) {
+    uint64_t mask = stripe_mask (offset, count);
+    int r;
+
+    stripes_lock (f, mask, false);
+    r = write_full (io, p, count, offset);
+    stripes_unlock (f, mask);
+    return r;
+  }
+  while (count > 0) {
+    uint64_t start = align_down (offset, a);
+    size_t skip = offset - start;
+    size_t n = count < BOUNCE_MAX - skip ? count : BOUNCE_MAX - skip;
+
+    if (direct_pwrite_chunk (f, p, n, start, skip,
+                             align_up (skip + n, a)) == -1)
+      return -1;
+    p += n;
+    count -= n;
+    offset += n;
+  }
+  return 0;
+}
+
+/* -- eviction (cache=auto without O_DIRECT) -- */
+
+static void
+evict_range (int fd, struct range r)
+{
+  if (r.count == 0)
+    return;
+  sync_file_range (fd, r.offset, r.count,
+                   SYNC_FILE_RANGE_WAIT_BEFORE | SYNC_FILE_RANGE_WRITE |
+                   SYNC_FILE_RANGE_WAIT_AFTER);
+  posix_fadvise (fd, r.offset, r.count, POSIX_FADV_DONTNEED);
+}
+
+/* Start writing the range back now, and drop the range written
+ * EVICT_WINDOW writes ago, whose write back has had time to finish:
+ * waiting for this one would make every write synchronous.
+ */
+static void
+evict_written (struct file_io *f, uint64_t offset, uint64_t count)
+{
+  struct range old;
+
+  sync_file_range (f->io.fd, offset, count, SYNC_FILE_RANGE_WRITE);
+  pthread_mutex_lock (&f->evict_lock);
+  old = f->recent[f->recent_next];
+  f->recent[f->recent_next] = (struct range) { offset, count };
+  f->recent_next = (f->recent_next + 1) % EVICT_WINDOW;
+  pthread_mutex_unlock (&f->evict_lock);
+  evict_range (f->io.fd, old);
+}
+
+/* After a flush everything written is clean: drop it all. */
+static void
+evict_all (struct file_io *f)
+{
+  struct range all[EVICT_WINDOW];
+  unsigned i;
+
+  pthread_mutex_lock (&f->evict_lock);
+  memcpy (all, f->recent, sizeof all);
+  memset (f->recent, 0, sizeof f->recent);
+  pthread_mutex_unlock (&f->evict_lock);
+  for (i = 0; i < EVICT_WINDOW; i++)
+    evict_range (f->io.fd, all[i]);
+}
+
+/* -- the ops -- */
+
+static int
+file_pread (struct qcow2_io *io, void *buf, size_t count, uint64_t offset)
+{
+  int r;
+
+  if (io->direct) {
+    if (is_aligned (io, buf, count, offset))
+      return read_full (io, buf, count, offset);
+    return direct_pread (io, buf, count, offset);
+  }
+  r = read_full (io, buf, count, offset);
+  if (r == 0 && io->evict)
+    posix_fadvise (io->fd, offset, count, POSIX_FADV_DONTNEED);
+  return r;
+}
+
+static int
+file_pwrite (struct qcow2_io *io, const void *buf, size_t count,
+             uint64_t offset)
+{
+  struct file_io *f = (struct file_io *) io;
+
+  if (count == 0)
+    return 0;
+  if (io->direct)
+    return direct_pwrite (f, buf, count, offset);
+  if (write_full (io, buf, count, offset) == -1)
+    return -1;
+  if (io->evict)
+    evict_written (f, offset, count);
+  return 0;
+}
+
 static int
 file_flush (struct qcow2_io *io)
 {
-  return fdatasync (io->fd);
+  if (io->no_sync)
+    return 0;
+  if (fdatasync (io->fd) == -1)
+    return -1;
+  if (io->evict)
+    evict_all ((struct file_io *) io);
+  return 0;
 }
 
 static int64_t
@@ -146,8 +544,14 @@ file_reserve (struct qcow2_io *io, uint64_t count, uint64_t offset)
 static void
 file_close (struct qcow2_io *io)
 {
+  struct file_io *f = (struct file_io *) io;
+  unsigned i;
+
   close (io->fd);
-  free (io);
+  for (i = 0; i < NR_STRIPES; i++)
+    pthread_rwlock_destroy (&f->stripes[i]);
+  pthread_mutex_destroy (&f->evict_lock);
+  free (f);
 }
 
 static const struct qcow2_io_ops file_ops = {
@@ -164,10 +568,15 @@ static const struct qcow2_io_ops file_ops = {
 struct qcow2_io *
 qcow2_io_from_fd (int fd, bool readonly)
 {
-  struct qcow2_io *io = calloc (1, sizeof *io);
+  struct file_io *f = calloc (1, sizeof *f);
+  struct qcow2_io *io = &f->io;
+  unsigned i;
 
-  if (io == NULL)
+  if (f == NULL)
     return NULL;
+  for (i = 0; i < NR_STRIPES; i++)
+    pthread_rwlock_init (&f->stripes[i], NULL);
+  pthread_mutex_init (&f->evict_lock, NULL);
   io->ops = &file_ops;
   io->fd = fd;
   io->readonly = readonly;
@@ -181,21 +590,211 @@ qcow2_io_from_fd (int fd, bool readonly)
   return io;
 }
 
+/* A name for the file system behind fd, for messages. */
+static const char *
+fs_name (int fd, char *buf, size_t n)
+{
+  static const struct { unsigned long magic; const char *name; } fss[] = {
+    { 0x01021994, "tmpfs" }, { 0x858458f6, "ramfs" },
+    { 0x794c7630, "overlayfs" }, { 0xef53, "ext4" },
+    { 0x58465342, "xfs" }, { 0x9123683e, "btrfs" },
+    { 0x6969, "nfs" }, { 0x65735546, "fuse" },
+    { 0x2fc12fc1, "zfs" }, { 0x01021997, "9p" },
+  };
+  struct statfs fs;
+  size_t i;
+
+  if (fstatfs (fd, &fs) == -1)
+    return "unknown";
+  for (i = 0; i < sizeof fss / sizeof fss[0]; i++)
+    if ((unsigned long) fs.f_type == fss[i].magic)
+      return fss[i].name;
+  snprintf (buf, n, "type %#lx", (unsigned long) fs.f_type);
+  return buf;
+}
+
+/* Probe with O_DIRECT reads at offset 0 (fd already has O_DIRECT): the
+ * smallest of 512 and 4096 that the file system accepts.  0: neither.
+ * An empty file reads nothing and proves nothing: 4096 then, which
+ * serves every device with blocks of 4096 bytes or fewer.
+ */
+static int64_t
+probe_align (int fd)
+{
+  static const uint32_t sizes[] = { 512, 4096 };
+  void *buf;
+  size_t i;
+  int64_t r = 0;
+
+  if (posix_memalign (&buf, BOUNCE_ALIGN, 4096) != 0) {
+    errno = ENOMEM;
+    return -1;
+  }
+  for (i = 0; i < 2; i++) {
+    ssize_t n = pread (fd, buf, sizes[i], 0);
+    if (n > 0) {
+      r = sizes[i];
+      break;
+    }
+    if (n == 0) {
+      r = 4096;
+      break;
+    }
+    if (errno != EINVAL) {
+      r = -1;
+      break;
+    }
+  }
+  free (buf);
+  return r;
+}
+
+/* The alignment direct I/O on fd needs (offset and length, *mem_align
+ * for the buffer); 0 if the file system does no direct I/O.
+ */
+static int64_t
+query_align (int fd, uint32_t *mem_align)
+{
+  struct stat st;
+  int64_t a;
+
+#ifdef STATX_DIOALIGN
+  {
+    struct statx sx;
+    if (statx (fd, "", AT_EMPTY_PATH, STATX_DIOALIGN, &sx) == 0 &&
+        (sx.stx_mask & STATX_DIOALIGN)) {
+      *mem_align = sx.stx_dio_mem_align;
+      return sx.stx_dio_offset_align;
+    }
+  }
+#endif
+  if (fstat (fd, &st) == 0 && S_ISBLK (st.st_mode)) {
+    int ss;
+    if (ioctl (fd, BLKSSZGET, &ss) == 0 && ss > 0) {
+      *mem_align = ss;
+      return ss;
+    }
+  }
+  a = probe_align (fd);
+  *mem_align = a > 0 ? a : 0;
+  return a;
+}
+
+static inline bool
+valid_align (uint64_t a)
+{
+  return a > 0 && a <= BOUNCE_ALIGN && (a & (a - 1)) == 0;
+}
+
+/* Switch io to O_DIRECT, or explain why not: 0 done, 1 not possible
+ * here (*why says why), -1 error.
+ */
+static int
+try_direct (struct qcow2_io *io, char *why, size_t n)
+{
+  char fsbuf[32];
+  int fl = fcntl (io->fd, F_GETFL);
+  int64_t a;
+  uint32_t ma = 0;
+
+  /* tmpfs accepts O_DIRECT since Linux 6.6, but the file is the page
+   * cache: nothing would be kept out of memory.
+   */
+  if (io->in_memory_fs || fl == -1 ||
+      fcntl (io->fd, F_SETFL, fl | O_DIRECT) == -1) {
+    snprintf (why, n, "the %s file system has no direct I/O (O_DIRECT)",
+              fs_name (io->fd, fsbuf, sizeof fsbuf));
+    return 1;
+  }
+  a = query_align (io->fd, &ma);
+  if (a == -1)
+    return -1;
+  if (ma == 0)
+    ma = a;
+  /* The bounce buffer's blocks are at multiples of a from an address
+   * aligned to BOUNCE_ALIGN: they are only aligned for ma if a is a
+   * multiple of it.  A coarser offset alignment is always allowed.
+   */
+  if (a > 0 && ma > a)
+    a = ma;
+  if (!valid_align (a) || !valid_align (ma)) {
+    fcntl (io->fd, F_SETFL, fl);
+    if (a == 0)
+      snprintf (why, n, "the %s file system refuses direct I/O "
+                "(O_DIRECT) of 512 and 4096 bytes",
+                fs_name (io->fd, fsbuf, sizeof fsbuf));
+    else
+      snprintf (why, n, "direct I/O alignment %" PRIi64 " (buffers %"
+                PRIu32 ") is not supported", a, ma);
+    return 1;
+  }
+  io->direct = true;
+  io->align = a;
+  io->mem_align = ma;
+  return 0;
+}
+
+static int
+set_mode (struct qcow2_io *io, const char *path, unsigned mode)
+{
+  char why[128];
+  int r;
+
+  io->no_sync = (mode & QCOW2_IO_NO_SYNC) != 0;
+  if (!(mode & (QCOW2_IO_DIRECT | QCOW2_IO_AUTO)))
+    return 0;
+  r = try_direct (io, why, sizeof why);
+  if (r == -1) {
+    nbdkit_error ("%s: probing for direct I/O: %m", path);
+    return -1;
+  }
+  if (r == 0) {
+    nbdkit_debug ("%s: cache: direct I/O (O_DIRECT), alignment %" PRIu32
+                  ", buffers %" PRIu32, path, io->align, io->mem_align);
+    return 0;
+  }
+  if (mode & QCOW2_IO_DIRECT) {
+    nbdkit_error ("%s: cache=none and cache=directsync need direct I/O, "
+                  "but %s; use cache=auto, which serves it buffered and "
+                  "drops written data from the page cache", path, why);
+    errno = EINVAL;
+    return -1;
+  }
+  io->evict = true;
+  nbdkit_debug ("%s: cache: buffered with eviction from the page cache, "
+                "because %s", path, why);
+  return 0;
+}
+
 struct qcow2_io *
-qcow2_io_open_file (const char *path, bool readonly)
+qcow2_io_open_file_mode (const char *path, bool readonly, unsigned mode)
 {
   int fd = open (path, (readonly ? O_RDONLY : O_RDWR) | O_CLOEXEC);
   struct qcow2_io *io;
+  int e;
 
   if (fd == -1)
     return NULL;
   io = qcow2_io_from_fd (fd, readonly);
   if (io == NULL) {
-    int e = errno;
+    e = errno;
     close (fd);
     errno = e;
+    return NULL;
+  }
+  if (set_mode (io, path, mode) == -1) {
+    e = errno;
+    io_close (io);
+    errno = e;
+    return NULL;
   }
   return io;
+}
+
+struct qcow2_io *
+qcow2_io_open_file (const char *path, bool readonly)
+{
+  return qcow2_io_open_file_mode (path, readonly, 0);
 }
 
 /* ---- memory backend ---- */

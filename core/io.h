@@ -14,6 +14,10 @@
  *  - pwrite writes the whole buffer, extending the file if needed.
  *  - Calls may come from several threads at once (pread/pwrite are
  *    positional and must be thread-safe).
+ *
+ * The file backend can also be opened for direct I/O (O_DIRECT, the
+ * cache=none family) and then keeps the same semantics for any offset,
+ * length and buffer: callers never align anything (io.c explains how).
  */
 
 #ifndef QCOW2_IO_H
@@ -55,10 +59,30 @@ struct qcow2_io {
   int fd;                       /* the file descriptor, or -1 */
   bool readonly;
   bool in_memory_fs;            /* on tmpfs or ramfs: no reserve */
+  bool direct;                  /* file opened with O_DIRECT */
+  bool evict;                   /* buffered, but written ranges are
+                                   dropped from the page cache */
+  bool no_sync;                 /* flush is a no-op (cache=unsafe) */
+  uint32_t align;               /* direct: offset and length alignment */
+  uint32_t mem_align;           /* direct: buffer alignment */
 };
+
+/* Modes for qcow2_io_open_file_mode, or-ed together. */
+#define QCOW2_IO_DIRECT   (1 << 0)  /* O_DIRECT, or fail with EINVAL */
+#define QCOW2_IO_AUTO     (1 << 1)  /* O_DIRECT if the file system has
+                                       it, else buffered with eviction */
+#define QCOW2_IO_NO_SYNC  (1 << 2)  /* flush does nothing */
 
 /* Open a file.  readonly: O_RDONLY.  Returns NULL with errno set. */
 extern struct qcow2_io *qcow2_io_open_file (const char *path, bool readonly);
+
+/* The same with a cache mode (QCOW2_IO_*).  With QCOW2_IO_DIRECT on a
+ * file system without direct I/O this fails with EINVAL after saying
+ * so (nbdkit_error); QCOW2_IO_AUTO says what it chose (nbdkit_debug).
+ */
+extern struct qcow2_io *qcow2_io_open_file_mode (const char *path,
+                                                 bool readonly,
+                                                 unsigned mode);
 
 /* An io over an existing fd, which the io then owns. */
 extern struct qcow2_io *qcow2_io_from_fd (int fd, bool readonly);

@@ -37,6 +37,16 @@ enum qcow2_detect_zeroes {
   QCOW2_DETECT_ZEROES_UNMAP,    /* whole clusters: zero, old ones freed */
 };
 
+/* cache=, with qemu-nbd's meanings (the man page has them). */
+enum qcow2_cache_mode {
+  QCOW2_CACHE_WRITEBACK = 0,    /* page cache; flush = fdatasync */
+  QCOW2_CACHE_NONE,             /* O_DIRECT; flush = fdatasync */
+  QCOW2_CACHE_WRITETHROUGH,     /* page cache; every write FUA */
+  QCOW2_CACHE_DIRECTSYNC,       /* O_DIRECT; every write FUA */
+  QCOW2_CACHE_UNSAFE,           /* page cache; never fdatasync */
+  QCOW2_CACHE_AUTO,             /* O_DIRECT if possible, else evict */
+};
+
 struct qcow2_config {
   bool readonly;                /* never write; lock only as a reader */
   uint64_t l2_cache_size;       /* bytes of L2 slices; 0 = default */
@@ -48,6 +58,7 @@ struct qcow2_config {
   bool discard_ignore;          /* trims do nothing; zeroes never unmap */
   bool discard_no_unref;        /* trims and zeroes keep data clusters
                                    allocated (as zero clusters) */
+  enum qcow2_cache_mode cache;  /* for the image, data and backing files */
 };
 
 /* Flags for pwrite/zero/trim, the same values as nbdkit's. */

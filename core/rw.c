@@ -35,6 +35,16 @@
  * write.c only sees the flags that result.  Deferred frees are
  * committed here (flush_locked): at a flush, after a request once too
  * many are pending, and in the middle of a large zero or trim.
+ *
+ * cache= (qcow2.h) changes two things here and nothing else:
+ * writethrough and directsync treat every write, zero and trim as FUA
+ * (a full qcow2_flush after it), and with unsafe the files' flush is a
+ * no-op (io.c), so qcow2_flush still writes the cached metadata back
+ * in order, into the page cache, but never waits for the disk.  So a
+ * clean shutdown (qcow2_close) still leaves a consistent image, and so
+ * does a killed server (the kernel has every write); a host crash may
+ * not, as with QEMU's cache=unsafe, which ignores flushes altogether.
+ * Direct I/O and its alignment are the io layer's business (io.c).
  */
 
 #ifdef HAVE_CONFIG_H
@@ -548,7 +558,7 @@ qcow2_pwrite (struct qcow2_image *img, const void *buf, uint64_t count,
     r = write_detect_zeroes (img, buf, count, offset, zflags);
   else
     r = write_data (img, buf, count, offset);
-  if (r == 0 && (flags & QCOW2_F_FUA))
+  if (r == 0 && ((flags & QCOW2_F_FUA) || cache_write_through (&img->cfg)))
     return qcow2_flush (img);
   return r;
 }
@@ -601,7 +611,7 @@ change_end (struct qcow2_image *img, int r, unsigned flags)
   if (r == 0)
     r = maybe_commit (img);
   pthread_rwlock_unlock (&img->lock);
-  if (r == 0 && (flags & QCOW2_F_FUA))
+  if (r == 0 && ((flags & QCOW2_F_FUA) || cache_write_through (&img->cfg)))
     return qcow2_flush (img);
   return r;
 }

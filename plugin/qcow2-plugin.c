@@ -252,6 +252,32 @@ config_create (const char *key, const char *value)
   return 1;
 }
 
+/* cache=: qemu-nbd's names, and auto. */
+static int
+parse_cache (const char *value)
+{
+  static const struct { const char *name; enum qcow2_cache_mode mode; }
+  modes[] = {
+    { "writeback", QCOW2_CACHE_WRITEBACK },
+    { "none", QCOW2_CACHE_NONE },
+    { "writethrough", QCOW2_CACHE_WRITETHROUGH },
+    { "directsync", QCOW2_CACHE_DIRECTSYNC },
+    { "unsafe", QCOW2_CACHE_UNSAFE },
+    { "auto", QCOW2_CACHE_AUTO },
+  };
+  size_t i;
+
+  for (i = 0; i < sizeof modes / sizeof modes[0]; i++) {
+    if (strcmp (value, modes[i].name) == 0) {
+      cfg.cache = modes[i].mode;
+      return 0;
+    }
+  }
+  nbdkit_error ("cache must be writeback, none, writethrough, directsync, "
+                "unsafe or auto");
+  return -1;
+}
+
 static int
 qcow2_plugin_config (const char *key, const char *value)
 {
@@ -349,6 +375,8 @@ qcow2_plugin_config (const char *key, const char *value)
       return -1;
     cfg.no_locking = !r;
   }
+  else if (strcmp (key, "cache") == 0)
+    return parse_cache (value);
   else {
     nbdkit_error ("unknown parameter '%s'", key);
     return -1;
@@ -402,6 +430,8 @@ qcow2_plugin_config_complete (void)
   "overlap-check=none|constant|cached|all\n" \
   "                             Metadata overlap checks (default all).\n" \
   "locking=on|off               QEMU-compatible image locking (default on).\n" \
+  "cache=writeback|none|writethrough|directsync|unsafe|auto\n" \
+  "                             Host page cache use (default writeback).\n" \
   "check=off|report|repair      Check refcounts at start (default off).\n" \
   "detect-zeroes=off|on|unmap   Store written zero clusters as zero\n" \
   "                             clusters (unmap: freeing them); default off.\n" \
@@ -427,6 +457,8 @@ qcow2_plugin_dump_plugin (void)
   printf ("qcow2_write=yes\n");
   printf ("qcow2_overlap_check=all\n");
   printf ("qcow2_create=yes\n");
+  printf ("qcow2_cache=writeback,none,writethrough,directsync,unsafe,"
+          "auto\n");
 }
 
 /* check=report|repair: like qemu-img check [-r all] at start.  Repair

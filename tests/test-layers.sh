@@ -89,13 +89,14 @@ sys.exit(1 if bad else 0)
 PYEOF
 
 # The image's locks are taken and dropped in rw.c alone.  (cache.c's
-# stage_lock and io.c's memory-backend mutex are their own, not the
-# image's; image.c only creates and destroys the locks.)
-lockers=$(grep -lE 'pthread_rwlock_(rd|wr|un|tryrd|trywr)lock|pthread_(mutex_lock|mutex_unlock|cond_wait) \(&img->' \
+# stage_lock, io.c's memory-backend mutex and its direct I/O stripes
+# are their own, not the image's; image.c only creates and destroys
+# the locks.)
+lockers=$(grep -lE 'pthread_(rwlock_(rd|wr|un|tryrd|trywr)lock|mutex_lock|mutex_unlock|cond_wait) \(&img->' \
             "$abs_top_srcdir"/core/*.c | sed 's|.*/||' | grep -vx rw.c || :)
 if [ -n "$lockers" ]; then
   echo "FAIL: the image's locks are taken outside rw.c, in: $lockers"
-  grep -nE 'pthread_rwlock_(rd|wr|un|tryrd|trywr)lock|pthread_(mutex_lock|mutex_unlock|cond_wait) \(&img->' \
+  grep -nE 'pthread_(rwlock_(rd|wr|un|tryrd|trywr)lock|mutex_lock|mutex_unlock|cond_wait) \(&img->' \
     "$abs_top_srcdir"/core/*.c | grep -v '/rw\.c:'
   exit 1
 fi
