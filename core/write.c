@@ -586,8 +586,7 @@ write_zero_plan (struct qcow2_image *img, uint64_t count, uint64_t offset,
   *trim = false;
   if (meta && *a < *b)
     return 0;
-  if (!meta && !img->backing_name && !img->data_file_name && *may_trim &&
-      *a < *b) {
+  if (!meta && *a < *b && write_zero_by_metadata (img, *may_trim)) {
     *trim = true;
     return 0;
   }
