@@ -351,6 +351,16 @@ bitmap_load (struct qcow2_image *img)
                   "cluster aligned", img->name, img->bitmap_dir_offset);
     goto cannot_keep;
   }
+  /* Before anything is sized by it: every entry takes at least 32
+   * bytes of the directory.
+   */
+  if (img->nb_bitmaps > BME_MAX_BITMAPS ||
+      img->nb_bitmaps > img->bitmap_dir_size / BME_MIN_ENTRY_SIZE) {
+    nbdkit_error ("%s: %" PRIu32 " bitmaps cannot fit a bitmap directory "
+                  "of %" PRIu64 " bytes (or are more than %d)", img->name,
+                  img->nb_bitmaps, img->bitmap_dir_size, BME_MAX_BITMAPS);
+    goto cannot_keep;
+  }
   if (load_all (img) == -1) {
     if (errno != EINVAL)
       return -1;

@@ -119,6 +119,8 @@
 #define BME_MIN_GRANULARITY_BITS    9
 #define BME_MAX_GRANULARITY_BITS    31
 #define BME_MAX_NAME_SIZE           1023
+#define BME_MAX_BITMAPS             65535   /* QEMU's limit */
+#define BME_MIN_ENTRY_SIZE          32      /* fixed part, 1-byte name, padded */
 /* Bitmap table entry: bits 9-55 the data cluster; with those zero, bit
  * 0 says whether the cluster's bits are all ones.
  */
