@@ -10,6 +10,7 @@
  *                             and 64 chunks at pseudo-random offsets
  *   write, zero, trim, flush  a few ops at offsets taken from the input
  *   extents                   over the whole disk, checked for tiling
+ *   bitmap extents            of every persistent bitmap, the same way
  *   close                     which flushes and clears the dirty bit
  *
  *       input:  [ image bytes ...................... | tail: 32 bytes ]
@@ -405,6 +406,39 @@ do_extents (struct qcow2_image *img, uint64_t *s)
     check (st.nr == 1 && st.next_off <= off + n, "req_one extents", off, n);
 }
 
+/* Every bitmap's dirty map: over the whole disk, tiled with valid
+ * types, and one req_one extent of a random range.  A bitmap in use at
+ * open must be refused.
+ */
+static void
+do_bitmaps (struct qcow2_image *img, uint64_t *s)
+{
+  uint64_t size = qcow2_get_size (img), off, n;
+  uint32_t i, nr = qcow2_nr_bitmaps (img);
+  struct qcow2_bitmap_info info;
+  struct extent_state st;
+  int r;
+
+  for (i = 0; i < nr; i++) {
+    check (qcow2_bitmap_info (img, i, &info) == 0, "bitmap info", i, nr);
+    st.next_off = 0;
+    st.nr = 0;
+    r = qcow2_bitmap_extents (img, i, size, 0, false, extent_cb, &st);
+    if (info.in_use)
+      check (r == -1, "in-use bitmap refused", i, nr);
+    if (r == 0)
+      check (st.next_off == size, "bitmap extents cover the disk", i, size);
+    if (size == 0)
+      continue;
+    pick_range (s, size, qcow2_cluster_size (img), &off, &n);
+    st.next_off = off;
+    st.nr = 0;
+    if (qcow2_bitmap_extents (img, i, n, off, true, extent_cb, &st) == 0)
+      check (st.nr == 1 && st.next_off <= off + n, "req_one bitmap extents",
+             off, n);
+  }
+}
+
 int
 LLVMFuzzerInitialize (int *argc, char ***argv)
 {
@@ -449,6 +483,7 @@ LLVMFuzzerTestOneInput (const uint8_t *data, size_t size)
   if (!qcow2_is_readonly (img))
     check_flushed (img, mem, next (&s));
   do_extents (img, &s);
+  do_bitmaps (img, &s);
   read_disk (img, &s);
   qcow2_close (img);
   return 0;
