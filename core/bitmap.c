@@ -40,8 +40,9 @@
  * inside the file, of the kind the overlap map expects (the directory
  * and tables are in the map, data clusters must not be metadata), have
  * refcount 1 (unless the image was left dirty: its refcounts are
- * rebuilt before the first write) and be pointed at only once by all
- * bitmaps together.
+ * rebuilt before the first write, and judged then, by
+ * bitmap_check_repaired) and be pointed at only once by all bitmaps
+ * together.
  * Nothing read from the file is ever freed here.  XXX A data cluster
  * that a corrupt L2 table also points at is not detected (that takes
  * the full walk of check=); its refcount of 1 is already wrong then.
@@ -84,6 +85,21 @@ table_entries (const struct qcow2_image *img, unsigned gran_bits)
 
 /* ---- loading and checking ----------------------------------------- */
 
+/* Has every cluster of [off, off+len) refcount 1? */
+static bool
+refcounts_one (struct qcow2_image *img, uint64_t off, uint64_t len)
+{
+  uint64_t c, first = off >> img->cluster_bits;
+  uint64_t n = size_to_clusters (img, offset_into_cluster (img, off) + len);
+
+  for (c = first; c < first + n; c++) {
+    uint64_t v;
+    if (refcount_get (img, c, &v) == -1 || v != 1)
+      return false;
+  }
+  return true;
+}
+
 /* Is [off, off+len) of the file fit to be written in place as 'types'
  * (0: bitmap data)?  Inside the file, no other metadata there, and
  * every cluster with refcount 1.  Only asked of writable images (which
@@ -93,7 +109,7 @@ static bool
 ours_alone (struct qcow2_image *img, uint64_t off, uint64_t len,
             unsigned types)
 {
-  uint64_t c, first = off >> img->cluster_bits, hit;
+  uint64_t first = off >> img->cluster_bits, hit;
   uint64_t n = size_to_clusters (img, offset_into_cluster (img, off) + len);
 
   if (off >= img->host_end || img->host_end - off < len)
@@ -102,16 +118,12 @@ ours_alone (struct qcow2_image *img, uint64_t off, uint64_t len,
       overlap_map_query (img->overlap, first, n, OV_ALL & ~types, &hit))
     return false;
   /* Left dirty (lazy refcounts), the refcounts may be stale until the
-   * repair before the first write, which counts bitmap clusters too.
+   * repair before the first write, which counts bitmap clusters too:
+   * bitmap_check_repaired judges them then.
    */
   if (img->incompat & INCOMPAT_DIRTY)
     return true;
-  for (c = first; c < first + n; c++) {
-    uint64_t v;
-    if (refcount_get (img, c, &v) == -1 || v != 1)
-      return false;
-  }
-  return true;
+  return refcounts_one (img, off, len);
 }
 
 static int
@@ -413,6 +425,44 @@ bitmap_free (struct qcow2_image *img)
   img->bitmaps = NULL;
   img->bitmap_dir = NULL;
   img->nr_bitmaps = 0;
+}
+
+/* After the repair of an image left dirty (check_repair_dirty, before
+ * header_prepare_write): its refcounts are true now, so the bitmap
+ * clusters are judged by them as ours_alone does at open.  One shared
+ * (a corrupt L2 entry pointing at it gets refcount 2) means the bitmaps
+ * cannot be kept: the autoclear bit is then cleared.  They are not
+ * freed (bitmap_set and bitmap_extents may be running without the
+ * lock), only marked lost.
+ */
+void
+bitmap_check_repaired (struct qcow2_image *img)
+{
+  uint32_t i;
+  uint64_t j;
+  bool ok = true;
+
+  if (!img->bitmaps_kept)
+    return;
+  ok = refcounts_one (img, img->bitmap_dir_offset, img->bitmap_dir_size);
+  for (i = 0; ok && i < img->nr_bitmaps; i++) {
+    struct bitmap *bm = &img->bitmaps[i];
+
+    ok = refcounts_one (img, bm->table_offset, (uint64_t) bm->table_size * 8);
+    for (j = 0; ok && j < bm->table_size; j++)
+      if (bm->table[j] & BTE_OFFSET_MASK)
+        ok = refcounts_one (img, bm->table[j] & BTE_OFFSET_MASK,
+                            img->cluster_size);
+  }
+  if (ok)
+    return;
+  nbdkit_error ("%s: after the repair of the dirty image a bitmap cluster "
+                "is shared (or its refcount unreadable): the bitmaps cannot "
+                "be kept: this write marks them all inconsistent (clears "
+                "the autoclear bit)", img->name);
+  for (i = 0; i < img->nr_bitmaps; i++)
+    __atomic_store_n (&img->bitmaps[i].lost, true, __ATOMIC_RELAXED);
+  img->bitmaps_kept = false;
 }
 
 /* ---- the in-use flags --------------------------------------------- */

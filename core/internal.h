@@ -404,6 +404,7 @@ extern void cluster_forget_all (struct qcow2_image *img);
 extern int bitmap_load (struct qcow2_image *img);
 extern void bitmap_free (struct qcow2_image *img);
 extern int bitmap_prepare_write (struct qcow2_image *img);
+extern void bitmap_check_repaired (struct qcow2_image *img);
 extern void bitmap_set (struct qcow2_image *img, uint64_t offset,
                         uint64_t count);
 extern int bitmap_store (struct qcow2_image *img);

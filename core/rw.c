@@ -351,9 +351,11 @@ check_writable (struct qcow2_image *img)
     errno = EIO;
     return -1;
   }
-  if ((img->incompat & INCOMPAT_DIRTY) && !img->dirty_written &&
-      check_repair_dirty (img) == -1)
-    return -1;
+  if ((img->incompat & INCOMPAT_DIRTY) && !img->dirty_written) {
+    if (check_repair_dirty (img) == -1)
+      return -1;
+    bitmap_check_repaired (img);
+  }
   if (header_prepare_write (img) == -1)
     return -1;
   return bitmap_prepare_write (img);
