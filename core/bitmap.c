@@ -30,10 +30,11 @@
  * bitmap inconsistent".
  *
  * Memory: the tables (8 bytes per cluster of bits), and one cluster
- * per table entry whose range was written since open, or read by
- * bitmap_extents: at most the bitmap's size (disk size / granularity
- * / 8: 16 MiB for 8 TiB at 64 KiB).  Nothing is read at open but the
- * directory and tables.
+ * per table entry whose range was written since open: at most the
+ * bitmap's size (disk size / granularity / 8: 16 MiB for 8 TiB at 64
+ * KiB).  Nothing is read at open but the directory and tables;
+ * bitmap_extents reads the bits of a cluster not written since open
+ * into a buffer of its own, not kept.
  *
  * Trust: what the directory and tables point at is written in place at
  * close, so at open (for a writable image) every such cluster must be
@@ -683,8 +684,8 @@ bitmap_extents (struct qcow2_image *img, uint32_t i, uint64_t count,
   struct bitmap *bm;
   unsigned pb = page_bits (img);
   uint64_t end = offset + count, pos = offset;
-  uint64_t run_start = offset;
-  int run_type = -1;
+  uint64_t run_start = offset, scratch_j = UINT64_MAX, *scratch = NULL;
+  int run_type = -1, r = -1;
 
   if (i >= img->nr_bitmaps ||
       ((img->bitmaps[i].flags & BME_FLAG_IN_USE) && !img->bitmaps[i].keep) ||
@@ -699,18 +700,39 @@ bitmap_extents (struct qcow2_image *img, uint32_t i, uint64_t count,
     uint64_t g = pos >> bm->gran_bits, j = g >> pb, base = j << pb;
     uint64_t gend = min_u64 (base + (UINT64_C(1) << pb),
                              ((end - 1) >> bm->gran_bits) + 1);
-    uint64_t next, e = bm->table[j];
+    uint64_t next, e = bm->table[j], off = e & BTE_OFFSET_MASK;
+    uint64_t *page = __atomic_load_n (&bm->pages[j], __ATOMIC_ACQUIRE);
     int type;
 
-    if (!(e & (BTE_OFFSET_MASK | BTE_ALL_ONES)) &&
-        __atomic_load_n (&bm->pages[j], __ATOMIC_ACQUIRE) == NULL) {
-      type = QCOW2_EXTENT_HOLE | QCOW2_EXTENT_ZERO;
+    if (page == NULL && off == 0) {
+      /* Nothing set since open: the table entry says it all. */
+      type = (e & BTE_ALL_ONES) ? 0 : QCOW2_EXTENT_HOLE | QCOW2_EXTENT_ZERO;
       next = gend;
     }
     else {
-      uint64_t *page = get_loaded_page (img, bm, j);
-      if (page == NULL)
-        return -1;
+      if (page == NULL) {
+        /* Bits on disk only: read, not kept, so that memory stays
+         * bounded by what was written since open (a hostile table may
+         * point every entry at one cluster).
+         */
+        if (scratch == NULL &&
+            (scratch = malloc (img->cluster_size)) == NULL) {
+          nbdkit_error ("%s: bitmap '%s': %m", img->name, bm->name);
+          goto out;
+        }
+        if (scratch_j != j) {
+          scratch_j = UINT64_MAX;
+          if (io_pread (img->io, scratch, img->cluster_size, off) == -1) {
+            nbdkit_error ("%s: bitmap '%s': reading bits at %#" PRIx64
+                          ": %m", img->name, bm->name, off);
+            goto out;
+          }
+          scratch_j = j;
+        }
+        page = scratch;
+      }
+      else if ((page = get_loaded_page (img, bm, j)) == NULL)
+        goto out;
       type = test_bit (page, g - base) ? 0
                                         : QCOW2_EXTENT_HOLE | QCOW2_EXTENT_ZERO;
       next = base + run_end (page, g - base, gend - base);
@@ -719,9 +741,11 @@ bitmap_extents (struct qcow2_image *img, uint32_t i, uint64_t count,
     next = min_u64 (next << bm->gran_bits, end);
     if (run_type != -1 && type != run_type) {
       if (fn (opaque, run_start, pos - run_start, run_type) == -1)
-        return -1;
-      if (req_one)
-        return 0;
+        goto out;
+      if (req_one) {
+        r = 0;
+        goto out;
+      }
       run_start = pos;
     }
     run_type = type;
@@ -729,8 +753,11 @@ bitmap_extents (struct qcow2_image *img, uint32_t i, uint64_t count,
   }
   if (run_type != -1 && fn (opaque, run_start, end - run_start,
                             run_type) == -1)
-    return -1;
-  return 0;
+    goto out;
+  r = 0;
+ out:
+  free (scratch);
+  return r;
 }
 
 /* ---- storing at close --------------------------------------------- */
