@@ -310,6 +310,10 @@ image_open (struct qcow2_io *io, const char *name, const char *dir,
     if (fs == -1)
       goto err;
     img->host_end = round_up_pow2 (fs, img->cluster_size);
+    if (img->io->blockdev && !img->readonly)
+      nbdkit_debug ("%s: a block device of %" PRIi64 " bytes: the image "
+                    "cannot grow past it, and no space is reserved ahead",
+                    img->name, fs);
   }
   if (cluster_load_l1 (img) == -1 ||
       refcount_load (img) == -1 ||

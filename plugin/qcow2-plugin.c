@@ -53,7 +53,9 @@ static char *file_arg;          /* file= as given; resolved once it exists */
 static char *snapshot;          /* snapshot=: serve only this one */
 static bool readonly_opt;       /* readonly=true */
 static enum { CHECK_OFF, CHECK_REPORT, CHECK_REPAIR } check_mode;
-static struct qcow2_config cfg;
+static struct qcow2_config cfg = {
+  .prealloc_size = QCOW2_PREALLOC_SIZE_DEFAULT,
+};
 static struct qcow2_image *img; /* the active image */
 
 /* Snapshot views opened so far. */
@@ -369,6 +371,17 @@ qcow2_plugin_config (const char *key, const char *value)
       return -1;
     cfg.discard_no_unref = r;
   }
+  else if (strcmp (key, "prealloc-size") == 0) {
+    uint64_t v;
+    if (parse_size (value, &v) == -1)
+      return -1;
+    if (v > QCOW2_PREALLOC_SIZE_MAX) {
+      nbdkit_error ("prealloc-size must be at most %" PRIu64 " (1T): %s",
+                    QCOW2_PREALLOC_SIZE_MAX, value);
+      return -1;
+    }
+    cfg.prealloc_size = v;
+  }
   else if (strcmp (key, "locking") == 0) {
     int r = nbdkit_parse_bool (value);
     if (r == -1)
@@ -430,6 +443,8 @@ qcow2_plugin_config_complete (void)
   "overlap-check=none|constant|cached|all\n" \
   "                             Metadata overlap checks (default all).\n" \
   "locking=on|off               QEMU-compatible image locking (default on).\n" \
+  "prealloc-size=<SIZE>         Disk reserved ahead as the file grows, in\n" \
+  "                             steps of SIZE (default 0: none).\n" \
   "cache=writeback|none|writethrough|directsync|unsafe|auto\n" \
   "                             Host page cache use (default writeback).\n" \
   "check=off|report|repair      Check refcounts at start (default off).\n" \
@@ -457,6 +472,7 @@ qcow2_plugin_dump_plugin (void)
   printf ("qcow2_write=yes\n");
   printf ("qcow2_overlap_check=all\n");
   printf ("qcow2_create=yes\n");
+  printf ("qcow2_prealloc_size=%" PRIu64 "\n", QCOW2_PREALLOC_SIZE_DEFAULT);
   printf ("qcow2_cache=writeback,none,writethrough,directsync,unsafe,"
           "auto\n");
 }
