@@ -59,6 +59,11 @@ struct qcow2_config {
   bool discard_no_unref;        /* trims and zeroes keep data clusters
                                    allocated (as zero clusters) */
   enum qcow2_cache_mode cache;  /* for the image, data and backing files */
+  bool top_layer;               /* serve the top image alone: its backing
+                                   file is not opened, unallocated
+                                   clusters read as zeroes and are holes
+                                   (qemu's "backing": null); implies
+                                   readonly */
 };
 
 /* Flags for pwrite/zero/trim, the same values as nbdkit's. */

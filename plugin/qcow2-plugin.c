@@ -12,6 +12,8 @@
  * read-only export named after it (or its ID).  A snapshot's view is
  * opened on first use and shared by all connections to it.  With
  * snapshot=NAME the plugin serves that snapshot as its only export.
+ * With top-layer=true every export shows the top image alone (core
+ * does not open its backing file) and is read-only.
  *
  * Locks: the image is locked in .get_ready, as qemu-nbd locks it at
  * start: as a writer unless readonly=true or snapshot= (or the file is
@@ -377,6 +379,12 @@ qcow2_plugin_config (const char *key, const char *value)
   }
   else if (strcmp (key, "cache") == 0)
     return parse_cache (value);
+  else if (strcmp (key, "top-layer") == 0) {
+    int r = nbdkit_parse_bool (value);
+    if (r == -1)
+      return -1;
+    cfg.top_layer = r;
+  }
   else {
     nbdkit_error ("unknown parameter '%s'", key);
     return -1;
@@ -413,7 +421,10 @@ qcow2_plugin_config_complete (void)
   filename = nbdkit_realpath (file_arg);
   if (filename == NULL)
     return -1;
-  cfg.readonly = readonly_opt || snapshot != NULL;
+  /* top-layer=true is read-only (core forces it too): say so once. */
+  if (cfg.top_layer && !readonly_opt)
+    nbdkit_debug ("top-layer=true: serving the image read-only");
+  cfg.readonly = readonly_opt || snapshot != NULL || cfg.top_layer;
   return 0;
 }
 
@@ -422,6 +433,9 @@ qcow2_plugin_config_complete (void)
   "readonly=true|false          Open and lock the image read-only, sharing\n" \
   "                             it with QEMU's readers (default false).\n" \
   "snapshot=<NAME|ID>           Serve this internal snapshot (read-only).\n" \
+  "top-layer=true|false         Serve only the top image of the backing\n" \
+  "                             chain, read-only: unallocated clusters\n" \
+  "                             read as zeroes (holes); default false.\n" \
   "l2-cache-size=<SIZE>         L2 table cache size (default: whole disk,\n" \
   "                             at most 32M).\n" \
   "refcount-cache-size=<SIZE>   Refcount block cache size (default 256K).\n" \
@@ -459,6 +473,7 @@ qcow2_plugin_dump_plugin (void)
   printf ("qcow2_create=yes\n");
   printf ("qcow2_cache=writeback,none,writethrough,directsync,unsafe,"
           "auto\n");
+  printf ("qcow2_top_layer=yes\n");
 }
 
 /* check=report|repair: like qemu-img check [-r all] at start.  Repair
@@ -512,7 +527,9 @@ qcow2_plugin_list_exports (int readonly, int is_tls,
 
   if (snapshot)
     return nbdkit_add_export (exports, snapshot, "internal snapshot");
-  if (nbdkit_add_export (exports, "", "active image") == -1)
+  if (nbdkit_add_export (exports, "",
+                         cfg.top_layer ? "active image, top layer only "
+                         "(read-only)" : "active image") == -1)
     return -1;
   for (i = 0; i < n; i++) {
     struct qcow2_snapshot_info info;
