@@ -10,7 +10,8 @@
  * backing_read reads it as it reads a raw file.
  *
  * Open order: header (validated) -> L1 table -> refcount table ->
- * snapshot table -> caches -> overlap map -> backing chain / data file.
+ * snapshot table -> caches -> overlap map -> backing chain / data file
+ * -> (the image served only) bitmaps.
  * Each step validates what it reads before the next one trusts it.
  *
  * top_layer (qemu's "backing": null): the backing file is not opened at
@@ -189,6 +190,7 @@ image_free (struct qcow2_image *img)
   if (img == NULL)
     return;
   backing_close (img);
+  bitmap_free (img);
   overlap_free (img);
   cache_destroy (img->l2_cache);
   free (img->empty_slices);
@@ -348,11 +350,26 @@ image_open (struct qcow2_io *io, const char *name, const char *dir,
   return NULL;
 }
 
+/* The image served (not a backing file or snapshot view): with its
+ * persistent dirty bitmaps.
+ */
+static struct qcow2_image *
+open_top (struct qcow2_image *img)
+{
+  if (img && bitmap_load (img) == -1) {
+    int e = errno;
+    image_free (img);
+    errno = e;
+    return NULL;
+  }
+  return img;
+}
+
 struct qcow2_image *
 qcow2_open_io (struct qcow2_io *io, const char *name, const char *dir,
                const struct qcow2_config *cfg)
 {
-  return image_open (io, name, dir, cfg, NULL);
+  return open_top (image_open (io, name, dir, cfg, NULL));
 }
 
 struct qcow2_image *
@@ -398,7 +415,7 @@ qcow2_open (const char *filename, const struct qcow2_config *cfg)
     io_close (io);
     return NULL;
   }
-  img = image_open (io, filename, dir, cfg, NULL);
+  img = open_top (image_open (io, filename, dir, cfg, NULL));
   free (dir);
   /* Writable file, read-only image (marked corrupt): a reader. */
   if (img && img->readonly && !io->readonly && !cfg->no_locking &&
@@ -471,6 +488,8 @@ qcow2_close (struct qcow2_image *img)
   if (img == NULL)
     return 0;
   if (!img->readonly && qcow2_flush (img) == -1)
+    r = -1;
+  if (r == 0 && !img->readonly && rw_store_bitmaps (img) == -1)
     r = -1;
   if (r == 0 && !img->readonly && header_mark_clean (img) == -1)
     r = -1;

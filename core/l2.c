@@ -37,8 +37,10 @@
 #include "internal.h"
 #include "overlap.h"
 
-/* Rules 1 and 2: before an L2 slice or L1 entry is written. */
-static int
+/* Rules 1 and 2: before an L2 slice or L1 entry is written (and a
+ * bitmap table, bitmap.c).
+ */
+int
 l2_barrier (struct qcow2_image *img)
 {
   if (cache_flush (img->rc_cache) == -1)
