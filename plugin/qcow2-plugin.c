@@ -495,6 +495,7 @@ qcow2_plugin_dump_plugin (void)
   printf ("qcow2_cache=writeback,none,writethrough,directsync,unsafe,"
           "auto\n");
   printf ("qcow2_top_layer=yes\n");
+  printf ("qcow2_bitmap_exports=yes\n");
 }
 
 /* check=report|repair: like qemu-img check [-r all] at start.  Repair
