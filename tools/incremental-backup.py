@@ -125,6 +125,11 @@ def main():
     args = p.parse_args()
 
     src = connect(args.source, True)
+    # Any other export's data extents are its allocation, not what
+    # changed: copying them into an overlay would not be a backup.
+    if not src.get_export_name().startswith("bitmap:"):
+        sys.exit("%s: not a bitmap export (its name must start with "
+                 "'bitmap:')" % args.source)
     dst = connect(args.dest, False)
     size = src.get_size()
     if dst.get_size() != size:
