@@ -39,7 +39,9 @@
  * close, so at open (for a writable image) every such cluster must be
  * inside the file, of the kind the overlap map expects (the directory
  * and tables are in the map, data clusters must not be metadata), have
- * refcount 1 and be pointed at only once by all bitmaps together.
+ * refcount 1 (unless the image was left dirty: its refcounts are
+ * rebuilt before the first write) and be pointed at only once by all
+ * bitmaps together.
  * Nothing read from the file is ever freed here.  XXX A data cluster
  * that a corrupt L2 table also points at is not detected (that takes
  * the full walk of check=); its refcount of 1 is already wrong then.
@@ -99,6 +101,11 @@ ours_alone (struct qcow2_image *img, uint64_t off, uint64_t len,
   if (img->overlap &&
       overlap_map_query (img->overlap, first, n, OV_ALL & ~types, &hit))
     return false;
+  /* Left dirty (lazy refcounts), the refcounts may be stale until the
+   * repair before the first write, which counts bitmap clusters too.
+   */
+  if (img->incompat & INCOMPAT_DIRTY)
+    return true;
   for (c = first; c < first + n; c++) {
     uint64_t v;
     if (refcount_get (img, c, &v) == -1 || v != 1)
