@@ -10,7 +10,9 @@
 # qemu-img's own top-only view; the same with extended L2 entries,
 # where a partly written cluster is data only in its written
 # subclusters.  The export is read-only (also with readonly=false) and
-# the backing file is not opened at all: a missing one is no error.
+# the image locked only as a reader (QEMU may read it meanwhile), and
+# the backing file is not opened at all: not locked (QEMU may write
+# it meanwhile), and a missing one is no error.
 
 source ./functions.sh
 requires qemu-img --version
@@ -61,6 +63,9 @@ except nbd.Error:
 else:
     raise AssertionError(\"write to a top-layer export succeeded\")
 "
+  # A reader lock only, on top alone: QEMU can read top, and write mid.
+  qemu-io -r -c "read 0 4k" "$tmpdir/top.qcow2" >/dev/null
+  qemu-io -c "write -P 0xdd 512k 4k" "$tmpdir/mid.qcow2" >/dev/null
 '
 grep -q 'top layer only' "$tmpdir/list" ||
     fail "the export's description does not say top layer only"
