@@ -3,19 +3,22 @@
 # Copyright (C) 2026 the nbdkit-qcow2 authors.  BSD-3-Clause, see LICENSE.
 #
 # The incremental backup recipe of the man page, end to end: a full
-# backup (nbdcopy into an image made with create=true), then three
+# backup (nbdcopy into an image made with create=true), then four
 # rounds of writes, zeroes and trims through the plugin over two
 # connections, each followed by an incremental backup of the bitmap
 # export's dirty ranges (tools/incremental-backup.py) into a new
 # overlay made with create=true backing=PREVIOUS.  Checkpoints are
-# started between server runs: round 1 with a new bitmap (qemu-img
-# bitmap --add, the old one removed), round 3 by clearing the bitmap
-# (--clear).  After each round the restored chain is qemu-img
+# started between server runs: after rounds 1 and 3 with a new bitmap
+# (qemu-img bitmap --add, the old one removed), after round 2 by
+# clearing the bitmap (--clear).  After each round the restored chain is qemu-img
 # compare-equal to the disk at that point (and the older ones still
 # are at the end), and backup-check.py, from nbdkit's log of the
 # destination, checks that the backup wrote every byte of the dirty
 # set (the requests rounded out to the bitmap's granularity) once and
 # nothing else, as zero requests exactly where the disk reads as zero.
+# Round 4 is the live variant: the checkpoint is an internal snapshot
+# and the bitmap disabled at that moment, and the copy (--data, from
+# the snapshot's export) runs while a client overwrites the whole disk.
 
 source ./functions.sh
 requires qemu-img --version
@@ -90,6 +93,13 @@ backup ()
              --run "/usr/bin/python3 \"\$backup\" -v \"\$src\" \"\$uri\"" \
              > "$tmpdir/dirty.$r"
     '
+    verify $r
+}
+
+# verify ROUND: the checks of a backup.
+verify ()
+{
+    local r=$1
     cat "$tmpdir/dirty.$r"
     /usr/bin/python3 "$check" $size 65536 "$tmpdir/ops.$r" "$tmpdir/log.$r" \
         "$tmpdir/ref.$r" "$tmpdir/dirty.$r"
@@ -135,8 +145,62 @@ EOF
 run_ops 3
 backup 3 ckpt2 inc.2.qcow2
 
+# The next checkpoint: a new bitmap again.
+qemu-img bitmap --remove "$disk" ckpt2
+qemu-img bitmap --add "$disk" ckpt4
+
+# Round 4, live: the checkpoint is an internal snapshot (the data to
+# copy) and the bitmap disabled at that moment, a new bitmap tracks
+# what comes after, and the copy runs while a client writes the disk.
+cat > "$tmpdir/ops.4" <<EOF
+w 0x10000 0x30000
+z 0x600000 0x20000
+t 0x700000 0x10000
+EOF
+run_ops 4
+qemu-img snapshot -c backup4 "$disk"
+qemu-img bitmap --disable "$disk" ckpt4
+qemu-img bitmap --add "$disk" ckpt5
+qemu-img convert -l snapshot.name=backup4 -O raw "$disk" "$tmpdir/ref.4"
+serve_run file="$disk" --run '
+  set -e
+  src="nbd+unix:///bitmap:ckpt4?socket=$unixsocket"
+  data="nbd+unix:///backup4?socket=$unixsocket"
+  export src data
+  # The writer overwrites the whole disk, 1 MiB at a time, until the
+  # copy is done.
+  nbdsh -u "$uri" -c "
+import os, time
+i = 0
+while i < 8 or not os.path.exists(\"$tmpdir/stop\"):
+    h.pwrite(bytes([0xe0 + i % 16]) * 1048576, (i % 8) * 1048576)
+    time.sleep(0.01)
+    if i == 8:
+        open(\"$tmpdir/started\", \"w\").close()
+    i += 1
+h.flush()
+print(\"writer: %d MiB written\" % i)
+" &
+  writer=$!
+  while [ ! -f "$tmpdir/started" ]; do sleep 0.1; done
+  nbdkit -U - --filter=log "$PLUGIN" file="$tmpdir/inc.4.qcow2" \
+         create=true backing=inc.3.qcow2 backing-format=qcow2 \
+         logfile="$tmpdir/log.4" \
+         --run "/usr/bin/python3 \"\$backup\" -v --data \"\$data\" \"\$src\" \"\$uri\"" \
+         > "$tmpdir/dirty.4"
+  touch "$tmpdir/stop"
+  wait $writer
+'
+if qemu-img compare -q "$disk" "$tmpdir/ref.4"; then
+    fail "round 4: the writer did not write while the backup ran"
+fi
+verify 4
+qemu-img snapshot -d backup4 "$disk"
+qemu-img bitmap --remove "$disk" ckpt4
+qcheck "$disk"
+
 # Later backups changed nothing in the earlier ones.
-for r in 1 2; do
+for r in 1 2 3; do
     qemu-img compare -q "$tmpdir/inc.$r.qcow2" "$tmpdir/ref.$r" ||
         fail "restored chain of round $r changed later"
 done

@@ -4,7 +4,7 @@
 
 """Copy the dirty ranges of a bitmap export into a backup overlay.
 
-Usage: incremental-backup.py [-v] SOURCE_URI DEST_URI
+Usage: incremental-backup.py [-v] [--data DATA_URI] SOURCE_URI DEST_URI
 
 SOURCE_URI is the NBD URI of a dirty bitmap export of nbdkit-qcow2-plugin
 ("bitmap:NAME", for example nbd+unix:///bitmap:ckpt1?socket=/tmp/src),
@@ -19,6 +19,12 @@ destination; parts of it that read as zeroes are sent as zero requests
 storing zeroes as data).  Clean ranges are not touched: the overlay
 reads them from its backing chain.  At the end the destination is
 flushed and one line of totals is printed.
+
+With --data, the dirty ranges are read from DATA_URI instead, an export
+of the same size: an internal snapshot of the disk taken at the
+checkpoint (the snapshot's export of the same server).  The bitmap must
+then have been disabled at that checkpoint too (qemu-img bitmap
+--disable), and the disk may be written while the copy runs.
 
 nbdcopy cannot do this: it writes zeroes over the source's holes (the
 clean ranges, which would hide the previous backup), and with
@@ -83,12 +89,12 @@ def dirty_ranges(src, size):
         yield pending
 
 
-def copy_range(src, dst, offset, length, totals):
+def copy_range(data, dst, offset, length, totals):
     """Copy one dirty range: data as writes, zero blocks as zeroes."""
     end = offset + length
     while offset < end:
         n = min(CHUNK, end - offset)
-        buf = src.pread(n, offset)
+        buf = data.pread(n, offset)
         # Runs of ZBLOCK-aligned blocks that are all zero or not.
         pos = 0
         while pos < n:
@@ -120,6 +126,9 @@ def main():
         "export into a backup overlay.")
     p.add_argument("-v", "--verbose", action="store_true",
                    help="print every dirty range")
+    p.add_argument("--data", metavar="DATA_URI",
+                   help="read the dirty ranges from this export (a "
+                   "snapshot taken at the checkpoint)")
     p.add_argument("source", help="NBD URI of the bitmap export")
     p.add_argument("dest", help="NBD URI of the writable destination")
     args = p.parse_args()
@@ -135,6 +144,12 @@ def main():
     if dst.get_size() != size:
         sys.exit("destination size %d is not the source's %d"
                  % (dst.get_size(), size))
+    data = src
+    if args.data:
+        data = connect(args.data, False)
+        if data.get_size() != size:
+            sys.exit("%s: size %d is not the bitmap export's %d"
+                     % (args.data, data.get_size(), size))
     if dst.is_read_only():
         sys.exit("destination %s is read-only" % args.dest)
 
@@ -144,9 +159,11 @@ def main():
             print("dirty %d %d" % (offset, length))
         totals["ranges"] += 1
         totals["dirty"] += length
-        copy_range(src, dst, offset, length, totals)
+        copy_range(data, dst, offset, length, totals)
     dst.flush()
     dst.shutdown()
+    if data is not src:
+        data.shutdown()
     src.shutdown()
     print("dirty: %(dirty)d bytes in %(ranges)d ranges; written: "
           "%(written)d bytes of data, %(zeroed)d bytes as zeroes" % totals)
