@@ -22,9 +22,11 @@ flushed and one line of totals is printed.
 
 With --data, the dirty ranges are read from DATA_URI instead, an export
 of the same size: an internal snapshot of the disk taken at the
-checkpoint (the snapshot's export of the same server).  The bitmap must
-then have been disabled at that checkpoint too (qemu-img bitmap
---disable), and the disk may be written while the copy runs.
+checkpoint (the snapshot's export of the same server), so that the disk
+may be written while the copy runs.  Disable the bitmap at that
+checkpoint too (qemu-img bitmap --disable): an enabled one also gets the
+ranges written since, which are then copied from the snapshot as well
+(correct, but more than needed).
 
 nbdcopy cannot do this: it writes zeroes over the source's holes (the
 clean ranges, which would hide the previous backup), and with
