@@ -490,6 +490,10 @@ extern int write_zeroes (struct qcow2_image *img, uint64_t off,
                          uint64_t len, unsigned flags);
 extern int zero_subclusters (struct qcow2_image *img, uint64_t off,
                              uint64_t len, bool trim);
+extern int write_zero_edge (struct qcow2_image *img, uint64_t off,
+                            uint64_t len, unsigned flags);
+extern int write_trim_edge (struct qcow2_image *img, uint64_t off,
+                            uint64_t len);
 extern int64_t zero_clusters (struct qcow2_image *img, uint64_t c0,
                               uint64_t n, bool trim, bool may_trim);
 
