@@ -14,6 +14,14 @@
  * -> (the image served only) bitmaps.
  * Each step validates what it reads before the next one trusts it.
  *
+ * top_layer (qemu's "backing": null): the backing file is not opened at
+ * all, so backing_size stays 0 and every unallocated cluster reads as
+ * zeroes and is reported as a hole, as in an image without a backing
+ * file.  Such an image is always read-only: a partial write to an
+ * unallocated cluster would copy zeroes, not the backing file's data,
+ * into it, and a zero or trim could drop clusters the backing file
+ * needs to be hidden.  backing_name is kept (the image still has one).
+ *
  * Cache defaults: the L2 cache covers the whole virtual disk, capped at
  * 32 MiB (QEMU's Linux default cap, enough for 256 GiB with 64 KiB
  * clusters); slices are 4 KiB, or the cluster size when smaller.
@@ -219,6 +227,11 @@ open_backing (struct qcow2_image *img)
 
   if (img->backing_name == NULL)
     return 0;
+  if (img->cfg.top_layer) {
+    nbdkit_debug ("%s: top-layer: backing file %s not opened, unallocated "
+                  "clusters read as zeroes", img->name, img->backing_name);
+    return 0;
+  }
   io = backing_open_file (img, &path, &is_qcow2);
   if (io == NULL)
     return -1;
@@ -289,7 +302,7 @@ image_open (struct qcow2_io *io, const char *name, const char *dir,
   img->io = io;
   img->give_back_reservation = rw_give_back_reservation;
   img->cfg = *cfg;
-  img->readonly = cfg->readonly || io->readonly;
+  img->readonly = cfg->readonly || cfg->top_layer || io->readonly;
   img->child = child;
   img->depth = child ? child->depth + 1 : 0;
   img->name = strdup (name);
@@ -312,6 +325,10 @@ image_open (struct qcow2_io *io, const char *name, const char *dir,
     if (fs == -1)
       goto err;
     img->host_end = round_up_pow2 (fs, img->cluster_size);
+    if (img->io->blockdev && !img->readonly)
+      nbdkit_debug ("%s: a block device of %" PRIi64 " bytes: the image "
+                    "cannot grow past it, and no space is reserved ahead",
+                    img->name, fs);
   }
   if (cluster_load_l1 (img) == -1 ||
       refcount_load (img) == -1 ||
@@ -365,7 +382,7 @@ qcow2_open (const char *filename, const struct qcow2_config *cfg)
   struct qcow2_io *io;
   struct qcow2_image *img;
   char *dir;
-  bool ro = cfg->readonly;
+  bool ro = cfg->readonly || cfg->top_layer;
 
   io = qcow2_io_open_file_mode (filename, ro, cache_io_mode (cfg));
   if (io == NULL && !ro && (errno == EACCES || errno == EROFS ||

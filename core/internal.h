@@ -140,8 +140,8 @@ struct qcow2_image {
   uint32_t rb_bits;             /* log2 entries per refcount block */
 
   /* The active L1 table, host byte order: loaded by cluster.c, changed
-   * by l2.c, rewritten by check.c's repair of COPIED flags, replaced
-   * in snapshot views (image.c).
+   * and written only by l2.c (check.c's repair of COPIED flags too goes
+   * through it), replaced in snapshot views (image.c).
    */
   uint64_t l1_offset;
   uint32_t l1_size;
@@ -454,6 +454,8 @@ extern int l2_check_old_entries (struct qcow2_image *img, uint64_t c0,
                                  uint64_t n);
 extern int l2_write_back (struct qcow2_image *img);
 extern int l2_barrier (struct qcow2_image *img);
+extern void l2_set_l1 (struct qcow2_image *img, uint64_t i, uint64_t v);
+extern int l2_write_l1 (struct qcow2_image *img);
 
 /* write.c: an allocating write of one run in three steps (rw.c):
  * write_plan with img->lock held allocates the clusters and builds what
@@ -489,6 +491,10 @@ extern int write_zeroes (struct qcow2_image *img, uint64_t off,
                          uint64_t len, unsigned flags);
 extern int zero_subclusters (struct qcow2_image *img, uint64_t off,
                              uint64_t len, bool trim);
+extern int write_zero_edge (struct qcow2_image *img, uint64_t off,
+                            uint64_t len, unsigned flags);
+extern int write_trim_edge (struct qcow2_image *img, uint64_t off,
+                            uint64_t len);
 extern int64_t zero_clusters (struct qcow2_image *img, uint64_t c0,
                               uint64_t n, bool trim, bool may_trim);
 

@@ -59,7 +59,22 @@ struct qcow2_config {
   bool discard_no_unref;        /* trims and zeroes keep data clusters
                                    allocated (as zero clusters) */
   enum qcow2_cache_mode cache;  /* for the image, data and backing files */
+  bool top_layer;               /* serve the top image alone: its backing
+                                   file is not opened, unallocated
+                                   clusters read as zeroes and are holes
+                                   (qemu's "backing": null); implies
+                                   readonly */
+  uint64_t prealloc_size;       /* bytes of disk reserved ahead as the
+                                   file grows (refcount.c); 0: none.
+                                   The plugin's default is below. */
 };
+
+/* prealloc-size's default: none (measured on ext4, where it did not
+ * pay: bench/results-20261203-prealloc.md).
+ */
+#define QCOW2_PREALLOC_SIZE_DEFAULT UINT64_C(0)
+/* Its largest value. */
+#define QCOW2_PREALLOC_SIZE_MAX (UINT64_C(1) << 40)
 
 /* Flags for pwrite/zero/trim, the same values as nbdkit's. */
 #define QCOW2_F_MAY_TRIM   (1 << 0)

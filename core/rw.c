@@ -655,78 +655,6 @@ change_clusters (struct qcow2_image *img, uint64_t a, uint64_t b,
   return 0;
 }
 
-/* The whole subclusters [*a, *b) of guest [off, off+len), a piece of
- * one cluster; the partial last subcluster of the disk counts as whole.
- */
-static void
-whole_subclusters (const struct qcow2_image *img, uint64_t off, uint64_t len,
-                   uint64_t *a, uint64_t *b)
-{
-  uint64_t scs = UINT64_C(1) << img->subcluster_bits;
-
-  *a = round_up_pow2 (off, scs);
-  *b = (off + len) & ~(scs - 1);
-  if (off + len == img->size)
-    *b = round_up_pow2 (off + len, scs);
-}
-
-/* Zero guest [off, off+len), the partial clusters at the edges of a
- * zero request: real zeroes, except that with extended L2 entries the
- * whole subclusters in them get their zero bits (metadata only).
- */
-static int
-zero_edge (struct qcow2_image *img, uint64_t off, uint64_t len,
-           unsigned flags)
-{
-  uint64_t cs = img->cluster_size;
-
-  if (!img->ext_l2 || !write_zero_by_metadata (img, false) ||
-      (flags & QCOW2_F_FAST_ZERO))
-    return write_zeroes (img, off, len, flags);
-  while (len > 0) {
-    uint64_t n = min_u64 (len, cs - offset_into_cluster (img, off)), a, b;
-    int r = 0;
-
-    whole_subclusters (img, off, n, &a, &b);
-    if (a < b && (r = zero_subclusters (img, a, b - a, false)) == -1)
-      return -1;
-    if (a >= b || r == 1) {
-      if (write_zeroes (img, off, n, flags) == -1)
-        return -1;
-    }
-    else if (write_zeroes (img, off, a - off, flags) == -1 ||
-             (b < off + n &&
-              write_zeroes (img, b, off + n - b, flags) == -1))
-      return -1;
-    off += n;
-    len -= n;
-  }
-  return 0;
-}
-
-/* Trim guest [off, off+len), the partial clusters at the edges of a
- * trim: with extended L2 entries, their whole subclusters; else
- * nothing (trim is advisory).
- */
-static int
-trim_edge (struct qcow2_image *img, uint64_t off, uint64_t len)
-{
-  uint64_t cs = img->cluster_size;
-
-  if (!img->ext_l2)
-    return 0;
-  while (len > 0) {
-    uint64_t n = min_u64 (len, cs - offset_into_cluster (img, off)), a, b;
-
-    whole_subclusters (img, off, n, &a, &b);
-    if (a < b && zero_subclusters (img, a, b - a, true) == -1)
-      return -1;
-    off += n;
-    len -= n;
-  }
-  return 0;
-}
-
 /* Zero guest [offset, offset+count) with flags as they are. */
 static int
 zero_range (struct qcow2_image *img, uint64_t count, uint64_t offset,
@@ -740,9 +668,9 @@ zero_range (struct qcow2_image *img, uint64_t count, uint64_t offset,
     return -1;
   if (write_zero_plan (img, count, offset, flags, &a, &b, &trim,
                        &may_trim) == 0 &&
-      zero_edge (img, offset, a - offset, flags) == 0 &&
+      write_zero_edge (img, offset, a - offset, flags) == 0 &&
       change_clusters (img, a, b, trim, may_trim) == 0 &&
-      (end <= b || zero_edge (img, b, end - b, flags) == 0))
+      (end <= b || write_zero_edge (img, b, end - b, flags) == 0))
     r = 0;
   return change_end (img, r, flags);
 }
@@ -790,11 +718,11 @@ qcow2_trim (struct qcow2_image *img, uint64_t count, uint64_t offset,
   if (img->data_file_name)
     ;
   else if (a >= b)
-    r = trim_edge (img, offset, count);
-  else if (trim_edge (img, offset, a - offset) == -1 ||
+    r = write_trim_edge (img, offset, count);
+  else if (write_trim_edge (img, offset, a - offset) == -1 ||
            change_clusters (img, a, b, true, true) == -1 ||
            (offset + count > b &&
-            trim_edge (img, b, offset + count - b) == -1))
+            write_trim_edge (img, b, offset + count - b) == -1))
     r = -1;
   return change_end (img, r, flags);
 }
