@@ -107,6 +107,12 @@ ubsan_report_path (void)
  * range in one call instead, a third of the cost; the scan reads the
  * same zeros and nothing else changes.  Failure (an older kernel) is
  * ignored: the scan then faults the pages in itself, as before.
+ * On the machine CI runs on (a VM, Linux 6.18) the populate does
+ * not map the zero page but allocates and clears the 200 MB, 4 KiB at
+ * a time; MADV_HUGEPAGE first (transparent huge pages are "madvise"
+ * there) makes that 2 MiB at a time: a sanitized `nbdkit --run true'
+ * then takes 0.37 s of CPU instead of 0.9 s (the same memory, the
+ * same zeros scanned).  Without THP the advice fails and is ignored.
  */
 #ifndef MADV_POPULATE_READ
 #define MADV_POPULATE_READ 22
@@ -129,8 +135,12 @@ populate_module_bss (struct dl_phdr_info *info, size_t size, void *data)
     start = info->dlpi_addr + ph->p_vaddr + ph->p_filesz;
     start = (start + page - 1) & ~(page - 1);
     end = (info->dlpi_addr + ph->p_vaddr + ph->p_memsz) & ~(page - 1);
-    if (end > start)
+    if (end > start) {
+#ifdef MADV_HUGEPAGE
+      madvise ((void *) start, end - start, MADV_HUGEPAGE);
+#endif
       madvise ((void *) start, end - start, MADV_POPULATE_READ);
+    }
   }
   return 0;
 }
