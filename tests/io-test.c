@@ -67,6 +67,7 @@
 #include <string.h>
 #include <errno.h>
 #include <pthread.h>
+#include <sched.h>
 
 #include "io-test.h"
 
@@ -101,6 +102,10 @@ dio_pread (struct qcow2_io *io, void *buf, size_t count, uint64_t offset)
 
   if (!dio_ok (d, buf, count, offset))
     return -1;
+  /* Widen the window between the read and the write back of a
+   * read-modify-write, where another thread's write could be lost.
+   */
+  sched_yield ();
   return io_pread (d->inner, buf, count, offset);
 }
 
