@@ -2,7 +2,7 @@
 # nbdkit-qcow2: benchmark the plugin against qemu-nbd and a raw file.
 # Copyright (C) 2026 the nbdkit-qcow2 authors.  BSD-3-Clause, see LICENSE.
 #
-#   bench/bench.sh [--smoke] [--save] [--list] [--help]
+#   bench/bench.sh [--disk] [--smoke] [--save] [--list] [--help]
 #
 # In one run, for each workload, alternates four servers on the same
 # data, round after round (A B C D A B C D ...):
@@ -16,7 +16,19 @@
 #                   A and E swap places every other round
 #
 # each started fresh for each run on a Unix socket, all through the
-# page cache.  The client is fio's nbd engine (qemu-img bench for the
+# page cache.
+#
+# --disk: on a disk-backed file system (default $TMPDIR or /tmp; tmpfs
+# is refused), everything with the page cache out of the way:
+#
+#   A plugin        the plugin with cache=none (O_DIRECT)
+#   N qemu-native   qemu-nbd --cache=none --aio=native, same image
+#   C qemu-uring    qemu-nbd --cache=none --aio=io_uring, same image
+#   R raw-direct    qemu-nbd -f raw --cache=none --aio=native on the raw
+#                   image: the O_DIRECT ceiling
+#
+# and the workloads randread4k randwrite4k alloc-randwrite4k
+# alloc-seqwrite1m alloc-randwrite4k-fsync32 (issue 17).  The client is fio's nbd engine (qemu-img bench for the
 # qb-* workloads).  Reports, per workload and server, throughput, the
 # server's CPU time per I/O (utime+stime of /proc/PID/stat over the
 # measured window), its peak RSS (VmHWM), and the ratios plugin/best
@@ -29,7 +41,9 @@
 #   ROUNDS=3 RUNTIME=10 RAMP=1      rounds; seconds measured; warm-up
 #   WORKLOADS="..."                 subset of --list (default: all)
 #   SERVERS="plugin qemu-threads qemu-uring raw"
-#                                   (+ base after plugin with PLUGIN_BASE)
+#                                   (+ base after plugin with PLUGIN_BASE;
+#                                   --disk: plugin qemu-native qemu-uring
+#                                   raw-direct)
 #   BENCH_DIR=DIR                   where the images go (default: tmpfs
 #                                   /dev/shm if it has room, else $TMPDIR
 #                                   or /tmp); made and removed by us
@@ -64,8 +78,10 @@ top_src=$(dirname "$bench_src")
 ALL_WORKLOADS="randread4k seqread1m sparse-randread4k randwrite4k
 alloc-randwrite4k alloc-seqwrite1m alloc-randwrite4k-c512
 alloc-seqwrite1m-c512 mc-randread4k mc-randwrite4k qb-randread4k
-qb-randwrite4k"
-ALL_SERVERS="plugin qemu-threads qemu-uring raw base"
+qb-randwrite4k alloc-randwrite4k-fsync32"
+DISK_WORKLOADS="randread4k randwrite4k alloc-randwrite4k alloc-seqwrite1m
+alloc-randwrite4k-fsync32"
+ALL_SERVERS="plugin qemu-threads qemu-uring raw base qemu-native raw-direct"
 
 # wl_def NAME: set W_* for workload NAME.
 #   W_IMG     full (4 GiB allocated) | sparse (1 TiB, all L2 tables) |
@@ -99,6 +115,10 @@ wl_def ()
         W_IMG=new64 W_ARGS="--rw=write --bs=1M --iodepth=8" W_WRITE=1
         W_UNIT=mbps W_AMP=1.1
         W_DESC="1 MiB sequential allocating write, QD8, empty image, 64 KiB clusters" ;;
+    alloc-randwrite4k-fsync32)
+        W_IMG=new64 W_ARGS="--rw=randwrite --bs=4k --iodepth=32 --fsync=32"
+        W_WRITE=1 W_AMP=16
+        W_DESC="4 KiB random allocating write, QD32, a flush (NBD_CMD_FLUSH) after every 32 writes, empty image, 64 KiB clusters" ;;
     alloc-randwrite4k-c512)
         W_IMG=new512 W_ARGS="--rw=randwrite --bs=4k --iodepth=32" W_WRITE=1
         W_AMP=2
@@ -132,9 +152,11 @@ usage ()
 
 smoke=0
 save=0
+disk=${DISK:-0}
 while [ $# -gt 0 ]; do
     case $1 in
     --smoke) smoke=1 ;;
+    --disk) disk=1 ;;
     --save) save=1 ;;
     --list)
         for w in $ALL_WORKLOADS; do wl_def $w; printf '%-24s %s\n' $w "$W_DESC"; done
@@ -145,6 +167,20 @@ while [ $# -gt 0 ]; do
     shift
 done
 
+if [ $disk = 1 ]; then
+    # A smaller full image: it is written to the disk at the start.
+    : "${WORKLOADS:=$DISK_WORKLOADS}"
+    [ $smoke = 1 ] || : "${FULL_SIZE:=2G}"
+    # qemu-nbd's --aio=native needs O_DIRECT; the plugin gets cache=none
+    # unless PLUGIN_ARGS names a cache mode.
+    QEMU_CACHE=none
+    case " $PLUGIN_ARGS " in
+    *" cache="*) ;;
+    *) PLUGIN_ARGS="cache=none${PLUGIN_ARGS:+ $PLUGIN_ARGS}" ;;
+    esac
+else
+    QEMU_CACHE=writeback
+fi
 if [ $smoke = 1 ]; then
     : "${ROUNDS:=1}" "${RUNTIME:=1}" "${RAMP:=0}"
     : "${WORKLOADS:=randread4k alloc-randwrite4k qb-randread4k}"
@@ -159,8 +195,13 @@ else
     : "${QB_COUNT:=100000}"
 fi
 if [ -z "${SERVERS:-}" ]; then
-    SERVERS="plugin qemu-threads qemu-uring raw"
-    [ -n "$PLUGIN_BASE" ] && SERVERS="plugin base qemu-threads qemu-uring raw"
+    if [ $disk = 1 ]; then
+        SERVERS="plugin qemu-native qemu-uring raw-direct"
+        [ -n "$PLUGIN_BASE" ] && SERVERS="plugin base qemu-native qemu-uring raw-direct"
+    else
+        SERVERS="plugin qemu-threads qemu-uring raw"
+        [ -n "$PLUGIN_BASE" ] && SERVERS="plugin base qemu-threads qemu-uring raw"
+    fi
 fi
 : "${PERF:=0}" "${PERF_WORKLOADS:=randread4k alloc-randwrite4k}"
 : "${KEEP_IMAGES:=0}"
@@ -225,7 +266,16 @@ fs_type () { df --output=fstype "$1" | tail -1 | tr -d ' '; }
 # the write workloads soon measure the disk (dirty page throttling) and
 # every clean shutdown of a server waits for fdatasync.
 made_bench_dir=0
-if [ -z "${BENCH_DIR:-}" ]; then
+if [ -z "${BENCH_DIR:-}" ] && [ $disk = 1 ]; then
+    base=${TMPDIR:-/tmp}
+    if [ $smoke = 1 ]; then
+        BENCH_DIR=$(mktemp -d "$base/nbdkit-qcow2-bench-disk.XXXXXX")
+        made_bench_dir=1
+        KEEP_IMAGES=0
+    else
+        BENCH_DIR=$base/nbdkit-qcow2-bench-disk
+    fi
+elif [ -z "${BENCH_DIR:-}" ]; then
     extra=$((6 << 30))
     [ $smoke = 1 ] && extra=$((1 << 30))
     # Images kept there by an earlier KEEP_IMAGES=1 run are reused, so
@@ -255,6 +305,13 @@ if [ ! -d "$BENCH_DIR" ]; then
 fi
 BENCH_DIR=$(cd "$BENCH_DIR" && pwd)
 bench_fs=$(fs_type "$BENCH_DIR")
+if [ $disk = 1 ]; then
+    case $bench_fs in
+    tmpfs|ramfs)
+        [ $made_bench_dir = 1 ] && rmdir "$BENCH_DIR"
+        die "--disk: $BENCH_DIR is on $bench_fs, not a disk (set BENCH_DIR or TMPDIR)" ;;
+    esac
+fi
 stamp=$(date +%Y%m%d-%H%M%S)
 : "${OUT_DIR:=${TMPDIR:-/tmp}/nbdkit-qcow2-bench-out-$stamp}"
 mkdir -p "$OUT_DIR"/logs "$OUT_DIR"/fio
@@ -353,10 +410,16 @@ start_server ()
         nbdkit -f --exit-with-parent -U "$sock" "$so" file="$img" \
             $PLUGIN_ARGS >>"$slog" 2>&1 & ;;
     qemu-threads)
-        qemu-nbd -t -e 16 -f qcow2 --cache=writeback --aio=threads \
+        qemu-nbd -t -e 16 -f qcow2 --cache=$QEMU_CACHE --aio=threads \
             -k "$sock" "$img" >>"$slog" 2>&1 & ;;
     qemu-uring)
-        qemu-nbd -t -e 16 -f qcow2 --cache=writeback --aio=io_uring \
+        qemu-nbd -t -e 16 -f qcow2 --cache=$QEMU_CACHE --aio=io_uring \
+            -k "$sock" "$img" >>"$slog" 2>&1 & ;;
+    qemu-native)
+        qemu-nbd -t -e 16 -f qcow2 --cache=none --aio=native \
+            -k "$sock" "$img" >>"$slog" 2>&1 & ;;
+    raw-direct)
+        qemu-nbd -t -e 16 -f raw --cache=none --aio=native \
             -k "$sock" "$img" >>"$slog" 2>&1 & ;;
     raw)
         nbdkit -f --exit-with-parent -U "$sock" file file="$img" \
@@ -500,7 +563,7 @@ run_one ()
     wl_def "$wl"
 
     local qcow2=1
-    [ "$srv" = raw ] && qcow2=0
+    case $srv in raw|raw-direct) qcow2=0 ;; esac
     case $W_IMG in
     full)   if [ $qcow2 = 1 ]; then img=$full_q; else img=$full_r; fi ;;
     sparse) if [ $qcow2 = 1 ]; then img=$sparse_q; else img=$sparse_r; fi ;;
@@ -679,6 +742,8 @@ ALLOC_BUDGET_BYTES=$(parse_size "$ALLOC_BUDGET_BYTES")
     printf 'runtime\t%s\n' "$RUNTIME"
     printf 'ramp\t%s\n' "$RAMP"
     printf 'servers\t%s\n' "$SERVERS"
+    printf 'mode\t%s\n' "$([ $disk = 1 ] && echo disk || echo cache)"
+    printf 'qemu_cache\t%s\n' "$QEMU_CACHE"
     printf 'uring\t%s\n' "$uring_status"
     printf 'plugin_args\t%s\n' "${PLUGIN_ARGS:-(defaults)}"
     printf 'plugin\t%s\n' "$plugin_id"

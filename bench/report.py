@@ -27,6 +27,8 @@ SERVER_LABEL = {
     "qemu-uring": "C qemu-nbd io_uring",
     "raw": "D file (raw)",
     "base": "E base plugin",
+    "qemu-native": "N qemu-nbd native",
+    "raw-direct": "R raw O_DIRECT",
 }
 SERVER_DESC = {
     "plugin": "nbdkit + nbdkit-qcow2-plugin on the qcow2 image",
@@ -35,10 +37,27 @@ SERVER_DESC = {
     "raw": "nbdkit file plugin on the equivalent raw image (the ceiling)",
     "base": "nbdkit + the base build of the plugin (PLUGIN_BASE) on the same "
             "image, same parameters; A and E swap places every other round",
+    "qemu-native": "qemu-nbd -f qcow2 --cache=none --aio=native on the same image",
+    "raw-direct": "qemu-nbd -f raw --cache=none --aio=native on the equivalent "
+                  "raw image (the O_DIRECT ceiling)",
 }
-QEMU = ("qemu-threads", "qemu-uring")
+QEMU = ("qemu-threads", "qemu-uring", "qemu-native")
+QEMU_SHORT = {"qemu-threads": "threads", "qemu-uring": "io_uring",
+              "qemu-native": "native"}
+RAW = ("raw", "raw-direct")
 # Goals of issue 8, per workload: (min plugin/best-qemu, min plugin/raw).
 RAW_GOAL = {"randread4k": 0.95, "randwrite4k": 0.95, "seqread1m": 0.95}
+# Goals of issue 17 (--disk, cache=none): plugin/best qemu-nbd >= 1.0 on
+# reads and overwrites, >= 1.3 on allocating and flush-heavy writes;
+# plugin/raw O_DIRECT >= 0.9 on reads and overwrites.
+DISK_RAW_GOAL = {"randread4k": 0.9, "randwrite4k": 0.9, "seqread1m": 0.9,
+                 "mc-randread4k": 0.9, "mc-randwrite4k": 0.9}
+
+
+def qemu_goal(wl, write, disk):
+    if not disk:
+        return 1.5 if write == "1" else 1.0
+    return 1.3 if wl.startswith("alloc-") or "fsync" in wl else 1.0
 
 
 def median(xs):
@@ -157,6 +176,13 @@ def main(out):
     wls = [r for r in read_tsv(os.path.join(out, "workloads.tsv"))]
     runs = [Run(r) for r in read_tsv(os.path.join(out, "runs.tsv"))]
     servers = meta.get("servers", "").split()
+    disk = meta.get("mode") == "disk"
+    raw_srv = next((s for s in servers if s in RAW), None)
+    raw_goal = DISK_RAW_GOAL if disk else RAW_GOAL
+    if meta.get("qemu_cache", "writeback") != "writeback":
+        for s in ("qemu-threads", "qemu-uring"):
+            SERVER_DESC[s] = SERVER_DESC[s].replace(
+                "--cache=writeback", "--cache=" + meta["qemu_cache"])
 
     by = {}
     for r in runs:
@@ -165,6 +191,11 @@ def main(out):
     p = print
     p("# nbdkit-qcow2 benchmark: plugin vs qemu-nbd vs raw file")
     p()
+    if disk:
+        p("**Disk mode** (`--disk`): images on a disk-backed file system, "
+          "every server with the page cache out of the way (plugin "
+          "parameters below, qemu-nbd --cache=none).")
+        p()
     if meta.get("smoke") == "1":
         p("**Smoke run** (tiny images, 1 s runs): checks that the harness works; "
           "the numbers mean nothing.")
@@ -174,9 +205,10 @@ def main(out):
     p("- %s" % meta.get("versions", "?"))
     p("- images: %s; %s" % (meta.get("bench_dir", "?"), meta.get("sizes", "?")))
     order = "A B C D in each round"
-    if "base" in servers:
+    if disk or "base" in servers:
         order = (" ".join(SERVER_LABEL[s][0] for s in servers) +
-                 " in each round (A and E swap places every other round)")
+                 " in each round" +
+                 (" (A and E swap places every other round)" if "base" in servers else ""))
     p("- %s rounds x %s s measured (+%s s warm-up) per server and workload, "
       "servers alternating %s; whole run %s s"
       % (meta.get("rounds"), meta.get("runtime"), meta.get("ramp"), order,
@@ -204,10 +236,17 @@ def main(out):
     # ---- summary: ratios -------------------------------------------------
     p("## Ratios (medians of per-round ratios, min-max in brackets)")
     p()
-    p("Throughput ratio > 1: the plugin is faster.  CPU ratio < 1: the plugin "
-      "spends less server CPU per I/O.  Goals (issue 8): plugin/best qemu-nbd "
-      ">= 1.0 on reads and >= 1.5 on writes; plugin/raw >= 0.95 on "
-      "randread4k, randwrite4k, seqread1m; CPU/I/O <= best qemu-nbd's.")
+    if disk:
+        p("Throughput ratio > 1: the plugin is faster.  CPU ratio < 1: the "
+          "plugin spends less server CPU per I/O.  Goals (issue 17, cache=none "
+          "on a disk): plugin/best qemu-nbd >= 1.0 on reads and overwrites and "
+          ">= 1.3 on allocating and flush-heavy writes; plugin/raw O_DIRECT "
+          ">= 0.9 on reads and overwrites; CPU/I/O <= best qemu-nbd's.")
+    else:
+        p("Throughput ratio > 1: the plugin is faster.  CPU ratio < 1: the plugin "
+          "spends less server CPU per I/O.  Goals (issue 8): plugin/best qemu-nbd "
+          ">= 1.0 on reads and >= 1.5 on writes; plugin/raw >= 0.95 on "
+          "randread4k, randwrite4k, seqread1m; CPU/I/O <= best qemu-nbd's.")
     p()
     p("| workload | unit | plugin | best qemu-nbd | raw | plugin / best qemu-nbd "
       "| plugin / raw | CPU/IO plugin / best qemu-nbd | goals |")
@@ -233,27 +272,26 @@ def main(out):
             return per_round(by, wl, "plugin", other, lambda r: r.value(unit))
 
         rq = vs(best)
-        rr = vs("raw" if "raw" in servers else None)
+        rr = vs(raw_srv)
         cpu_p = medcpu("plugin")
         cpu_q = [medcpu(s) for s in qs if medcpu(s) is not None]
         cpu_ratio = (cpu_p / min(cpu_q)) if cpu_p is not None and cpu_q and min(cpu_q) > 0 else None
 
         goals = []
-        need = 1.5 if write == "1" else 1.0
+        need = qemu_goal(wl, write, disk)
         if rq:
             goals.append("qemu %s" % ("met" if median(rq) >= need else "SHORT (>= %.1f)" % need))
-        if wl in RAW_GOAL and rr:
-            goals.append("raw %s" % ("met" if median(rr) >= RAW_GOAL[wl]
-                                     else "SHORT (>= %.2f)" % RAW_GOAL[wl]))
+        if wl in raw_goal and rr:
+            goals.append("raw %s" % ("met" if median(rr) >= raw_goal[wl]
+                                     else "SHORT (>= %.2f)" % raw_goal[wl]))
         if cpu_ratio is not None:
             goals.append("cpu %s" % ("met" if cpu_ratio <= 1.0 else "SHORT"))
         bestname = "-"
         if best:
-            bestname = "%s (%s)" % (fmt_val(med(best), unit),
-                                    "threads" if best == "qemu-threads" else "io_uring")
+            bestname = "%s (%s)" % (fmt_val(med(best), unit), QEMU_SHORT[best])
         p("| %s | %s | %s | %s | %s | %s | %s | %s | %s |" % (
             wl, unit_s, fmt_val(med("plugin"), unit), bestname,
-            fmt_val(med("raw"), unit),
+            fmt_val(med(raw_srv), unit) if raw_srv else "-",
             fmt_range(rq, f2), fmt_range(rr, f2),
             f2(cpu_ratio) if cpu_ratio is not None else "-",
             ", ".join(goals) or "-"))

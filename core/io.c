@@ -53,6 +53,13 @@
  * where a buffered write would have ended it exactly: the same bytes
  * read back.
  *
+ * The same direct I/O code can run over another io instead of a file
+ * (qcow2_io_direct_over): the unit tests put it over their crash
+ * recorder and fault injector, behind a checker that fails misaligned
+ * I/O with EINVAL as the kernel does, so that the crash and fault
+ * suites exercise cache=none without a disk.  Only the bottom changes:
+ * read_full and write_full call the lower io instead of pread/pwrite.
+ *
  * XXX nbdkit 1.32 hands the plugin malloc'd request buffers, 16-byte
  * aligned: with cache=none every data request goes through the bounce
  * buffer (one memcpy), and each nbdkit thread keeps up to BOUNCE_MAX.
@@ -99,6 +106,7 @@ struct range {
 
 struct file_io {
   struct qcow2_io io;                   /* must be first */
+  struct qcow2_io *lower;               /* direct over another io, or NULL */
   pthread_rwlock_t stripes[NR_STRIPES]; /* direct only */
   pthread_mutex_t evict_lock;           /* evict only: the ring below */
   struct range recent[EVICT_WINDOW];
@@ -239,6 +247,31 @@ is_aligned (const struct qcow2_io *io, const void *buf, size_t count,
     ((uintptr_t) buf & (io->mem_align - 1)) == 0;
 }
 
+/* One positional read or write: of the file, or, for the direct layer
+ * over another io, a whole one of that io (which reads zeroes past its
+ * end itself).
+ */
+static ssize_t
+sys_pread (struct qcow2_io *io, void *p, size_t count, uint64_t offset)
+{
+  struct file_io *f = (struct file_io *) io;
+
+  if (f->lower)
+    return io_pread (f->lower, p, count, offset) == -1 ? -1 : (ssize_t) count;
+  return pread (io->fd, p, count, offset);
+}
+
+static ssize_t
+sys_pwrite (struct qcow2_io *io, const void *p, size_t count,
+            uint64_t offset)
+{
+  struct file_io *f = (struct file_io *) io;
+
+  if (f->lower)
+    return io_pwrite (f->lower, p, count, offset) == -1 ? -1 : (ssize_t) count;
+  return pwrite (io->fd, p, count, offset);
+}
+
 /* Read the whole buffer, zeroes past end of file.  With O_DIRECT a
  * read that ends off a block boundary ended at end of file: retrying
  * the rest there would fail (EINVAL), and it is all zeroes.
@@ -247,7 +280,7 @@ static int
 read_full (struct qcow2_io *io, char *p, size_t count, uint64_t offset)
 {
   while (count > 0) {
-    ssize_t r = pread (io->fd, p, count, offset);
+    ssize_t r = sys_pread (io, p, count, offset);
     if (r == -1) {
       if (errno == EINTR)
         continue;
@@ -270,7 +303,7 @@ write_full (struct qcow2_io *io, const char *p, size_t count,
             uint64_t offset)
 {
   while (count > 0) {
-    ssize_t r = pwrite (io->fd, p, count, offset);
+    ssize_t r = sys_pwrite (io, p, count, offset);
     if (r == -1) {
       if (errno == EINTR)
         continue;
@@ -812,6 +845,93 @@ struct qcow2_io *
 qcow2_io_open_file (const char *path, bool readonly)
 {
   return qcow2_io_open_file_mode (path, readonly, 0);
+}
+
+/* ---- the direct layer over another io (for the tests) ---- */
+
+static int
+over_flush (struct qcow2_io *io)
+{
+  return io_flush (((struct file_io *) io)->lower);
+}
+
+static int64_t
+over_size (struct qcow2_io *io)
+{
+  return io_size (((struct file_io *) io)->lower);
+}
+
+static int
+over_truncate (struct qcow2_io *io, uint64_t size)
+{
+  return io_truncate (((struct file_io *) io)->lower, size);
+}
+
+static int
+over_preallocate (struct qcow2_io *io, uint64_t count, uint64_t offset)
+{
+  return io_preallocate (((struct file_io *) io)->lower, count, offset);
+}
+
+static int
+over_reserve (struct qcow2_io *io, uint64_t count, uint64_t offset)
+{
+  return io_reserve (((struct file_io *) io)->lower, count, offset);
+}
+
+static void
+over_close (struct qcow2_io *io)
+{
+  struct file_io *f = (struct file_io *) io;
+  unsigned i;
+
+  io_close (f->lower);
+  for (i = 0; i < NR_STRIPES; i++)
+    pthread_rwlock_destroy (&f->stripes[i]);
+  pthread_mutex_destroy (&f->evict_lock);
+  free (f);
+}
+
+static const struct qcow2_io_ops over_ops = {
+  .pread = file_pread,
+  .pwrite = file_pwrite,
+  .flush = over_flush,
+  .size = over_size,
+  .truncate = over_truncate,
+  .preallocate = over_preallocate,
+  .reserve = over_reserve,
+  .close = over_close,
+};
+
+struct qcow2_io *
+qcow2_io_direct_over (struct qcow2_io *lower, uint32_t align,
+                      uint32_t mem_align)
+{
+  struct file_io *f;
+  unsigned i;
+
+  if (!valid_align (align) || !valid_align (mem_align) || mem_align > align) {
+    io_close (lower);
+    errno = EINVAL;
+    return NULL;
+  }
+  f = calloc (1, sizeof *f);
+  if (f == NULL) {
+    io_close (lower);
+    return NULL;
+  }
+  for (i = 0; i < NR_STRIPES; i++)
+    pthread_rwlock_init (&f->stripes[i], NULL);
+  pthread_mutex_init (&f->evict_lock, NULL);
+  f->lower = lower;
+  f->io.ops = &over_ops;
+  f->io.fd = io_fd (lower);
+  f->io.readonly = lower->readonly;
+  f->io.in_memory_fs = lower->in_memory_fs;
+  f->io.direct = true;
+  f->io.align = align;
+  f->io.mem_align = mem_align;
+  return &f->io;
 }
 
 /* ---- memory backend ---- */

@@ -88,6 +88,18 @@ extern struct qcow2_io *qcow2_io_open_file_mode (const char *path,
                                                  bool readonly,
                                                  unsigned mode);
 
+/* For the tests: the direct I/O layer of the file backend (bounce
+ * buffers, read-modify-writes, stripes) over another io, which it owns
+ * (and closes even when this fails), as if that io were a file opened
+ * with O_DIRECT needing offsets and lengths aligned to align and
+ * buffers to mem_align (powers of 2, mem_align <= align <= 65536): it
+ * passes on only such reads and writes.  Flush, size, truncate and
+ * reserve go straight to the lower io.
+ */
+extern struct qcow2_io *qcow2_io_direct_over (struct qcow2_io *lower,
+                                              uint32_t align,
+                                              uint32_t mem_align);
+
 /* An io over an existing fd, which the io then owns. */
 extern struct qcow2_io *qcow2_io_from_fd (int fd, bool readonly);
 

@@ -47,6 +47,14 @@
  * part as a running buffer that only moves forward, so enumerating
  * states in log order costs one copy of the image per state.
  *
+ * The O_DIRECT checker wraps another io and refuses, with EINVAL as
+ * Linux does for a file opened with O_DIRECT, every read or write whose
+ * offset or length is not a multiple of the alignment or whose buffer
+ * is not aligned to the buffer alignment, and counts them.  Put under
+ * core's direct layer (qcow2_io_direct_over, core/io.c) it stands for
+ * a disk that does cache=none: a misaligned request the layer lets
+ * through fails the request, as it would on the disk.
+ *
  * XXX The log keeps every byte ever written, in memory: fine for the
  * unit tests' megabytes, not for long runs.
  */
@@ -59,8 +67,127 @@
 #include <string.h>
 #include <errno.h>
 #include <pthread.h>
+#include <sched.h>
 
 #include "io-test.h"
+
+/* ---- O_DIRECT checker ---- */
+
+struct dio_check_io {
+  struct qcow2_io io;           /* must be first */
+  struct qcow2_io *inner;
+  uint32_t align, mem_align;
+};
+
+/* Over every checker of the process (atomics). */
+static uint64_t dio_total_ops, dio_total_refused;
+
+static bool
+dio_ok (struct dio_check_io *d, const void *buf, size_t count,
+        uint64_t offset)
+{
+  __atomic_add_fetch (&dio_total_ops, 1, __ATOMIC_RELAXED);
+  if (((offset | count) & (d->align - 1)) == 0 &&
+      ((uintptr_t) buf & (d->mem_align - 1)) == 0)
+    return true;
+  __atomic_add_fetch (&dio_total_refused, 1, __ATOMIC_RELAXED);
+  errno = EINVAL;
+  return false;
+}
+
+static int
+dio_pread (struct qcow2_io *io, void *buf, size_t count, uint64_t offset)
+{
+  struct dio_check_io *d = (struct dio_check_io *) io;
+
+  if (!dio_ok (d, buf, count, offset))
+    return -1;
+  /* Widen the window between the read and the write back of a
+   * read-modify-write, where another thread's write could be lost.
+   */
+  sched_yield ();
+  return io_pread (d->inner, buf, count, offset);
+}
+
+static int
+dio_pwrite (struct qcow2_io *io, const void *buf, size_t count,
+            uint64_t offset)
+{
+  struct dio_check_io *d = (struct dio_check_io *) io;
+
+  if (!dio_ok (d, buf, count, offset))
+    return -1;
+  return io_pwrite (d->inner, buf, count, offset);
+}
+
+static int
+dio_flush (struct qcow2_io *io)
+{
+  return io_flush (((struct dio_check_io *) io)->inner);
+}
+
+static int64_t
+dio_size (struct qcow2_io *io)
+{
+  return io_size (((struct dio_check_io *) io)->inner);
+}
+
+static int
+dio_truncate (struct qcow2_io *io, uint64_t size)
+{
+  return io_truncate (((struct dio_check_io *) io)->inner, size);
+}
+
+static int
+dio_preallocate (struct qcow2_io *io, uint64_t count, uint64_t offset)
+{
+  return io_preallocate (((struct dio_check_io *) io)->inner, count, offset);
+}
+
+static void
+dio_close (struct qcow2_io *io)
+{
+  struct dio_check_io *d = (struct dio_check_io *) io;
+
+  io_close (d->inner);
+  free (d);
+}
+
+static const struct qcow2_io_ops dio_ops = {
+  .pread = dio_pread,
+  .pwrite = dio_pwrite,
+  .flush = dio_flush,
+  .size = dio_size,
+  .truncate = dio_truncate,
+  .preallocate = dio_preallocate,
+  .close = dio_close,
+};
+
+struct qcow2_io *
+qcow2_io_new_dio_check (struct qcow2_io *inner, uint32_t align,
+                        uint32_t mem_align)
+{
+  struct dio_check_io *d = calloc (1, sizeof *d);
+
+  if (d == NULL) {
+    io_close (inner);
+    return NULL;
+  }
+  d->io.ops = &dio_ops;
+  d->io.fd = -1;
+  d->io.readonly = inner->readonly;
+  d->inner = inner;
+  d->align = align;
+  d->mem_align = mem_align;
+  return &d->io;
+}
+
+void
+qcow2_io_dio_check_totals (uint64_t *ops, uint64_t *refused)
+{
+  *ops = __atomic_load_n (&dio_total_ops, __ATOMIC_RELAXED);
+  *refused = __atomic_load_n (&dio_total_refused, __ATOMIC_RELAXED);
+}
 
 /* ---- fault injection ---- */
 

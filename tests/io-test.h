@@ -42,6 +42,17 @@ extern void qcow2_io_fault_set_lands (struct qcow2_io *io, bool lands);
 extern void qcow2_io_fault_stats (struct qcow2_io *io,
                                   struct qcow2_fault_stats *stats);
 
+/* O_DIRECT checker: wraps inner (and owns it); reads and writes whose
+ * offset or length is not a multiple of align, or whose buffer is not
+ * aligned to mem_align, fail with EINVAL (as with O_DIRECT) instead of
+ * reaching inner.  Totals over every checker the process made: reads
+ * and writes seen, and how many of them were refused.
+ */
+extern struct qcow2_io *qcow2_io_new_dio_check (struct qcow2_io *inner,
+                                                uint32_t align,
+                                                uint32_t mem_align);
+extern void qcow2_io_dio_check_totals (uint64_t *ops, uint64_t *refused);
+
 /* Crash recorder: a memory io initially holding data[0..size) that logs
  * every write, truncate and completed flush.  io_close (by qcow2_close)
  * does not free the log: call qcow2_recorder_free as well, in any order.
