@@ -59,6 +59,8 @@ struct qcow2_config {
   bool discard_no_unref;        /* trims and zeroes keep data clusters
                                    allocated (as zero clusters) */
   enum qcow2_cache_mode cache;  /* for the image, data and backing files */
+  bool compress;                /* store written whole clusters compressed
+                                   (the image's compression type) */
 };
 
 /* Flags for pwrite/zero/trim, the same values as nbdkit's. */
