@@ -80,12 +80,20 @@
 
 static uint64_t rng_state;
 
+/* Set while a workload with compress=on runs: its data compresses
+ * (4 random bytes in 64, the rest one random value a request), so that
+ * whole clusters are stored compressed, and stale data still shows.
+ */
+static bool compressible;
+
 static void
 rnd_fill (uint8_t *p, size_t n)
 {
+  uint8_t fill = rnd (&rng_state);
   size_t i;
+
   for (i = 0; i < n; i++)
-    p[i] = rnd (&rng_state);
+    p[i] = !compressible || i % 64 < 4 ? rnd (&rng_state) : fill;
 }
 
 /* ---- workloads ---- */
@@ -105,56 +113,66 @@ struct workload {
   uint64_t l2_cache;            /* cache bytes (slices of 512), 0 = default */
   unsigned threads;             /* > 0: requests from this many threads */
   uint64_t stripe;              /* with threads: bytes a stripe */
+  bool compress;                /* compress=on, compressible data */
 };
 
 static const struct workload workloads[] = {
   { "alloc-64k", "cluster_size=65536", 8 << 20, PLAIN,
-    60, 200000, 0, 0, 4, false, 0, 0, 0 },
+    60, 200000, 0, 0, 4, false, 0, 0, 0, false },
   { "alloc-512", "cluster_size=512", 2 << 20, PLAIN,
-    120, 20000, 0, 0, 5, false, 0, 0, 0 },
+    120, 20000, 0, 0, 5, false, 0, 0, 0, false },
   { "lazy-64k", "cluster_size=65536,lazy_refcounts=on", 8 << 20, PLAIN,
-    60, 200000, 10, 10, 4, false, 0, 0, 0 },
+    60, 200000, 10, 10, 4, false, 0, 0, 0, false },
   { "lazy-512", "cluster_size=512,lazy_refcounts=on", 2 << 20, PLAIN,
-    120, 20000, 10, 10, 5, false, 0, 0, 0 },
+    120, 20000, 10, 10, 5, false, 0, 0, 0, false },
   { "zero-trim-64k", "cluster_size=65536", 4 << 20, PLAIN,
-    80, 150000, 25, 25, 4, false, 0, 0, 0 },
+    80, 150000, 25, 25, 4, false, 0, 0, 0, false },
   { "zero-trim-512", "cluster_size=512", 1 << 20, PLAIN,
-    120, 8000, 25, 25, 5, false, 0, 0, 0 },
+    120, 8000, 25, 25, 5, false, 0, 0, 0, false },
   { "backing-64k", "cluster_size=65536", 4 << 20, BACKING_RAW,
-    60, 100000, 15, 15, 4, false, 0, 0, 0 },
+    60, 100000, 15, 15, 4, false, 0, 0, 0, false },
   { "backing-512", "cluster_size=512", 1 << 20, BACKING_RAW,
-    100, 6000, 15, 15, 5, false, 0, 0, 0 },
+    100, 6000, 15, 15, 5, false, 0, 0, 0, false },
   { "backing-v2-512", "cluster_size=512,compat=0.10", 1 << 20, BACKING_RAW,
-    100, 6000, 15, 15, 5, false, 0, 0, 0 },
+    100, 6000, 15, 15, 5, false, 0, 0, 0, false },
   { "snapshot-64k", "cluster_size=65536", 4 << 20, SNAPSHOT,
-    60, 100000, 15, 15, 4, false, 0, 0, 0 },
+    60, 100000, 15, 15, 4, false, 0, 0, 0, false },
   { "snapshot-512-lazy", "cluster_size=512,lazy_refcounts=on", 1 << 20,
-    SNAPSHOT, 100, 6000, 15, 15, 5, false, 0, 0, 0 },
+    SNAPSHOT, 100, 6000, 15, 15, 5, false, 0, 0, 0, false },
   { "reftable-grow-512", "cluster_size=512,refcount_bits=64", 8 << 20, PLAIN,
-    150, 65536, 0, 5, 6, true, 0, 0, 0 },
+    150, 65536, 0, 5, 6, true, 0, 0, 0, false },
   { "l2-alloc-512", "cluster_size=512", 16 << 20, PLAIN,
-    150, 1024, 0, 0, 8, false, 0, 0, 0 },
+    150, 1024, 0, 0, 8, false, 0, 0, 0, false },
   { "extl2-64k", "cluster_size=65536,extended_l2=on", 4 << 20, PLAIN,
-    80, 100000, 15, 15, 4, false, 0, 0, 0 },
+    80, 100000, 15, 15, 4, false, 0, 0, 0, false },
   { "compressed-64k", "cluster_size=65536", 4 << 20, COMPRESSED,
-    60, 100000, 15, 15, 4, false, 0, 0, 0 },
+    60, 100000, 15, 15, 4, false, 0, 0, 0, false },
+  /* compress=on: compressed clusters written, packed, rewritten and
+   * freed; 2-bit refcounts cap the streams a host cluster holds.
+   */
+  { "compress-on-64k", "cluster_size=65536", 4 << 20, COMPRESSED,
+    60, 200000, 15, 15, 4, false, 0, 0, 0, true },
+  { "compress-on-512-rc2", "cluster_size=512,refcount_bits=2", 1 << 20,
+    PLAIN, 120, 8000, 10, 10, 5, false, 0, 0, 0, true },
   { "rc1-512", "cluster_size=512,refcount_bits=1", 2 << 20, PLAIN,
-    120, 8000, 15, 15, 5, false, 0, 0, 0 },
+    120, 8000, 15, 15, 5, false, 0, 0, 0, false },
   /* Tiny caches: slices are evicted (and written back) inside requests. */
   { "small-cache-512", "cluster_size=512", 4 << 20, PLAIN,
-    150, 8000, 10, 10, 8, false, 2048, 0, 0 },
+    150, 8000, 10, 10, 8, false, 2048, 0, 0, false },
   { "small-cache-snap-lazy", "cluster_size=4096,lazy_refcounts=on", 4 << 20,
-    SNAPSHOT, 100, 30000, 15, 15, 6, false, 2048, 0, 0 },
+    SNAPSHOT, 100, 30000, 15, 15, 6, false, 2048, 0, 0, false },
   /* 4 threads at once, each in its own stripes; the stripes are not
    * cluster aligned, so neighbours share clusters.  A flush after each
    * round of requests.
    */
   { "threads-512", "cluster_size=512", 2 << 20, PLAIN,
-    200, 3000, 10, 10, 2, false, 0, 4, 1300 },
+    200, 3000, 10, 10, 2, false, 0, 4, 1300, false },
   { "threads-64k-snap", "cluster_size=65536", 4 << 20, SNAPSHOT,
-    120, 70000, 10, 10, 2, false, 0, 4, 50000 },
+    120, 70000, 10, 10, 2, false, 0, 4, 50000, false },
   { "threads-4k-backing", "cluster_size=4096", 2 << 20, BACKING_RAW,
-    160, 9000, 10, 10, 2, false, 4096, 4, 7000 },
+    160, 9000, 10, 10, 2, false, 4096, 4, 7000, false },
+  { "threads-4k-compress", "cluster_size=4096", 2 << 20, PLAIN,
+    160, 20000, 10, 10, 2, false, 0, 4, 9000, true },
 };
 
 /* A guest request, modelled as "write data over [off, off+len)". */
@@ -254,7 +272,8 @@ make_image (struct run *r)
 static struct qcow2_image *
 open_mem (struct run *r, struct qcow2_io *io, bool readonly)
 {
-  struct qcow2_config cfg = { .readonly = readonly, .no_locking = true };
+  struct qcow2_config cfg = { .readonly = readonly, .no_locking = true,
+                              .compress = r->w->compress };
 
   if (r->w->l2_cache) {
     cfg.l2_cache_size = r->w->l2_cache;
@@ -1041,7 +1060,23 @@ test_workload (const struct workload *w)
   assert (r.initial_guest && r.durable && r.got);
   assert (qcow2_pread (img, r.initial_guest, w->size, 0) == 0);
   memcpy (r.durable, r.initial_guest, w->size);
+  compressible = w->compress;
   run_workload (&r, img);
+  compressible = false;
+  if (w->compress) {
+    /* The point of the workload: it wrote compressed clusters (with
+     * PLAIN, all of them are its own).
+     */
+    size_t n;
+    uint8_t *now = rec_live (r.rec, &n);
+    char live[512];
+    snprintf (live, sizeof live, "%s/live.qcow2", r.dir);
+    write_file (live, now, n);
+    free (now);
+    sys ("qemu-img check --output=json %s | "
+         "grep '\"compressed-clusters\": [1-9]' | sed 's/^ */%s: at the end: /'",
+         live, w->name);
+  }
   if (strncmp (w->name, "reftable-grow", 13) == 0) {
     /* The point of the workload: the refcount table moved and grew. */
     size_t n;
