@@ -3,8 +3,8 @@
  *
  * Each workload makes an image with qemu-img (512 B, 4 KiB or 64 KiB
  * clusters; lazy refcounts or not; a raw backing file; an internal
- * snapshot over data written by qemu-io; compressed clusters; extended
- * L2; compat 0.10; 1-bit refcounts; 64-bit refcounts so that the
+ * snapshot over data written by qemu-io; compressed clusters; writes
+ * with compress=on; extended L2; compat 0.10; 1-bit refcounts; 64-bit refcounts so that the
  * refcount table grows; tiny caches so that slices are written back
  * inside requests), loads it into the crash recorder (core/io-test.c)
  * and runs a random guest workload through core: writes of every size
