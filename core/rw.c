@@ -32,7 +32,11 @@
  * throughout.  With detect-zeroes, a write's whole clusters of zeroes
  * become zero requests and the rest is written as above; the policy
  * options (detect-zeroes, discard, discard-no-unref) are applied here,
- * write.c only sees the flags that result.  Deferred frees are
+ * write.c only sees the flags that result.  With compress=on the whole
+ * clusters of a write are compressed first, with no lock held (so
+ * requests compress in parallel), then placed and linked like an
+ * allocating write (write.c); what is not stored compressed (edges,
+ * clusters that do not compress or hold data) is written as above.  Deferred frees are
  * committed here (flush_locked): at a flush, after a request once too
  * many are pending, and in the middle of a large zero or trim.
  *

@@ -42,6 +42,12 @@
  * With extended L2 entries only the touched subclusters of a cluster
  * are written and marked allocated, all under the lock.
  *
+ * A compressed write (compress=on; see "compressed writes" below) has
+ * the same three steps for a run of whole clusters whose streams were
+ * compressed beforehand with no lock held: write_compressed_plan places
+ * the streams, the caller writes them, write_compressed_link points
+ * the entries at them (or write_compressed_abandon).
+ *
  * Locking: none taken; everything here needs img->lock exclusively.
  */
 
