@@ -149,10 +149,10 @@ for t in zstd zlib; do
 
     # Requests over the compressed copy, with compress on, then off.
     cp src.raw mirror-$t.raw
-    churn $img mirror-$t.raw 65536 150 4 1 compress=on
+    churn $img mirror-$t.raw 65536 100 4 1 compress=on
     comp2=$(jget $img compressed-clusters)
-    churn $img mirror-$t.raw 65536 100 2 2 compress=off
-    churn $img mirror-$t.raw 65536 100 2 3 compress=on detect-zeroes=on
+    churn $img mirror-$t.raw 65536 60 2 2 compress=off
+    churn $img mirror-$t.raw 65536 60 2 3 compress=on detect-zeroes=on
     echo "$t: after the requests: $(jget $img compressed-clusters) compressed"
     [ "$comp2" -gt 0 ] || fail "$img: no compressed cluster left"
 done
