@@ -36,9 +36,10 @@
  * clusters of a write are compressed first, with no lock held (so
  * requests compress in parallel), then placed and linked like an
  * allocating write (write.c); what is not stored compressed (edges,
- * clusters that do not compress or hold data) is written as above.  Deferred frees are
- * committed here (flush_locked): at a flush, after a request once too
- * many are pending, and in the middle of a large zero or trim.
+ * clusters that do not compress or hold data) is written as above.
+ * Deferred frees are committed here (flush_locked): at a flush, after
+ * a request once too many are pending, and in the middle of a large
+ * zero or trim.
  *
  * cache= (qcow2.h) changes two things here and nothing else:
  * writethrough and directsync treat every write, zero and trim as FUA
