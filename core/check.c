@@ -150,7 +150,7 @@ fix_copied (struct qcow2_image *img, const struct counts *c, bool repair,
       if (!clear_only)
         (*bad)++;
       if (repair) {
-        img->l1[i] = (img->l1[i] & ~QCOW_OFLAG_COPIED) | want;
+        l2_set_l1 (img, i, (img->l1[i] & ~QCOW_OFLAG_COPIED) | want);
         l1_changed = true;
       }
     }
@@ -180,21 +180,8 @@ fix_copied (struct qcow2_image *img, const struct counts *c, bool repair,
         goto out;
     }
   }
-  if (l1_changed) {
-    uint64_t *be = malloc ((size_t) img->l1_size * 8);
-    if (be == NULL)
-      goto out;
-    for (i = 0; i < img->l1_size; i++)
-      be[i] = htobe64 (img->l1[i]);
-    if (overlap_check_write (img, img->l1_offset, (uint64_t) img->l1_size * 8,
-                             OV_ACTIVE_L1) == -1 ||
-        io_pwrite (img->io, be, (size_t) img->l1_size * 8,
-                   img->l1_offset) == -1) {
-      free (be);
-      goto out;
-    }
-    free (be);
-  }
+  if (l1_changed && l2_write_l1 (img) == -1)
+    goto out;
   r = 0;
  out:
   free (buf);

@@ -28,7 +28,7 @@
  * the guest disk: 4 KiB per TiB with 64 KiB clusters and 4 KiB slices.
  * The bit is set only under img->lock (shared), where the file holds
  * the slice's current contents; every change to a slice (l2_get_entry)
- * or to an L1 entry (l1_set), both in l2.c, and every repair that rewrites
+ * or to an L1 entry (l2_set_l1), both in l2.c, and every repair that rewrites
  * tables behind the cache (cluster_forget_all), clears the bits
  * concerned first, with the lock exclusive.
  *

@@ -100,6 +100,32 @@
 #define SN_EXTRA_VM_STATE_SIZE_64   0
 #define SN_EXTRA_DISK_SIZE          8
 
+/* Bitmap directory entry (qcow2 spec, "Bitmaps"): fixed part, then
+ * extra data, then the name, padded to 8 bytes.
+ */
+#define BME_TABLE_OFFSET            0
+#define BME_TABLE_SIZE              8
+#define BME_FLAGS                   12
+#define BME_TYPE                    16
+#define BME_GRANULARITY_BITS        17
+#define BME_NAME_SIZE               18
+#define BME_EXTRA_DATA_SIZE         20
+#define BME_FIXED_SIZE              24
+#define BME_FLAG_IN_USE             (UINT32_C(1) << 0)
+#define BME_FLAG_AUTO               (UINT32_C(1) << 1)
+#define BME_FLAG_EXTRA_COMPATIBLE   (UINT32_C(1) << 2)
+#define BME_FLAGS_KNOWN             UINT32_C(0x7)
+#define BME_TYPE_DIRTY_TRACKING     1
+#define BME_MIN_GRANULARITY_BITS    9
+#define BME_MAX_GRANULARITY_BITS    31
+#define BME_MAX_NAME_SIZE           1023
+/* Bitmap table entry: bits 9-55 the data cluster; with those zero, bit
+ * 0 says whether the cluster's bits are all ones.
+ */
+#define BTE_OFFSET_MASK             UINT64_C(0x00fffffffffffe00)
+#define BTE_RESERVED_MASK           UINT64_C(0xff000000000001fe)
+#define BTE_ALL_ONES                UINT64_C(1)
+
 /* Limits (QEMU's where it has one; generous enough for any real image). */
 #define MIN_CLUSTER_BITS            9
 #define MAX_CLUSTER_BITS            21
@@ -108,6 +134,7 @@
 #define MAX_SNAPSHOTS               65536
 #define MAX_BACKING_NAME            1023
 #define MAX_BACKING_DEPTH           64
+#define MAX_BITMAP_TABLE            (UINT32_C(1) << 24)  /* entries */
 #define MAX_HOST_OFFSET             (UINT64_C(1) << 56)
 #define MAX_VIRTUAL_SIZE            (UINT64_C(1) << 61)  /* 2 EiB */
 

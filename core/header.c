@@ -654,8 +654,8 @@ header_write_ready (const struct qcow2_image *img)
 }
 
 /* Called before the first change to the image: clear autoclear bits we
- * do not maintain (unknown ones, and bitmaps, which this plugin does not
- * update) and set the dirty bit if refcounts will be updated lazily.
+ * do not maintain (unknown ones, and bitmaps unless bitmap.c keeps
+ * them) and set the dirty bit if refcounts will be updated lazily.
  * The change is synced before any metadata it protects is written.  An
  * image left dirty must have been repaired first (check_repair_dirty).
  */
@@ -664,6 +664,9 @@ header_prepare_write (struct qcow2_image *img)
 {
   uint64_t keep = AUTOCLEAR_DATA_FILE_RAW;
   bool change = false;
+
+  if (img->bitmaps_kept)
+    keep |= AUTOCLEAR_BITMAPS;          /* bitmap.c keeps them */
 
   if (img->autoclear_cleared && (img->dirty_written ||
                                  !(img->compat & COMPAT_LAZY_REFCOUNTS)))

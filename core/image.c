@@ -10,8 +10,17 @@
  * backing_read reads it as it reads a raw file.
  *
  * Open order: header (validated) -> L1 table -> refcount table ->
- * snapshot table -> caches -> overlap map -> backing chain / data file.
+ * snapshot table -> caches -> overlap map -> backing chain / data file
+ * -> (the image served only) bitmaps.
  * Each step validates what it reads before the next one trusts it.
+ *
+ * top_layer (qemu's "backing": null): the backing file is not opened at
+ * all, so backing_size stays 0 and every unallocated cluster reads as
+ * zeroes and is reported as a hole, as in an image without a backing
+ * file.  Such an image is always read-only: a partial write to an
+ * unallocated cluster would copy zeroes, not the backing file's data,
+ * into it, and a zero or trim could drop clusters the backing file
+ * needs to be hidden.  backing_name is kept (the image still has one).
  *
  * Cache defaults: the L2 cache covers the whole virtual disk, capped at
  * 32 MiB (QEMU's Linux default cap, enough for 256 GiB with 64 KiB
@@ -181,6 +190,7 @@ image_free (struct qcow2_image *img)
   if (img == NULL)
     return;
   backing_close (img);
+  bitmap_free (img);
   overlap_free (img);
   cache_destroy (img->l2_cache);
   free (img->empty_slices);
@@ -217,6 +227,11 @@ open_backing (struct qcow2_image *img)
 
   if (img->backing_name == NULL)
     return 0;
+  if (img->cfg.top_layer) {
+    nbdkit_debug ("%s: top-layer: backing file %s not opened, unallocated "
+                  "clusters read as zeroes", img->name, img->backing_name);
+    return 0;
+  }
   io = backing_open_file (img, &path, &is_qcow2);
   if (io == NULL)
     return -1;
@@ -287,7 +302,7 @@ image_open (struct qcow2_io *io, const char *name, const char *dir,
   img->io = io;
   img->give_back_reservation = rw_give_back_reservation;
   img->cfg = *cfg;
-  img->readonly = cfg->readonly || io->readonly;
+  img->readonly = cfg->readonly || cfg->top_layer || io->readonly;
   img->child = child;
   img->depth = child ? child->depth + 1 : 0;
   img->name = strdup (name);
@@ -310,6 +325,10 @@ image_open (struct qcow2_io *io, const char *name, const char *dir,
     if (fs == -1)
       goto err;
     img->host_end = round_up_pow2 (fs, img->cluster_size);
+    if (img->io->blockdev && !img->readonly)
+      nbdkit_debug ("%s: a block device of %" PRIi64 " bytes: the image "
+                    "cannot grow past it, and no space is reserved ahead",
+                    img->name, fs);
   }
   if (cluster_load_l1 (img) == -1 ||
       refcount_load (img) == -1 ||
@@ -335,11 +354,26 @@ image_open (struct qcow2_io *io, const char *name, const char *dir,
   return NULL;
 }
 
+/* The image served (not a backing file or snapshot view): with its
+ * persistent dirty bitmaps.
+ */
+static struct qcow2_image *
+open_top (struct qcow2_image *img)
+{
+  if (img && bitmap_load (img) == -1) {
+    int e = errno;
+    image_free (img);
+    errno = e;
+    return NULL;
+  }
+  return img;
+}
+
 struct qcow2_image *
 qcow2_open_io (struct qcow2_io *io, const char *name, const char *dir,
                const struct qcow2_config *cfg)
 {
-  return image_open (io, name, dir, cfg, NULL);
+  return open_top (image_open (io, name, dir, cfg, NULL));
 }
 
 struct qcow2_image *
@@ -348,7 +382,7 @@ qcow2_open (const char *filename, const struct qcow2_config *cfg)
   struct qcow2_io *io;
   struct qcow2_image *img;
   char *dir;
-  bool ro = cfg->readonly;
+  bool ro = cfg->readonly || cfg->top_layer;
 
   io = qcow2_io_open_file_mode (filename, ro, cache_io_mode (cfg));
   if (io == NULL && !ro && (errno == EACCES || errno == EROFS ||
@@ -385,7 +419,7 @@ qcow2_open (const char *filename, const struct qcow2_config *cfg)
     io_close (io);
     return NULL;
   }
-  img = image_open (io, filename, dir, cfg, NULL);
+  img = open_top (image_open (io, filename, dir, cfg, NULL));
   free (dir);
   /* Writable file, read-only image (marked corrupt): a reader. */
   if (img && img->readonly && !io->readonly && !cfg->no_locking &&
@@ -458,6 +492,8 @@ qcow2_close (struct qcow2_image *img)
   if (img == NULL)
     return 0;
   if (!img->readonly && qcow2_flush (img) == -1)
+    r = -1;
+  if (r == 0 && !img->readonly && rw_store_bitmaps (img) == -1)
     r = -1;
   if (r == 0 && !img->readonly && header_mark_clean (img) == -1)
     r = -1;

@@ -68,6 +68,29 @@ struct snapshot {
   uint64_t disk_size;           /* virtual size when it was taken */
 };
 
+/* A persistent dirty bitmap (bitmap.c).  Its bits live in 'pages',
+ * one cluster of bits per bitmap table entry, made on first use: with
+ * PAGE_LOADED the page holds the bits on disk too, else only those set
+ * since open; PAGE_DIRTY: bits were set since open.  Pages, their
+ * flags and their words are changed with atomic operations only, by
+ * writers holding img->lock shared or exclusively, or no lock.
+ */
+#define PAGE_DIRTY  1
+#define PAGE_LOADED 2
+struct bitmap {
+  char *name;
+  uint64_t dir_pos;             /* of its entry in the directory */
+  uint32_t flags;               /* BME_FLAG_*, as on disk now */
+  unsigned gran_bits;
+  uint64_t table_offset;
+  uint32_t table_size;          /* entries */
+  uint64_t *table;              /* host byte order */
+  uint64_t **pages;             /* table_size pointers */
+  uint8_t *page_flags;          /* table_size PAGE_* */
+  bool keep;                    /* kept up to date by writes */
+  bool lost;                    /* a page could not be made: not stored */
+};
+
 /* A guest range whose new host clusters are being written outside
  * img->lock (rw.c); it lives on the writer's stack.
  */
@@ -117,8 +140,8 @@ struct qcow2_image {
   uint32_t rb_bits;             /* log2 entries per refcount block */
 
   /* The active L1 table, host byte order: loaded by cluster.c, changed
-   * by l2.c, rewritten by check.c's repair of COPIED flags, replaced
-   * in snapshot views (image.c).
+   * and written only by l2.c (check.c's repair of COPIED flags too goes
+   * through it), replaced in snapshot views (image.c).
    */
   uint64_t l1_offset;
   uint32_t l1_size;
@@ -135,6 +158,13 @@ struct qcow2_image {
   uint64_t snapshots_offset;
   uint64_t snapshots_size;      /* bytes of the snapshot table */
   struct snapshot *snapshots;
+
+  /* Persistent dirty bitmaps (bitmap.c), loaded by qcow2_open. */
+  struct bitmap *bitmaps;
+  uint32_t nr_bitmaps;
+  uint8_t *bitmap_dir;          /* the directory as on disk now */
+  bool bitmaps_kept;            /* keep the autoclear bit (header.c) */
+  bool bitmaps_marked;          /* the kept ones are in use on disk */
 
   /* Backing file: backing_read reads backing_io, the raw file's io or,
    * for a qcow2 backing file, image.c's io over the backing image, which
@@ -397,6 +427,24 @@ extern void cluster_empty_forget (struct qcow2_image *img, uint64_t guest,
                                   uint64_t len);
 extern void cluster_forget_all (struct qcow2_image *img);
 
+/* bitmap.c */
+extern int bitmap_load (struct qcow2_image *img);
+extern void bitmap_free (struct qcow2_image *img);
+extern int bitmap_prepare_write (struct qcow2_image *img);
+extern void bitmap_set (struct qcow2_image *img, uint64_t offset,
+                        uint64_t count);
+extern int bitmap_store (struct qcow2_image *img);
+extern int bitmap_extents (struct qcow2_image *img, uint32_t i,
+                           uint64_t count, uint64_t offset, bool req_one,
+                           qcow2_extent_fn fn, void *opaque);
+
+/* True when bitmap_prepare_write has nothing left to do. */
+static inline bool
+bitmap_write_ready (const struct qcow2_image *img)
+{
+  return img->bitmaps_marked || !img->bitmaps_kept;
+}
+
 /* check.c */
 extern int check_image (struct qcow2_image *img, bool repair,
                         struct qcow2_check_result *res);
@@ -409,6 +457,7 @@ extern int check_repair_dirty (struct qcow2_image *img);
 
 /* rw.c */
 extern void rw_give_back_reservation (struct qcow2_image *img);
+extern int rw_store_bitmaps (struct qcow2_image *img);
 
 /* l2.c */
 /* An L2 entry's slice pinned in the L2 cache, and the entry in it. */
@@ -430,6 +479,9 @@ extern int l2_free_entry_later (struct qcow2_image *img, uint64_t e,
 extern int l2_check_old_entries (struct qcow2_image *img, uint64_t c0,
                                  uint64_t n);
 extern int l2_write_back (struct qcow2_image *img);
+extern int l2_barrier (struct qcow2_image *img);
+extern void l2_set_l1 (struct qcow2_image *img, uint64_t i, uint64_t v);
+extern int l2_write_l1 (struct qcow2_image *img);
 
 /* write.c: an allocating write of one run in three steps (rw.c):
  * write_plan with img->lock held allocates the clusters and builds what
@@ -498,6 +550,10 @@ extern void write_compressed_abandon (struct qcow2_image *img,
                                       const struct compressed_plan *p);
 extern int zero_subclusters (struct qcow2_image *img, uint64_t off,
                              uint64_t len, bool trim);
+extern int write_zero_edge (struct qcow2_image *img, uint64_t off,
+                            uint64_t len, unsigned flags);
+extern int write_trim_edge (struct qcow2_image *img, uint64_t off,
+                            uint64_t len);
 extern int64_t zero_clusters (struct qcow2_image *img, uint64_t c0,
                               uint64_t n, bool trim, bool may_trim);
 

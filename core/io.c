@@ -5,6 +5,12 @@
  * to call from many threads at once) and a growable memory file for the
  * unit tests and the fuzzer.  See io.h for the semantics both keep.
  *
+ * The "file" may be a block device (a qcow2 on an LV): its size is the
+ * device's, writes past it fail (ENOSPC, from the kernel; refcount.c
+ * refuses to allocate there first), it is never reserved on, and its
+ * file system is not looked at (the node's own is devtmpfs, which says
+ * nothing about the device: taken for tmpfs it would refuse O_DIRECT).
+ *
  * The file backend has three ways of using the page cache (io.h's
  * QCOW2_IO_* modes, the plugin's cache=):
  *
@@ -515,13 +521,17 @@ file_preallocate (struct qcow2_io *io, uint64_t count, uint64_t offset)
  * fallocate can still fail part way (ENOSPC, when the space goes
  * meanwhile), and ext4 then keeps the blocks it had allocated: the
  * caller gives them back.
+ *
+ * A block device is never reserved on: it has its blocks already, and
+ * cannot grow (fallocate KEEP_SIZE would fail there, EOPNOTSUPP, and
+ * free space checked below would be that of /dev).
  */
 #define RESERVE_FREE_FACTOR 4
 
 static int
 file_reserve (struct qcow2_io *io, uint64_t count, uint64_t offset)
 {
-  if (io->in_memory_fs) {
+  if (io->in_memory_fs || io->blockdev) {
     errno = EOPNOTSUPP;
     return -1;
   }
@@ -580,7 +590,14 @@ qcow2_io_from_fd (int fd, bool readonly)
   io->ops = &file_ops;
   io->fd = fd;
   io->readonly = readonly;
+  /* A block device node's own file system (devtmpfs: tmpfs) says
+   * nothing about the device.
+   */
   {
+    struct stat st;
+    io->blockdev = fstat (fd, &st) == 0 && S_ISBLK (st.st_mode);
+  }
+  if (!io->blockdev) {
     struct statfs fs;
     if (fstatfs (fd, &fs) == 0 &&
         (fs.f_type == 0x01021994 /* TMPFS_MAGIC */ ||

@@ -48,7 +48,8 @@ struct qcow2_io_ops {
    * refuses on tmpfs, see io.c).  -1 with another errno (ENOSPC: the
    * file backend also refuses when the file system is short of free
    * space): some of the blocks may have been reserved all the same;
-   * truncating the file to its own size gives them back.
+   * truncating the file to its own size gives them back.  Never on a
+   * block device (EOPNOTSUPP: it has no size to keep, nor to cut back).
    */
   int (*reserve) (struct qcow2_io *io, uint64_t count, uint64_t offset);
   void (*close) (struct qcow2_io *io);
@@ -59,6 +60,9 @@ struct qcow2_io {
   int fd;                       /* the file descriptor, or -1 */
   bool readonly;
   bool in_memory_fs;            /* on tmpfs or ramfs: no reserve */
+  bool blockdev;                /* a block device: it cannot grow, so
+                                   nothing goes past its end (see
+                                   refcount.c), no reserve */
   bool direct;                  /* file opened with O_DIRECT */
   bool evict;                   /* buffered, but written ranges are
                                    dropped from the page cache */

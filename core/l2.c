@@ -5,7 +5,8 @@
  * an entry is changed through l2_get_entry / l2_put_entry (the slice
  * pinned in the L2 cache, its table made the active L1's own first), a
  * missing L2 table is allocated, one shared with a snapshot is copied
- * (cow_l2_table), and dirty L1 entries are written by write_l1.  The L2
+ * (cow_l2_table), and dirty L1 entries are written by l2_write_l1 (also
+ * for check.c's repair of COPIED flags, through l2_set_l1).  The L2
  * cache writes dirty slices back through l2_before_slice_write.
  *
  * The write-ordering rules (write.c's comment lists them) that concern
@@ -37,8 +38,10 @@
 #include "internal.h"
 #include "overlap.h"
 
-/* Rules 1 and 2: before an L2 slice or L1 entry is written. */
-static int
+/* Rules 1 and 2: before an L2 slice or L1 entry is written (and a
+ * bitmap table, bitmap.c).
+ */
+int
 l2_barrier (struct qcow2_image *img)
 {
   if (cache_flush (img->rc_cache) == -1)
@@ -68,8 +71,9 @@ l2_before_slice_write (void *opaque, uint64_t off, uint32_t len)
   return overlap_check_write (img, off, len, OV_ACTIVE_L2);
 }
 
-static int
-write_l1 (struct qcow2_image *img)
+/* Write the dirty L1 entries (after rules 1 and 2). */
+int
+l2_write_l1 (struct qcow2_image *img)
 {
   uint32_t lo = img->l1_dirty_lo, hi = img->l1_dirty_hi, i;
   uint64_t *be;
@@ -97,8 +101,11 @@ write_l1 (struct qcow2_image *img)
   return r;
 }
 
-static void
-l1_set (struct qcow2_image *img, uint64_t i, uint64_t v)
+/* Change L1 entry i (written by l2_write_l1), forgetting what the
+ * caches know of the old L2 table.
+ */
+void
+l2_set_l1 (struct qcow2_image *img, uint64_t i, uint64_t v)
 {
   img->l1[i] = v;
   cache_stage_invalidate (img->l2_cache);
@@ -226,7 +233,7 @@ cow_l2_table (struct qcow2_image *img, uint64_t l1i, uint64_t old)
     goto out;
   img->need_sync = true;
   overlap_remove (img, old, cs, OV_ACTIVE_L2);
-  l1_set (img, l1i, (uint64_t) new | QCOW_OFLAG_COPIED);
+  l2_set_l1 (img, l1i, (uint64_t) new | QCOW_OFLAG_COPIED);
   r = refcount_free_later (img, old, 1);
  out:
   free (t);
@@ -272,7 +279,7 @@ l2_for_write (struct qcow2_image *img, uint64_t guest, uint64_t *l2,
       return -1;
     cache_drop (img->l2_cache, new, cs);
     img->need_sync = true;
-    l1_set (img, l1i, (uint64_t) new | QCOW_OFLAG_COPIED);
+    l2_set_l1 (img, l1i, (uint64_t) new | QCOW_OFLAG_COPIED);
     *l2 = new;
     *fresh = true;
     return 0;
@@ -300,7 +307,7 @@ l2_for_write (struct qcow2_image *img, uint64_t guest, uint64_t *l2,
       *l2 = img->l1[l1i] & L1E_OFFSET_MASK;
       return 0;
     }
-    l1_set (img, l1i, off | QCOW_OFLAG_COPIED);
+    l2_set_l1 (img, l1i, off | QCOW_OFLAG_COPIED);
   }
   *l2 = off;
   return 0;
@@ -371,7 +378,7 @@ l2_write_back (struct qcow2_image *img)
 {
   if (l2_barrier (img) == -1 ||
       cache_flush (img->l2_cache) == -1 ||
-      write_l1 (img) == -1)
+      l2_write_l1 (img) == -1)
     return -1;
   if (io_flush (img->io) == -1) {
     nbdkit_error ("%s: sync: %m", img->name);

@@ -59,9 +59,24 @@ struct qcow2_config {
   bool discard_no_unref;        /* trims and zeroes keep data clusters
                                    allocated (as zero clusters) */
   enum qcow2_cache_mode cache;  /* for the image, data and backing files */
+  bool top_layer;               /* serve the top image alone: its backing
+                                   file is not opened, unallocated
+                                   clusters read as zeroes and are holes
+                                   (qemu's "backing": null); implies
+                                   readonly */
+  uint64_t prealloc_size;       /* bytes of disk reserved ahead as the
+                                   file grows (refcount.c); 0: none.
+                                   The plugin's default is below. */
   bool compress;                /* store written whole clusters compressed
                                    (the image's compression type) */
 };
+
+/* prealloc-size's default: none (measured on ext4, where it did not
+ * pay: bench/results-20261203-prealloc.md).
+ */
+#define QCOW2_PREALLOC_SIZE_DEFAULT UINT64_C(0)
+/* Its largest value. */
+#define QCOW2_PREALLOC_SIZE_MAX (UINT64_C(1) << 40)
 
 /* Flags for pwrite/zero/trim, the same values as nbdkit's. */
 #define QCOW2_F_MAY_TRIM   (1 << 0)
@@ -140,6 +155,33 @@ extern int qcow2_snapshot_info (struct qcow2_image *img, uint32_t i,
 /* A read-only image of a snapshot (found by name, else by ID). */
 extern struct qcow2_image *qcow2_open_snapshot (struct qcow2_image *img,
                                                 const char *name);
+
+/* Persistent dirty bitmaps (bitmap.c).  Every bitmap of the image's
+ * bitmap directory, in directory order, as loaded at open: an enabled
+ * ('auto') one that was consistent at open is kept up to date by every
+ * write, zero and trim and stored at a clean close; a disabled one is
+ * never changed; one already in use at open (inconsistent: its writer
+ * crashed) is left alone and must not be served.
+ */
+struct qcow2_bitmap_info {
+  const char *name;             /* valid while the image is open */
+  uint64_t granularity;         /* bytes */
+  bool enabled;                 /* 'auto': kept up to date by writes */
+  bool in_use;                  /* inconsistent at open: not served */
+};
+extern uint32_t qcow2_nr_bitmaps (struct qcow2_image *img);
+extern int qcow2_bitmap_info (struct qcow2_image *img, uint32_t i,
+                              struct qcow2_bitmap_info *info);
+/* The dirty map of bitmap i over [offset, offset+count): fn is called
+ * as for qcow2_extents, with type 0 for dirty ranges (whole granules,
+ * clipped to the disk) and QCOW2_EXTENT_HOLE|QCOW2_EXTENT_ZERO for
+ * clean ones.  The bits include everything written since open.  Fails
+ * with EINVAL for a bitmap in use at open.
+ */
+extern int qcow2_bitmap_extents (struct qcow2_image *img, uint32_t i,
+                                 uint64_t count, uint64_t offset,
+                                 bool req_one, qcow2_extent_fn fn,
+                                 void *opaque);
 
 /* Create a new image file (create.c).  Fails with EEXIST if the file
  * exists, unless overwrite.  The options and combinations are

@@ -257,6 +257,33 @@ check_run_free (struct qcow2_image *img, uint64_t start, uint64_t n)
   return 0;
 }
 
+/* A block device (a qcow2 on an LV) cannot grow: nothing may be
+ * allocated at or past its last whole cluster.  Such an allocation
+ * fails here with ENOSPC, before any refcount counts it or any table
+ * points at it.  The size is read each time: the device may have been
+ * extended since (lvextend).
+ */
+static int
+check_device_end (struct qcow2_image *img, uint64_t end_cluster)
+{
+  int64_t size;
+
+  if (!img->io->blockdev)
+    return 0;
+  size = io_size (img->io);
+  if (size == -1) {
+    nbdkit_error ("%s: size of the block device: %m", img->name);
+    return -1;
+  }
+  if (end_cluster > ((uint64_t) size >> img->cluster_bits)) {
+    nbdkit_error ("%s: the block device is full (%" PRIi64 " bytes)",
+                  img->name, size);
+    errno = ENOSPC;
+    return -1;
+  }
+  return 0;
+}
+
 /* Write the whole reftable (host order in memory) to 'off'. */
 static int
 write_reftable (struct qcow2_image *img, const uint64_t *table,
@@ -294,7 +321,10 @@ grow_reftable (struct qcow2_image *img, uint64_t ti)
   uint8_t *block = NULL;
   int r = -1;
 
-  if (start < (img->host_end >> img->cluster_bits))
+  /* (On a block device host_end is the device's end: what lies past
+   * the counted clusters is only the device's unused rest.)
+   */
+  if (start < (img->host_end >> img->cluster_bits) && !img->io->blockdev)
     start = img->host_end >> img->cluster_bits;
   if (entries <= ti)
     entries = ti + 1;
@@ -315,6 +345,8 @@ grow_reftable (struct qcow2_image *img, uint64_t ti)
     errno = EFBIG;
     return -1;
   }
+  if (check_device_end (img, start + nt + nb) == -1)
+    return -1;
 
   table = calloc (entries, 8);
   block = malloc (cs);
@@ -476,9 +508,14 @@ ensure_refblock (struct qcow2_image *img, uint64_t c)
 
 /* Grow the file in large steps: keep disk blocks reserved (without
  * changing the file size, so fresh clusters still read as zeroes past
- * EOF) 8 to 16 MiB beyond the last allocated cluster, instead of
- * letting the file system allocate one cluster at a time.  qcow2_close
- * gives back what was not used (img->reserved).
+ * EOF) ahead of the last allocated cluster, instead of letting the
+ * file system allocate one cluster at a time.  The step is
+ * cfg.prealloc_size (prealloc-size=, 0: no reservations): when an
+ * allocation reaches past the reserved range, the range is extended to
+ * the next multiple of the step at least one step beyond the new end
+ * (so one to two steps ahead, then used up as the file grows: one
+ * fallocate per step of growth).  qcow2_close gives back what was not
+ * used (img->reserved).  Never on tmpfs nor on a block device (io.c).
  *
  * A reservation that fails (short of space: see io.c) may have taken
  * part of the range all the same, and that must not stay taken while
@@ -491,19 +528,17 @@ ensure_refblock (struct qcow2_image *img, uint64_t c)
  * by rw.c, the only file that takes locks, through the hook
  * img->give_back_reservation.  The next step tries again.
  */
-#define RESERVE_STEP (UINT64_C(8) << 20)
-
 static void
 reserve_ahead (struct qcow2_image *img)
 {
-  uint64_t from, to;
+  uint64_t from, to, step = img->cfg.prealloc_size;
   int r;
 
-  if (img->host_end <= img->reserved_end)
+  if (step == 0 || img->host_end <= img->reserved_end)
     return;
   from = img->reserved_end > img->host_end - img->cluster_size
     ? img->reserved_end : img->host_end - img->cluster_size;
-  to = round_up_pow2 (img->host_end + RESERVE_STEP, RESERVE_STEP);
+  to = (img->host_end + 2 * step - 1) / step * step;
   r = io_reserve (img->io, to - from, from);
   if (r == -1 && (errno == EOPNOTSUPP || errno == ENOSYS)) {
     img->reserved_end = UINT64_MAX;     /* not supported: stop trying */
@@ -565,6 +600,8 @@ refcount_alloc (struct qcow2_image *img, uint64_t n)
       start = c;
     run++;
   }
+  if (check_device_end (img, start + n) == -1)
+    return -1;
 
   for (i = start; i < start + n;
        i = ((i >> img->rb_bits) + 1) << img->rb_bits) {

@@ -41,6 +41,11 @@
  * a request once too many are pending, and in the middle of a large
  * zero or trim.
  *
+ * Every write, zero and trim first sets its range in the kept dirty
+ * bitmaps (bitmap_set, in memory, no lock needed); the first one marks
+ * them in use on disk (check_writable), and a clean close stores them
+ * (rw_store_bitmaps).
+ *
  * cache= (qcow2.h) changes two things here and nothing else:
  * writethrough and directsync treat every write, zero and trim as FUA
  * (a full qcow2_flush after it), and with unsafe the files' flush is a
@@ -354,7 +359,9 @@ check_writable (struct qcow2_image *img)
   if ((img->incompat & INCOMPAT_DIRTY) && !img->dirty_written &&
       check_repair_dirty (img) == -1)
     return -1;
-  return header_prepare_write (img);
+  if (header_prepare_write (img) == -1)
+    return -1;
+  return bitmap_prepare_write (img);
 }
 
 /* Write p to the COPIED data run m in place, with img->lock held
@@ -392,6 +399,7 @@ write_in_place_cached (struct qcow2_image *img, const uint8_t *p,
   struct mapping m;
 
   if (img->readonly || img->corrupt || !header_write_ready (img) ||
+      !bitmap_write_ready (img) ||
       cluster_map_cached (img, offset, count, &m, NULL) != 0 ||
       m.kind != MAP_DATA || !m.copied ||
       (img->data_io == img->io &&
@@ -674,6 +682,7 @@ qcow2_pwrite (struct qcow2_image *img, const void *buf, uint64_t count,
 
   if (image_check_range (img, count, offset, "write") == -1)
     return -1;
+  bitmap_set (img, offset, count);
   if (img->cfg.detect_zeroes == QCOW2_DETECT_ZEROES_UNMAP)
     zflags = zero_flags (img, QCOW2_F_MAY_TRIM);
   if (img->cfg.detect_zeroes != QCOW2_DETECT_ZEROES_OFF &&
@@ -767,78 +776,6 @@ change_clusters (struct qcow2_image *img, uint64_t a, uint64_t b,
   return 0;
 }
 
-/* The whole subclusters [*a, *b) of guest [off, off+len), a piece of
- * one cluster; the partial last subcluster of the disk counts as whole.
- */
-static void
-whole_subclusters (const struct qcow2_image *img, uint64_t off, uint64_t len,
-                   uint64_t *a, uint64_t *b)
-{
-  uint64_t scs = UINT64_C(1) << img->subcluster_bits;
-
-  *a = round_up_pow2 (off, scs);
-  *b = (off + len) & ~(scs - 1);
-  if (off + len == img->size)
-    *b = round_up_pow2 (off + len, scs);
-}
-
-/* Zero guest [off, off+len), the partial clusters at the edges of a
- * zero request: real zeroes, except that with extended L2 entries the
- * whole subclusters in them get their zero bits (metadata only).
- */
-static int
-zero_edge (struct qcow2_image *img, uint64_t off, uint64_t len,
-           unsigned flags)
-{
-  uint64_t cs = img->cluster_size;
-
-  if (!img->ext_l2 || !write_zero_by_metadata (img, false) ||
-      (flags & QCOW2_F_FAST_ZERO))
-    return write_zeroes (img, off, len, flags);
-  while (len > 0) {
-    uint64_t n = min_u64 (len, cs - offset_into_cluster (img, off)), a, b;
-    int r = 0;
-
-    whole_subclusters (img, off, n, &a, &b);
-    if (a < b && (r = zero_subclusters (img, a, b - a, false)) == -1)
-      return -1;
-    if (a >= b || r == 1) {
-      if (write_zeroes (img, off, n, flags) == -1)
-        return -1;
-    }
-    else if (write_zeroes (img, off, a - off, flags) == -1 ||
-             (b < off + n &&
-              write_zeroes (img, b, off + n - b, flags) == -1))
-      return -1;
-    off += n;
-    len -= n;
-  }
-  return 0;
-}
-
-/* Trim guest [off, off+len), the partial clusters at the edges of a
- * trim: with extended L2 entries, their whole subclusters; else
- * nothing (trim is advisory).
- */
-static int
-trim_edge (struct qcow2_image *img, uint64_t off, uint64_t len)
-{
-  uint64_t cs = img->cluster_size;
-
-  if (!img->ext_l2)
-    return 0;
-  while (len > 0) {
-    uint64_t n = min_u64 (len, cs - offset_into_cluster (img, off)), a, b;
-
-    whole_subclusters (img, off, n, &a, &b);
-    if (a < b && zero_subclusters (img, a, b - a, true) == -1)
-      return -1;
-    off += n;
-    len -= n;
-  }
-  return 0;
-}
-
 /* Zero guest [offset, offset+count) with flags as they are. */
 static int
 zero_range (struct qcow2_image *img, uint64_t count, uint64_t offset,
@@ -852,9 +789,9 @@ zero_range (struct qcow2_image *img, uint64_t count, uint64_t offset,
     return -1;
   if (write_zero_plan (img, count, offset, flags, &a, &b, &trim,
                        &may_trim) == 0 &&
-      zero_edge (img, offset, a - offset, flags) == 0 &&
+      write_zero_edge (img, offset, a - offset, flags) == 0 &&
       change_clusters (img, a, b, trim, may_trim) == 0 &&
-      (end <= b || zero_edge (img, b, end - b, flags) == 0))
+      (end <= b || write_zero_edge (img, b, end - b, flags) == 0))
     r = 0;
   return change_end (img, r, flags);
 }
@@ -863,6 +800,9 @@ int
 qcow2_zero (struct qcow2_image *img, uint64_t count, uint64_t offset,
             unsigned flags)
 {
+  if (image_check_range (img, count, offset, "zero") == -1)
+    return -1;
+  bitmap_set (img, offset, count);
   return zero_range (img, count, offset, zero_flags (img, flags));
 }
 
@@ -873,20 +813,22 @@ qcow2_trim (struct qcow2_image *img, uint64_t count, uint64_t offset,
   uint64_t a, b;
   int r = 0;
 
+  if (image_check_range (img, count, offset, "trim") == -1)
+    return -1;
   /* discard=ignore, or discard-no-unref on v2, which has no way to
    * keep a cluster allocated and make it read as zero: the trim
-   * succeeds and changes nothing (trim is advisory).
+   * succeeds and changes nothing (trim is advisory), so no bitmap
+   * changes either (QEMU's rule).
    */
   if (img->cfg.discard_ignore ||
       (img->cfg.discard_no_unref && img->version < 3)) {
-    if (image_check_range (img, count, offset, "trim") == -1)
-      return -1;
     if (img->readonly) {
       errno = EROFS;
       return -1;
     }
     return 0;
   }
+  bitmap_set (img, offset, count);
   if (change_begin (img, count, offset, "trim") == -1)
     return -1;
   /* Trim is advisory: only whole clusters (with extended L2 entries,
@@ -897,13 +839,42 @@ qcow2_trim (struct qcow2_image *img, uint64_t count, uint64_t offset,
   if (img->data_file_name)
     ;
   else if (a >= b)
-    r = trim_edge (img, offset, count);
-  else if (trim_edge (img, offset, a - offset) == -1 ||
+    r = write_trim_edge (img, offset, count);
+  else if (write_trim_edge (img, offset, a - offset) == -1 ||
            change_clusters (img, a, b, true, true) == -1 ||
            (offset + count > b &&
-            trim_edge (img, b, offset + count - b) == -1))
+            write_trim_edge (img, b, offset + count - b) == -1))
     r = -1;
   return change_end (img, r, flags);
+}
+
+/* ---- bitmaps ------------------------------------------------------ */
+
+/* At a clean close, after the last flush: store the bitmaps (bitmap.c)
+ * and write back what that allocated.
+ */
+int
+rw_store_bitmaps (struct qcow2_image *img)
+{
+  int r;
+
+  pthread_rwlock_wrlock (&img->lock);
+  r = bitmap_store (img);
+  if (flush_locked (img) == -1)
+    r = -1;
+  pthread_rwlock_unlock (&img->lock);
+  return r;
+}
+
+/* No image lock: bitmap.c's pages are changed atomically. */
+int
+qcow2_bitmap_extents (struct qcow2_image *img, uint32_t i, uint64_t count,
+                      uint64_t offset, bool req_one, qcow2_extent_fn fn,
+                      void *opaque)
+{
+  if (image_check_range (img, count, offset, "request") == -1)
+    return -1;
+  return bitmap_extents (img, i, count, offset, req_one, fn, opaque);
 }
 
 /* ---- check -------------------------------------------------------- */

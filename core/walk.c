@@ -59,8 +59,6 @@
 #include "internal.h"
 #include "walk.h"
 
-#define MAX_BITMAP_TABLE (UINT32_C(1) << 24)    /* entries, 128 MiB */
-#define BITMAP_ENTRY_FIXED 24                   /* bytes */
 
 struct walk {
   struct qcow2_image *img;
@@ -206,13 +204,13 @@ next_bitmap (const uint8_t *dir, uint64_t size, uint64_t *pos,
 {
   const uint8_t *p;
 
-  if (*pos >= size || size - *pos < BITMAP_ENTRY_FIXED)
+  if (*pos >= size || size - *pos < BME_FIXED_SIZE)
     return false;
   p = dir + *pos;
   e->table_offset = get_be64 (p) & L1E_OFFSET_MASK;
   e->table_size = get_be32 (p + 8);
   /* The fixed part, the extra data and the name, padded to 8. */
-  *pos += round_up_pow2 (BITMAP_ENTRY_FIXED + (uint64_t) get_be32 (p + 20) +
+  *pos += round_up_pow2 (BME_FIXED_SIZE + (uint64_t) get_be32 (p + 20) +
                          get_be16 (p + 18), 8);
   return true;
 }

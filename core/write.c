@@ -549,6 +549,78 @@ zero_subclusters (struct qcow2_image *img, uint64_t off, uint64_t len,
   return 0;
 }
 
+/* The whole subclusters [*a, *b) of guest [off, off+len), a piece of
+ * one cluster; the partial last subcluster of the disk counts as whole.
+ */
+static void
+whole_subclusters (const struct qcow2_image *img, uint64_t off, uint64_t len,
+                   uint64_t *a, uint64_t *b)
+{
+  uint64_t scs = UINT64_C(1) << img->subcluster_bits;
+
+  *a = round_up_pow2 (off, scs);
+  *b = (off + len) & ~(scs - 1);
+  if (off + len == img->size)
+    *b = round_up_pow2 (off + len, scs);
+}
+
+/* Zero guest [off, off+len), the partial clusters at the edges of a
+ * zero request: real zeroes, except that with extended L2 entries the
+ * whole subclusters in them get their zero bits (metadata only).
+ */
+int
+write_zero_edge (struct qcow2_image *img, uint64_t off, uint64_t len,
+                 unsigned flags)
+{
+  uint64_t cs = img->cluster_size;
+
+  if (!img->ext_l2 || !write_zero_by_metadata (img, false) ||
+      (flags & QCOW2_F_FAST_ZERO))
+    return write_zeroes (img, off, len, flags);
+  while (len > 0) {
+    uint64_t n = min_u64 (len, cs - offset_into_cluster (img, off)), a, b;
+    int r = 0;
+
+    whole_subclusters (img, off, n, &a, &b);
+    if (a < b && (r = zero_subclusters (img, a, b - a, false)) == -1)
+      return -1;
+    if (a >= b || r == 1) {
+      if (write_zeroes (img, off, n, flags) == -1)
+        return -1;
+    }
+    else if (write_zeroes (img, off, a - off, flags) == -1 ||
+             (b < off + n &&
+              write_zeroes (img, b, off + n - b, flags) == -1))
+      return -1;
+    off += n;
+    len -= n;
+  }
+  return 0;
+}
+
+/* Trim guest [off, off+len), the partial clusters at the edges of a
+ * trim: with extended L2 entries, their whole subclusters; else
+ * nothing (trim is advisory).
+ */
+int
+write_trim_edge (struct qcow2_image *img, uint64_t off, uint64_t len)
+{
+  uint64_t cs = img->cluster_size;
+
+  if (!img->ext_l2)
+    return 0;
+  while (len > 0) {
+    uint64_t n = min_u64 (len, cs - offset_into_cluster (img, off)), a, b;
+
+    whole_subclusters (img, off, n, &a, &b);
+    if (a < b && zero_subclusters (img, a, b - a, true) == -1)
+      return -1;
+    off += n;
+    len -= n;
+  }
+  return 0;
+}
+
 /* Can whole clusters be zeroed by changing metadata only (a zero
  * request with or without may_trim)?  v3 without a raw external data
  * file: zero flags; v2 without backing or data file: discarded

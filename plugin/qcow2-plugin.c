@@ -12,6 +12,17 @@
  * read-only export named after it (or its ID).  A snapshot's view is
  * opened on first use and shared by all connections to it.  With
  * snapshot=NAME the plugin serves that snapshot as its only export.
+ * With top-layer=true every export shows the top image alone (core
+ * does not open its backing file) and is read-only.
+ *
+ * Every persistent dirty bitmap that was consistent at open is also a
+ * read-only export, "bitmap:NAME", over the active image: block status
+ * is the bitmap (dirty = data, clean = hole+zero) and reads return the
+ * active image's data in dirty ranges and zeroes in clean ones, so a
+ * client that copies data extents copies exactly the dirty ranges.
+ * Snapshot names may contain ':' too: an export name that starts with
+ * "bitmap:" is always a bitmap, and a snapshot whose name starts so
+ * (or is empty) is listed and found under its ID instead.
  *
  * Locks: the image is locked in .get_ready, as qemu-nbd locks it at
  * start: as a writer unless readonly=true or snapshot= (or the file is
@@ -53,7 +64,9 @@ static char *file_arg;          /* file= as given; resolved once it exists */
 static char *snapshot;          /* snapshot=: serve only this one */
 static bool readonly_opt;       /* readonly=true */
 static enum { CHECK_OFF, CHECK_REPORT, CHECK_REPAIR } check_mode;
-static struct qcow2_config cfg;
+static struct qcow2_config cfg = {
+  .prealloc_size = QCOW2_PREALLOC_SIZE_DEFAULT,
+};
 static struct qcow2_image *img; /* the active image */
 
 /* Snapshot views opened so far. */
@@ -76,7 +89,19 @@ struct handle {
   struct qcow2_image *img;
   bool snapshot;
   bool writable;                /* active image, writable connection */
+  bool bitmap;                  /* a bitmap export: img is the active */
+  uint32_t bitmap_index;        /* image, bitmap_index its bitmap */
 };
+
+/* Export names of dirty bitmaps: BITMAP_PREFIX followed by the name. */
+#define BITMAP_PREFIX "bitmap:"
+#define BITMAP_PREFIX_LEN (sizeof BITMAP_PREFIX - 1)
+
+static bool
+is_bitmap_export (const char *name)
+{
+  return strncmp (name, BITMAP_PREFIX, BITMAP_PREFIX_LEN) == 0;
+}
 
 static void
 qcow2_plugin_unload (void)
@@ -375,6 +400,17 @@ qcow2_plugin_config (const char *key, const char *value)
       return -1;
     cfg.compress = r;
   }
+  else if (strcmp (key, "prealloc-size") == 0) {
+    uint64_t v;
+    if (parse_size (value, &v) == -1)
+      return -1;
+    if (v > QCOW2_PREALLOC_SIZE_MAX) {
+      nbdkit_error ("prealloc-size must be at most %" PRIu64 " (1T): %s",
+                    QCOW2_PREALLOC_SIZE_MAX, value);
+      return -1;
+    }
+    cfg.prealloc_size = v;
+  }
   else if (strcmp (key, "locking") == 0) {
     int r = nbdkit_parse_bool (value);
     if (r == -1)
@@ -383,6 +419,12 @@ qcow2_plugin_config (const char *key, const char *value)
   }
   else if (strcmp (key, "cache") == 0)
     return parse_cache (value);
+  else if (strcmp (key, "top-layer") == 0) {
+    int r = nbdkit_parse_bool (value);
+    if (r == -1)
+      return -1;
+    cfg.top_layer = r;
+  }
   else {
     nbdkit_error ("unknown parameter '%s'", key);
     return -1;
@@ -419,7 +461,10 @@ qcow2_plugin_config_complete (void)
   filename = nbdkit_realpath (file_arg);
   if (filename == NULL)
     return -1;
-  cfg.readonly = readonly_opt || snapshot != NULL;
+  /* top-layer=true is read-only (core forces it too): say so once. */
+  if (cfg.top_layer && !readonly_opt)
+    nbdkit_debug ("top-layer=true: serving the image read-only");
+  cfg.readonly = readonly_opt || snapshot != NULL || cfg.top_layer;
   return 0;
 }
 
@@ -428,6 +473,9 @@ qcow2_plugin_config_complete (void)
   "readonly=true|false          Open and lock the image read-only, sharing\n" \
   "                             it with QEMU's readers (default false).\n" \
   "snapshot=<NAME|ID>           Serve this internal snapshot (read-only).\n" \
+  "top-layer=true|false         Serve only the top image of the backing\n" \
+  "                             chain, read-only: unallocated clusters\n" \
+  "                             read as zeroes (holes); default false.\n" \
   "l2-cache-size=<SIZE>         L2 table cache size (default: whole disk,\n" \
   "                             at most 32M).\n" \
   "refcount-cache-size=<SIZE>   Refcount block cache size (default 256K).\n" \
@@ -436,6 +484,8 @@ qcow2_plugin_config_complete (void)
   "overlap-check=none|constant|cached|all\n" \
   "                             Metadata overlap checks (default all).\n" \
   "locking=on|off               QEMU-compatible image locking (default on).\n" \
+  "prealloc-size=<SIZE>         Disk reserved ahead as the file grows, in\n" \
+  "                             steps of SIZE (default 0: none).\n" \
   "cache=writeback|none|writethrough|directsync|unsafe|auto\n" \
   "                             Host page cache use (default writeback).\n" \
   "check=off|report|repair      Check refcounts at start (default off).\n" \
@@ -466,8 +516,11 @@ qcow2_plugin_dump_plugin (void)
   printf ("qcow2_overlap_check=all\n");
   printf ("qcow2_create=yes\n");
   printf ("qcow2_compress=yes\n");
+  printf ("qcow2_prealloc_size=%" PRIu64 "\n", QCOW2_PREALLOC_SIZE_DEFAULT);
   printf ("qcow2_cache=writeback,none,writethrough,directsync,unsafe,"
           "auto\n");
+  printf ("qcow2_top_layer=yes\n");
+  printf ("qcow2_bitmap_exports=yes\n");
 }
 
 /* check=report|repair: like qemu-img check [-r all] at start.  Repair
@@ -513,15 +566,49 @@ qcow2_plugin_get_ready (void)
   return 0;
 }
 
+/* The bitmaps that can be served, as "bitmap:NAME" exports. */
+static int
+list_bitmaps (struct nbdkit_exports *exports)
+{
+  uint32_t i, n = qcow2_nr_bitmaps (img);
+
+  for (i = 0; i < n; i++) {
+    struct qcow2_bitmap_info info;
+    char *ename, desc[256];
+    int r;
+
+    if (qcow2_bitmap_info (img, i, &info) == -1)
+      return -1;
+    if (info.in_use)            /* inconsistent: not served */
+      continue;
+    if (asprintf (&ename, "%s%s", BITMAP_PREFIX, info.name) == -1) {
+      nbdkit_error ("asprintf: %m");
+      return -1;
+    }
+    snprintf (desc, sizeof desc, "dirty bitmap, granularity %" PRIu64
+              ", %s (read-only): dirty ranges are data, clean ranges "
+              "read as zeroes", info.granularity,
+              info.enabled ? "enabled" : "disabled");
+    r = nbdkit_add_export (exports, ename, desc);
+    free (ename);
+    if (r == -1)
+      return -1;
+  }
+  return 0;
+}
+
 static int
 qcow2_plugin_list_exports (int readonly, int is_tls,
                            struct nbdkit_exports *exports)
 {
   uint32_t i, n = qcow2_nr_snapshots (img);
+  const char *ename;
 
   if (snapshot)
     return nbdkit_add_export (exports, snapshot, "internal snapshot");
-  if (nbdkit_add_export (exports, "", "active image") == -1)
+  if (nbdkit_add_export (exports, "",
+                         cfg.top_layer ? "active image, top layer only "
+                         "(read-only)" : "active image") == -1)
     return -1;
   for (i = 0; i < n; i++) {
     struct qcow2_snapshot_info info;
@@ -536,16 +623,56 @@ qcow2_plugin_list_exports (int readonly, int is_tls,
               gmtime_r (&t, &tm));
     snprintf (desc, sizeof desc, "snapshot ID %s, taken %s UTC, "
               "size %" PRIu64 " (read-only)", info.id, date, info.size);
-    if (nbdkit_add_export (exports, info.name, desc) == -1)
+    /* Names the active image or a bitmap export has: the ID instead. */
+    ename = info.name;
+    if (*ename == '\0' || is_bitmap_export (ename)) {
+      ename = info.id;
+      if (*ename == '\0' || is_bitmap_export (ename))
+        continue;               /* only snapshot= can serve it */
+    }
+    if (nbdkit_add_export (exports, ename, desc) == -1)
       return -1;
   }
-  return 0;
+  return list_bitmaps (exports);
 }
 
 static const char *
 qcow2_plugin_default_export (int readonly, int is_tls)
 {
   return snapshot ? snapshot : "";
+}
+
+/* The index of the bitmap an export names; refused if it was in use
+ * (inconsistent) at open, as qemu-nbd -B refuses it.
+ */
+static int
+find_bitmap (const char *name, uint32_t *index)
+{
+  uint32_t i, n = qcow2_nr_bitmaps (img);
+
+  for (i = 0; i < n; i++) {
+    struct qcow2_bitmap_info info;
+
+    if (qcow2_bitmap_info (img, i, &info) == -1)
+      return -1;
+    if (strcmp (info.name, name) != 0)
+      continue;
+    if (info.in_use) {
+      nbdkit_error ("%s: bitmap '%s' is inconsistent and cannot be "
+                    "served: it was in use when the image was opened (its "
+                    "last writer did not close the image cleanly), so it "
+                    "may miss writes; take a full backup and start a new "
+                    "bitmap (qemu-img bitmap --remove, then --add)",
+                    filename, name);
+      errno = EINVAL;
+      return -1;
+    }
+    *index = i;
+    return 0;
+  }
+  nbdkit_error ("%s: no bitmap named '%s'", filename, name);
+  errno = ENOENT;
+  return -1;
 }
 
 static void *
@@ -566,7 +693,15 @@ qcow2_plugin_open (int readonly)
     free (h);
     return NULL;
   }
-  if (snapshot || *name) {
+  if (!snapshot && is_bitmap_export (name)) {
+    if (find_bitmap (name + BITMAP_PREFIX_LEN, &h->bitmap_index) == -1) {
+      free (h);
+      return NULL;
+    }
+    h->img = img;
+    h->bitmap = true;
+  }
+  else if (snapshot || *name) {
     h->img = get_view (snapshot ? snapshot : name);
     h->snapshot = true;
   }
@@ -663,11 +798,88 @@ qcow2_plugin_block_size (void *handle, uint32_t *minimum,
   return 0;
 }
 
+/* A read of a bitmap export: the bitmap's runs over the request
+ * first, then the active image's data in the dirty ones and zeroes in
+ * the clean ones (the clean ones are reported as zero).  The runs are
+ * collected before anything is read: qcow2_bitmap_extents may hold
+ * the image's lock while it calls back.
+ */
+struct bitmap_runs {
+  struct bitmap_run { uint64_t offset, length; bool dirty; } *v;
+  size_t n, cap;
+};
+
+static int
+add_bitmap_run (void *opaque, uint64_t offset, uint64_t length,
+                uint32_t type)
+{
+  struct bitmap_runs *r = opaque;
+  bool dirty = (type & QCOW2_EXTENT_HOLE) == 0;
+  struct bitmap_run *last = r->n ? &r->v[r->n - 1] : NULL;
+
+  if (last && last->dirty == dirty && last->offset + last->length == offset) {
+    last->length += length;
+    return 0;
+  }
+  if (r->n == r->cap) {
+    size_t cap = r->cap ? r->cap * 2 : 16;
+    struct bitmap_run *v = realloc (r->v, cap * sizeof *v);
+    if (v == NULL) {
+      nbdkit_error ("realloc: %m");
+      return -1;
+    }
+    r->v = v;
+    r->cap = cap;
+  }
+  r->v[r->n++] = (struct bitmap_run) { offset, length, dirty };
+  return 0;
+}
+
+static int
+bitmap_pread (struct handle *h, void *buf, uint32_t count, uint64_t offset)
+{
+  struct bitmap_runs r = { NULL, 0, 0 };
+  uint64_t pos = offset, end = offset + count;
+  size_t i;
+  int ret = -1;
+
+  if (qcow2_bitmap_extents (h->img, h->bitmap_index, count, offset, false,
+                            add_bitmap_run, &r) == -1)
+    goto out;
+  for (i = 0; i < r.n && pos < end; i++) {
+    uint64_t len;
+    char *p = (char *) buf + (pos - offset);
+
+    if (r.v[i].offset != pos || r.v[i].length == 0)
+      break;
+    len = r.v[i].length < end - pos ? r.v[i].length : end - pos;
+    if (!r.v[i].dirty)
+      memset (p, 0, len);
+    else if (qcow2_pread (h->img, p, len, pos) == -1)
+      goto out;
+    pos += len;
+  }
+  if (pos != end) {
+    nbdkit_error ("%s: bitmap export: the bitmap does not describe [%"
+                  PRIu64 ", %" PRIu64 ") (stopped at %" PRIu64 ")",
+                  filename, offset, end, pos);
+    errno = EIO;
+    goto out;
+  }
+  ret = 0;
+ out:
+  free (r.v);
+  return ret;
+}
+
 static int
 qcow2_plugin_pread (void *handle, void *buf, uint32_t count,
                     uint64_t offset, uint32_t flags)
 {
   struct handle *h = handle;
+
+  if (h->bitmap)
+    return bitmap_pread (h, buf, count, offset);
   return qcow2_pread (h->img, buf, count, offset);
 }
 
@@ -734,9 +946,13 @@ qcow2_plugin_extents (void *handle, uint32_t count, uint64_t offset,
                       uint32_t flags, struct nbdkit_extents *extents)
 {
   struct handle *h = handle;
-  return qcow2_extents (h->img, count, offset,
-                        (flags & NBDKIT_FLAG_REQ_ONE) != 0,
-                        add_extent, extents);
+  bool req_one = (flags & NBDKIT_FLAG_REQ_ONE) != 0;
+
+  if (h->bitmap)
+    return qcow2_bitmap_extents (h->img, h->bitmap_index, count, offset,
+                                 req_one, add_extent, extents);
+  return qcow2_extents (h->img, count, offset, req_one, add_extent,
+                        extents);
 }
 
 #define THREAD_MODEL NBDKIT_THREAD_MODEL_PARALLEL

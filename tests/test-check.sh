@@ -45,12 +45,16 @@ elif kind == "refcount-high":
     setref(data0, 2)            # one leak and a COPIED flag now wrong
 elif kind == "copied-clear":
     f.seek(l2); f.write(struct.pack(">Q", l2e(0) & ~(1 << 63)))
+elif kind == "l1-copied-clear":
+    f.seek(l1off); e = struct.unpack(">Q", f.read(8))[0]
+    f.seek(l1off); f.write(struct.pack(">Q", e & ~(1 << 63)))
 elif kind == "mixed":
     setref(free[0], 3); setref(data0, 0)
 PYEOF
 }
 
-for kind in leak refcount-zero refcount-high copied-clear mixed bitmap-leak; do
+for kind in leak refcount-zero refcount-high copied-clear l1-copied-clear mixed \
+    bitmap-leak; do
   img=$tmpdir/$kind.qcow2
   qemu-img create -q -f qcow2 "$img" 32M
   # A persistent bitmap: the writes below give it a directory, a table

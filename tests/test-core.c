@@ -1092,6 +1092,8 @@ struct resv_io {
   struct qcow2_io *inner;
   bool fail, held;
   unsigned fails, writes_held;
+  unsigned calls;                 /* reservations asked for */
+  uint64_t end;                   /* the end of the last one */
 };
 
 static int
@@ -1136,8 +1138,8 @@ resv_reserve (struct qcow2_io *io, uint64_t count, uint64_t off)
 {
   struct resv_io *r = (struct resv_io *) io;
 
-  (void) count;
-  (void) off;
+  r->calls++;
+  r->end = off + count;
   if (!r->fail)
     return 0;
   r->fails++;
@@ -1163,7 +1165,7 @@ static void
 reservation_case (const struct qcow2_create_options *co0, bool zero)
 {
   struct qcow2_create_options co = *co0;
-  struct qcow2_config cfg = { 0 };
+  struct qcow2_config cfg = { .prealloc_size = 8 << 20 };
   char dir[] = "/tmp/test-core-XXXXXX", path[64];
   static uint8_t file[1 << 20], buf[65536];
   struct resv_io *r = calloc (1, sizeof *r);
@@ -1215,6 +1217,65 @@ reservation_case (const struct qcow2_create_options *co0, bool zero)
   assert (qcow2_close (img) == 0);
 }
 
+/* prealloc_size is honoured: with 0 nothing is ever reserved; with S,
+ * each reservation ends at a multiple of S, one to two S past the end
+ * of the allocated clusters, and one is asked for per S of growth.
+ */
+static void
+prealloc_case (uint64_t step)
+{
+  struct qcow2_create_options co = { .size = 64 << 20 };
+  struct qcow2_config cfg = { .prealloc_size = step };
+  char dir[] = "/tmp/test-core-XXXXXX", path[64];
+  static uint8_t file[1 << 20], buf[65536];
+  struct resv_io *r = calloc (1, sizeof *r);
+  struct qcow2_image *img;
+  uint64_t i, n = 40 << 20 >> 16;
+  size_t size;
+  FILE *fp;
+
+  assert (r && mkdtemp (dir));
+  snprintf (path, sizeof path, "%s/disk.qcow2", dir);
+  co.overwrite = co.no_locking = true;
+  assert (qcow2_create (path, &co) == 0);
+  fp = fopen (path, "r");
+  assert (fp);
+  size = fread (file, 1, sizeof file, fp);
+  assert (size > 0);
+  fclose (fp);
+  unlink (path);
+  rmdir (dir);
+  r->inner = qcow2_io_new_memory (file, size);
+  assert (r->inner);
+  r->io.ops = &resv_ops;
+  r->io.fd = -1;
+  img = qcow2_open_io (&r->io, "prealloc.qcow2", NULL, &cfg);
+  assert (img);
+  memset (buf, 0x5a, sizeof buf);
+  for (i = 0; i < n; i++) {
+    assert (qcow2_pwrite (img, buf, sizeof buf, i * 65536, 0) == 0);
+    if (step == 0)
+      continue;
+    assert (r->calls > 0);
+    assert (r->end % step == 0);
+    assert (r->end >= img->host_end && r->end - img->host_end < 2 * step);
+  }
+  if (step == 0)
+    assert (r->calls == 0);
+  else
+    assert (r->calls <= (40 << 20) / step + 2);
+  assert (qcow2_close (img) == 0);
+}
+
+static void
+test_prealloc_size (void)
+{
+  prealloc_case (0);
+  prealloc_case (1 << 20);
+  prealloc_case (3 << 20);
+  prealloc_case (16 << 20);
+}
+
 static void
 test_failed_reservation (void)
 {
@@ -1249,6 +1310,7 @@ main (void)
   test_compressed_writes (false, 2);
   test_compressed_writes (false, 1);
   test_failed_reservation ();
+  test_prealloc_size ();
   test_fuzz_regressions ();
   printf ("test-core: all passed\n");
   return 0;

@@ -98,7 +98,7 @@ rnd_fill (uint8_t *p, size_t n)
 
 /* ---- workloads ---- */
 
-enum setup { PLAIN, BACKING_RAW, SNAPSHOT, COMPRESSED };
+enum setup { PLAIN, BACKING_RAW, SNAPSHOT, COMPRESSED, BITMAPS };
 
 struct workload {
   const char *name;
@@ -173,6 +173,11 @@ static const struct workload workloads[] = {
     160, 9000, 10, 10, 2, false, 4096, 4, 7000, false },
   { "threads-4k-compress", "cluster_size=4096", 2 << 20, PLAIN,
     160, 20000, 10, 10, 2, false, 0, 4, 9000, true },
+  /* Persistent dirty bitmaps (make_image: bitmap_*). */
+  { "bitmaps-64k", "cluster_size=65536,lazy_refcounts=on", 4 << 20, BITMAPS,
+    60, 100000, 15, 15, 4, false, 0, 0, 0, false },
+  { "bitmaps-512", "cluster_size=512", 4 << 20, BITMAPS,
+    100, 6000, 15, 15, 5, false, 0, 0, 0, false },
 };
 
 /* A guest request, modelled as "write data over [off, off+len)". */
@@ -205,6 +210,19 @@ static uint64_t total_states, total_leaky, total_dirty_stale,
   total_followups, total_nested, total_qemu_checks, total_failures;
 static double scale = 1;
 static const char *keep_dir = "/tmp";
+
+/* BITMAPS: qemu-img adds b0 (64 KiB granularity), b1 (512 bytes: two
+ * table entries with 512-byte clusters) and bdis; qemu-io writes
+ * bitmap_pre (QEMU sets their bits in all three), then bdis is
+ * disabled.  check_bitmaps says what every crash state must show.
+ */
+static const struct { const char *name; uint64_t gran; bool enabled; }
+  bitmap_list[] = {
+  { "b0", 65536, true }, { "b1", 512, true }, { "bdis", 65536, false },
+};
+static const uint64_t bitmap_pre[][2] = {       /* offset, length */
+  { 65536, 100000 }, { 1 << 20, 4096 },
+};
 
 /* Make disk.qcow2 (and backing.raw) in r->dir. */
 static void
@@ -247,6 +265,19 @@ make_image (struct run *r)
     free (b);
     sys ("qemu-img convert -c -f raw -O qcow2 -o %s %s %s",
          w->opts, rpath, path);
+    break;
+  }
+  case BITMAPS: {
+    size_t i;
+    sys ("qemu-img create -q -f qcow2 -o %s %s %" PRIu64,
+         w->opts, path, w->size);
+    for (i = 0; i < sizeof bitmap_list / sizeof bitmap_list[0]; i++)
+      sys ("qemu-img bitmap --add -g %" PRIu64 " %s %s",
+           bitmap_list[i].gran, path, bitmap_list[i].name);
+    for (i = 0; i < sizeof bitmap_pre / sizeof bitmap_pre[0]; i++)
+      sys ("qemu-io -f qcow2 -c 'write -P 0x3c %" PRIu64 " %" PRIu64 "' "
+           "%s >/dev/null", bitmap_pre[i][0], bitmap_pre[i][1], path);
+    sys ("qemu-img bitmap --disable %s bdis", path);
     break;
   }
   case SNAPSHOT: {
@@ -821,6 +852,86 @@ followup (struct run *r, const uint8_t *state, size_t size, bool dirty,
   return ret;
 }
 
+/* The extents callback of is_dirty: all of it dirty? */
+static int
+all_dirty (void *opaque, uint64_t off, uint64_t len, uint32_t type)
+{
+  if (type != 0)
+    *(bool *) opaque = false;
+  return 0;
+}
+
+/* Is guest [off, off+len) all dirty in bitmap i? */
+static bool
+is_dirty (struct qcow2_image *img, uint32_t i, uint64_t off, uint64_t len)
+{
+  bool dirty = true;
+
+  assert (qcow2_bitmap_extents (img, i, len, off, false, all_dirty,
+                                &dirty) == 0);
+  return dirty;
+}
+
+/* The bitmap rule in a crash state (BITMAPS): an enabled bitmap not in
+ * use covers every request that had returned by the crash (a request
+ * returns only after the first write marked it in use, so this holds
+ * only once the close stored it) and every guest byte that changed;
+ * the disabled one is not in use and still has exactly its bits.
+ * With any bit of the qemu-io writes lost, it fails too.
+ */
+static int
+check_bitmaps (struct run *r, struct qcow2_image *img,
+               const struct qcow2_crash_state *cs)
+{
+  uint64_t gsize = r->w->size, b;
+  uint32_t i;
+  size_t g, k;
+
+  assert (qcow2_nr_bitmaps (img) == 3);
+  for (i = 0; i < 3; i++) {
+    struct qcow2_bitmap_info info;
+
+    assert (qcow2_bitmap_info (img, i, &info) == 0);
+    assert (strcmp (info.name, bitmap_list[i].name) == 0);
+    if (info.in_use) {
+      if (!bitmap_list[i].enabled) {
+        fprintf (stderr, "the disabled bitmap is in use\n");
+        return -1;
+      }
+      continue;
+    }
+    for (k = 0; k < sizeof bitmap_pre / sizeof bitmap_pre[0]; k++)
+      if (!is_dirty (img, i, bitmap_pre[k][0], bitmap_pre[k][1])) {
+        fprintf (stderr, "bitmap %s lost the bits set before\n", info.name);
+        return -1;
+      }
+    if (!bitmap_list[i].enabled) {
+      /* Nothing else: the clean parts between and around. */
+      if (is_dirty (img, i, 0, 65536) || is_dirty (img, i, 2 << 20, 65536)) {
+        fprintf (stderr, "the disabled bitmap changed\n");
+        return -1;
+      }
+      continue;
+    }
+    for (g = 0; g < r->nr_gops; g++) {
+      const struct gop *op = &r->gops[g];
+      if (op->kind != G_FLUSH && op->rec_end <= cs->nr_ops &&
+          !is_dirty (img, i, op->off, op->len)) {
+        fprintf (stderr, "bitmap %s: request [%#" PRIx64 ", +%" PRIu64
+                 ") returned but is clean\n", info.name, op->off, op->len);
+        return -1;
+      }
+    }
+    for (b = 0; b < gsize; b++)
+      if (r->got[b] != r->initial_guest[b] && !is_dirty (img, i, b, 1)) {
+        fprintf (stderr, "bitmap %s: guest byte %#" PRIx64 " changed but "
+                 "is clean\n", info.name, b);
+        return -1;
+      }
+  }
+  return 0;
+}
+
 static void
 check_state (struct run *r, struct qcow2_replay *rp,
              const struct qcow2_crash_state *cs, size_t np,
@@ -869,6 +980,11 @@ check_state (struct run *r, struct qcow2_replay *rp,
     r->leaky++;
   if (qcow2_pread (img, r->got, gsize, 0) == -1) {
     describe (r, cs, np, state, size, "read fails");
+    qcow2_close (img);
+    goto out;
+  }
+  if (r->w->setup == BITMAPS && check_bitmaps (r, img, cs) == -1) {
+    describe (r, cs, np, state, size, "bitmaps");
     qcow2_close (img);
     goto out;
   }

@@ -17,7 +17,8 @@
 #             then an internal snapshot, so writes copy L2 tables and
 #             data clusters first;
 #   ext4-4k:  4 KiB clusters on ext4 (where the file is also grown
-#             into space reserved ahead, core/refcount.c).
+#             into space reserved ahead, core/refcount.c: with
+#             prealloc-size=8M, the size that was fixed before).
 # Writes of a few bytes to a few clusters, scattered and sequential.
 
 source ./functions.sh
@@ -67,7 +68,10 @@ fill ()
         qemu-io -f qcow2 -c "write -P 0x11 0 24M" "$img" >/dev/null
         qemu-img snapshot -c snap "$img" ;;
     esac
-    serve_run file="$img" --run '
+    # On ext4, with reservations (prealloc-size is off by default).
+    args=()
+    case $kind in ext4-*) args=(prealloc-size=8M) ;; esac
+    serve_run file="$img" "${args[@]}" --run '
         nbdsh -u "$uri" -c "
 import errno, random
 random.seed(14)

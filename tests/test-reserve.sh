@@ -1,20 +1,25 @@
 #!/usr/bin/env bash
 # nbdkit-qcow2: the file grows into reserved space in large steps on a
-# disk file system, and not on tmpfs.
+# disk file system, as prealloc-size= says, and not on tmpfs.
 #
-# core/refcount.c reserves 8-16 MiB past the last allocated cluster
-# with fallocate(KEEP_SIZE) so that the file system allocates in large
+# core/refcount.c reserves disk blocks past the last allocated cluster
+# with fallocate(KEEP_SIZE), in steps of prealloc-size (whenever the file
+# grows past the reservation, up to the next multiple of the step at
+# least one step further), so that the file system allocates in large
 # contiguous steps; qcow2_close gives back what was not used.  On tmpfs
 # a reservation is memory allocated and cleared up front, also for the
 # parts of each cluster a small write never touches, so core/io.c does
-# not reserve there.  For each file system, 32 scattered 4 KiB writes
-# go into an empty image with 64 KiB clusters, and while the server
-# still runs the blocks the file takes (st_blocks) are compared with
-# what was written:
-#   disk (the test's TMPDIR, if not tmpfs): at least 8 MiB allocated;
-#   tmpfs (/dev/shm, if it is tmpfs): under 1 MiB (32 clusters of 4 KiB
-#     data plus metadata; 64 KiB clusters fully allocated would be 2 MiB,
-#     a reservation 8 MiB or more).
+# not reserve there.  For each case, 32 scattered 4 KiB writes go into
+# an empty image with 64 KiB clusters, and while the server still runs
+# the blocks the file takes (st_blocks) are compared with what was
+# written:
+#   disk (the test's TMPDIR, if not tmpfs), with the default
+#     prealloc-size (--dump-plugin says which), with prealloc-size=32M
+#     and with 3M: between one and two steps allocated (plus 1 MiB);
+#   disk, prealloc-size=0: under 1 MiB (32 clusters of 4 KiB data plus
+#     metadata: no reservation at all);
+#   tmpfs (/dev/shm, if it is tmpfs), default: under 1 MiB (64 KiB
+#     clusters fully allocated would be 2 MiB, a reservation more).
 # After close, the file holds no reserved blocks beyond its size, and
 # qemu-img check is clean.  Then, as root, a nearly full ext4 file
 # system on a loop device (see full_ext4 below).
@@ -26,14 +31,22 @@ set -u
 requires qemu-img --version
 requires stat --version
 
-# check_fs DIR KIND
+# check_fs DIR KIND [PREALLOC]
 check_fs ()
 {
-    local dir=$1 kind=$2 img blocks size
+    local dir=$1 kind=$2 img blocks size step
+    local args=() what="$kind ($dir, default prealloc-size)"
+    step=$default_step
+    if [ $# -gt 2 ]; then
+        args=(prealloc-size="$3")
+        step=$(numfmt --from=iec "$3")
+        what="$kind ($dir, prealloc-size=$3)"
+    fi
+    [ "$kind" = disk ] || step=0
     img=$(mktemp "$dir/nbdkit-qcow2-reserve.XXXXXX.qcow2")
     cleanup_fn rm -f "$img"
     qemu-img create -q -f qcow2 -o cluster_size=65536 "$img" 4G
-    serve_run file="$img" --run '
+    serve_run file="$img" "${args[@]}" --run '
         nbdsh -u "$uri" -c "
 import random
 random.seed(7)
@@ -44,31 +57,39 @@ h.flush()
         stat -c "%b %B %s" "'"$img"'" > "'"$tmpdir"'/during"'
     read -r blocks bsize size < "$tmpdir/during"
     allocated=$((blocks * bsize))
-    echo "$kind ($dir): during: $allocated bytes allocated, size $size"
-    case $kind in
-    disk)
-        [ "$allocated" -ge $((8 * 1024 * 1024)) ] ||
-            fail "$kind: only $allocated bytes allocated while serving" \
-                 "(a reservation of >= 8 MiB expected)" ;;
-    tmpfs)
+    echo "$what: during: $allocated bytes allocated, size $size"
+    if [ "$step" -eq 0 ]; then
         [ "$allocated" -lt $((1024 * 1024)) ] ||
-            fail "$kind: $allocated bytes allocated while serving" \
-                 "(< 1 MiB expected: no reservation on tmpfs)" ;;
-    esac
+            fail "$what: $allocated bytes allocated while serving" \
+                 "(< 1 MiB expected: no reservation)"
+    else
+        [ "$allocated" -ge "$step" ] &&
+        [ "$allocated" -le $((2 * step + 1024 * 1024)) ] ||
+            fail "$what: $allocated bytes allocated while serving" \
+                 "(a reservation of $step to $((2 * step)) bytes expected)"
+    fi
     read -r blocks bsize size < <(stat -c "%b %B %s" "$img")
     allocated=$((blocks * bsize))
-    echo "$kind ($dir): after close: $allocated bytes allocated, size $size"
+    echo "$what: after close: $allocated bytes allocated, size $size"
     [ "$allocated" -le $((size + 1024 * 1024)) ] ||
-        fail "$kind: $allocated bytes allocated after close for a file of" \
-             "$size bytes (the reservation was not given back)"
+        fail "$what: $allocated bytes allocated after close for a file" \
+             "of $size bytes (the reservation was not given back)"
     qcheck "$img"
     rm -f "$img"
 }
+
+default_step=$(nbdkit "$PLUGIN" --dump-plugin |
+               sed -n 's/^qcow2_prealloc_size=//p')
+[ -n "$default_step" ] || fail "--dump-plugin: no qcow2_prealloc_size"
+echo "default prealloc-size: $default_step"
 
 tested=0
 disk=${TMPDIR:-/tmp}
 if [ "$(stat -f -c %T "$disk")" != tmpfs ]; then
     check_fs "$disk" disk
+    check_fs "$disk" disk 0
+    check_fs "$disk" disk 3M
+    check_fs "$disk" disk 32M
     tested=$((tested + 1))
 fi
 if [ -d /dev/shm ] && [ "$(stat -f -c %T /dev/shm)" = tmpfs ]; then
