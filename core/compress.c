@@ -324,3 +324,24 @@ compress_zstd_compress (const void *in __attribute__ ((unused)),
 }
 
 #endif /* !HAVE_LIBZSTD */
+
+/* One cluster compressed with compression_type 'type' into out, which
+ * has room for *out_len bytes: 0 with *out_len set to the stream's
+ * length, or -1 with ENOSPC when the stream does not fit (the caller
+ * gives room for one byte less than a cluster and stores a cluster
+ * that does not compress as it is, as qemu-img convert -c does).
+ */
+int
+compress_cluster (uint8_t type, const void *in, size_t in_len, void *out,
+                  size_t *out_len)
+{
+  switch (type) {
+  case COMPRESSION_DEFLATE:
+    return compress_deflate (in, in_len, out, out_len);
+  case COMPRESSION_ZSTD:
+    return compress_zstd_compress (in, in_len, out, out_len);
+  default:
+    errno = ENOTSUP;
+    return -1;
+  }
+}

@@ -216,6 +216,12 @@ struct qcow2_image {
   pthread_mutex_t inflight_lock;
   pthread_cond_t inflight_done;
   struct inflight *inflight;
+  /* compress=on (write.c): the host byte where the next compressed
+   * cluster goes, in a host cluster that earlier compressed clusters
+   * of ours share; 0 = none, start in a new cluster.  Reset when that
+   * cluster's refcount drops to 0 (refcount.c: refcount_set).
+   */
+  uint64_t compress_next;
 };
 
 /* Big-endian fields of on-disk structures, at any alignment. */
@@ -322,6 +328,27 @@ l2e_compressed (const struct qcow2_image *img, uint64_t e, uint64_t *off,
 
   *off = e & ((UINT64_C(1) << x) - 1);
   *end = (*off & ~UINT64_C(511)) + sectors * 512;
+}
+
+/* The L2 entry of a compressed cluster whose stream is len bytes at
+ * host offset off (the inverse of l2e_compressed): the sector count is
+ * the number of 512-byte sectors the stream touches, minus one.  The
+ * caller checks that off fits in its x bits (l2e_compressed_fits).
+ */
+static inline uint64_t
+l2e_make_compressed (const struct qcow2_image *img, uint64_t off,
+                     uint64_t len)
+{
+  unsigned x = 62 - (img->cluster_bits - 8);
+  uint64_t sectors = ((off + len - 1) >> 9) - (off >> 9);
+
+  return QCOW_OFLAG_COMPRESSED | (sectors << x) | off;
+}
+
+static inline bool
+l2e_compressed_fits (const struct qcow2_image *img, uint64_t off)
+{
+  return off < (UINT64_C(1) << (62 - (img->cluster_bits - 8)));
 }
 
 /* How cfg->cache opens a file (io.h's QCOW2_IO_*): the image, its data
@@ -489,6 +516,39 @@ extern int write_zero_plan (struct qcow2_image *img, uint64_t count,
                             uint64_t *b, bool *trim, bool *may_trim);
 extern int write_zeroes (struct qcow2_image *img, uint64_t off,
                          uint64_t len, unsigned flags);
+/* write.c, compress=on: whole clusters stored compressed.  The batch
+ * is compressed outside img->lock (write_compress_batch reads only
+ * what never changes: cluster size, compression type); then, with the
+ * lock held, write_compressed_plan places a run of its clusters, the
+ * caller writes out[pos[i]..] to host (the lock dropped, the guest
+ * clusters in flight) and write_compressed_link links them, or
+ * write_compressed_abandon gives the space back.
+ */
+struct compressed_batch {
+  uint64_t c0, n;               /* guest clusters [c0, c0 + n*cs) */
+  uint8_t *out;                 /* the streams, back to back */
+  uint64_t *pos;                /* cluster i: its stream at out + pos[i] */
+  uint32_t *len;                /* ... of len[i] bytes; 0: not compressed */
+};
+struct compressed_plan {
+  uint64_t i, n;                /* clusters [i, i+n) of the batch */
+  uint64_t host, len;           /* write out+pos[i], len bytes, at host */
+  uint64_t bound;               /* end of the file before allocating */
+};
+extern int write_compress_batch (const struct qcow2_image *img,
+                                 const uint8_t *buf, uint64_t c0,
+                                 uint64_t count,
+                                 struct compressed_batch *b);
+extern void write_compress_batch_free (struct compressed_batch *b);
+extern int write_compressed_plan (struct qcow2_image *img,
+                                  const struct compressed_batch *b,
+                                  uint64_t i, struct compressed_plan *p);
+extern int write_compressed_link (struct qcow2_image *img,
+                                  const struct compressed_batch *b,
+                                  const struct compressed_plan *p);
+extern void write_compressed_abandon (struct qcow2_image *img,
+                                      const struct compressed_batch *b,
+                                      const struct compressed_plan *p);
 extern int zero_subclusters (struct qcow2_image *img, uint64_t off,
                              uint64_t len, bool trim);
 extern int write_zero_edge (struct qcow2_image *img, uint64_t off,
@@ -534,6 +594,8 @@ extern int compress_deflate (const void *in, size_t in_len,
                              void *out, size_t *out_len);
 extern int compress_zstd_compress (const void *in, size_t in_len,
                                    void *out, size_t *out_len);
+extern int compress_cluster (uint8_t type, const void *in, size_t in_len,
+                             void *out, size_t *out_len);
 
 /* snapshot.c */
 extern int snapshot_read_table (struct qcow2_image *img);

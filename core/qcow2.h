@@ -67,6 +67,8 @@ struct qcow2_config {
   uint64_t prealloc_size;       /* bytes of disk reserved ahead as the
                                    file grows (refcount.c); 0: none.
                                    The plugin's default is below. */
+  bool compress;                /* store written whole clusters compressed
+                                   (the image's compression type) */
 };
 
 /* prealloc-size's default: none (measured on ext4, where it did not

@@ -189,6 +189,13 @@ refcount_set (struct qcow2_image *img, uint64_t cluster, uint64_t val)
   entry_set (slice, idx, img->refcount_order, val);
   cache_mark_dirty (img->rc_cache, e);
   cache_put (img->rc_cache, e);
+  /* The host cluster compressed writes were filling is free now (its
+   * last compressed cluster went, or an allocation was given back):
+   * the allocator may hand it out whole, so stop filling it.
+   */
+  if (val == 0 && img->compress_next != 0 &&
+      cluster == img->compress_next >> img->cluster_bits)
+    img->compress_next = 0;
   return 0;
 }
 

@@ -32,9 +32,14 @@
  * throughout.  With detect-zeroes, a write's whole clusters of zeroes
  * become zero requests and the rest is written as above; the policy
  * options (detect-zeroes, discard, discard-no-unref) are applied here,
- * write.c only sees the flags that result.  Deferred frees are
- * committed here (flush_locked): at a flush, after a request once too
- * many are pending, and in the middle of a large zero or trim.
+ * write.c only sees the flags that result.  With compress=on the whole
+ * clusters of a write are compressed first, with no lock held (so
+ * requests compress in parallel), then placed and linked like an
+ * allocating write (write.c); what is not stored compressed (edges,
+ * clusters that do not compress or hold data) is written as above.
+ * Deferred frees are committed here (flush_locked): at a flush, after
+ * a request once too many are pending, and in the middle of a large
+ * zero or trim.
  *
  * Every write, zero and trim first sets its range in the kept dirty
  * bitmaps (bitmap_set, in memory, no lock needed); the first one marks
@@ -504,6 +509,124 @@ write_data (struct qcow2_image *img, const uint8_t *p, uint64_t count,
   return -1;
 }
 
+/* compress=on: one plan of batch b (write.c) from cluster i on, with
+ * img->lock held exclusively: placed, written with the lock dropped
+ * and the guest clusters in flight, linked.  Returns the clusters it
+ * covered, 0 if the lock was dropped to wait (plan again), -1.  With
+ * *normal set, those clusters are for the caller to write as data.
+ */
+static int64_t
+write_compressed_step (struct qcow2_image *img,
+                       const struct compressed_batch *b, uint64_t i,
+                       bool *normal)
+{
+  uint64_t cs = img->cluster_size;
+  struct compressed_plan p;
+  struct inflight f;
+  int r;
+
+  *normal = false;
+  if (inflight_wait (img, b->c0 + i * cs, (b->n - i) * cs))
+    return 0;
+  r = write_compressed_plan (img, b, i, &p);
+  if (r == -1)
+    return -1;
+  if (r == 1) {
+    *normal = true;
+    return p.n;
+  }
+  if (write_data_check (img, p.host, p.len) == -1) {
+    write_compressed_abandon (img, b, &p);
+    return -1;
+  }
+  inflight_add (img, &f, b->c0 + i * cs, b->c0 + (i + p.n) * cs);
+  lock_for_io (img);
+  r = io_pwrite (img->io, b->out + b->pos[i], p.len, p.host);
+  pthread_rwlock_unlock (&img->io_lock);
+  pthread_rwlock_wrlock (&img->lock);
+  if (r == -1)
+    nbdkit_error ("%s: writing compressed data at %#" PRIx64 ": %m",
+                  img->name, p.host);
+  else {
+    img->need_sync = true;
+    if (img->corrupt) {
+      errno = EIO;
+      r = -1;
+    }
+  }
+  if (r == -1)
+    write_compressed_abandon (img, b, &p);
+  else
+    r = write_compressed_link (img, b, &p);
+  inflight_remove (img, &f);
+  if (r == 0)
+    r = maybe_commit (img);
+  return r == -1 ? -1 : (int64_t) p.n;
+}
+
+/* compress=on: the whole clusters of guest [offset, offset+count) are
+ * compressed here, in the calling thread with no lock held, a batch of
+ * up to 1 MiB at a time, then placed (write.c) under img->lock; the
+ * partial clusters at the edges, and clusters that do not compress or
+ * hold data already, are written the normal way.
+ */
+#define COMPRESS_BATCH (UINT64_C(1) << 20)
+
+static int
+write_compressed (struct qcow2_image *img, const uint8_t *buf,
+                  uint64_t count, uint64_t offset)
+{
+  uint64_t cs = img->cluster_size, end = offset + count, a, b, c;
+
+  write_whole_clusters (img, count, offset, &a, &b);
+  if (a >= b)
+    return write_data (img, buf, count, offset);
+  if (write_data (img, buf, a - offset, offset) == -1)
+    return -1;
+  for (c = a; c < b; ) {
+    uint64_t n = min_u64 (b - c, COMPRESS_BATCH > cs ? COMPRESS_BATCH : cs);
+    uint64_t len = min_u64 (n, end - c), i = 0;
+    struct compressed_batch cb;
+
+    if (write_compress_batch (img, buf + (c - offset), c, len, &cb) == -1)
+      return -1;
+    while (i < cb.n) {
+      bool normal;
+      int64_t k;
+
+      pthread_rwlock_wrlock (&img->lock);
+      if (check_writable (img) == -1) {
+        pthread_rwlock_unlock (&img->lock);
+        k = -1;
+      }
+      else if ((k = write_compressed_step (img, &cb, i, &normal)) != 0)
+        pthread_rwlock_unlock (&img->lock);
+      if (k > 0 && normal &&
+          write_data (img, buf + (c - offset) + i * cs,
+                      min_u64 (k * cs, len - i * cs), c + i * cs) == -1)
+        k = -1;
+      if (k == -1) {
+        write_compress_batch_free (&cb);
+        return -1;
+      }
+      i += k;
+    }
+    write_compress_batch_free (&cb);
+    c += n;
+  }
+  return end > b ? write_data (img, buf + (b - offset), end - b, b) : 0;
+}
+
+/* Guest data, compressed where it can be with compress=on. */
+static int
+write_payload (struct qcow2_image *img, const uint8_t *buf, uint64_t count,
+               uint64_t offset)
+{
+  if (img->cfg.compress && !img->data_file_name)
+    return write_compressed (img, buf, count, offset);
+  return write_data (img, buf, count, offset);
+}
+
 static int zero_range (struct qcow2_image *img, uint64_t count,
                        uint64_t offset, unsigned flags);
 
@@ -544,12 +667,12 @@ write_detect_zeroes (struct qcow2_image *img, const uint8_t *buf,
       c = min_u64 (c + cs, b);
       continue;
     }
-    if (write_data (img, buf + (pos - offset), c - pos, pos) == -1 ||
+    if (write_payload (img, buf + (pos - offset), c - pos, pos) == -1 ||
         zero_range (img, z - c, c, zflags) == -1)
       return -1;
     pos = c = z;
   }
-  return write_data (img, buf + (pos - offset), end - pos, pos);
+  return write_payload (img, buf + (pos - offset), end - pos, pos);
 }
 
 int
@@ -568,7 +691,7 @@ qcow2_pwrite (struct qcow2_image *img, const void *buf, uint64_t count,
       write_zero_by_metadata (img, zflags & QCOW2_F_MAY_TRIM))
     r = write_detect_zeroes (img, buf, count, offset, zflags);
   else
-    r = write_data (img, buf, count, offset);
+    r = write_payload (img, buf, count, offset);
   if (r == 0 && ((flags & QCOW2_F_FUA) || cache_write_through (&img->cfg)))
     return qcow2_flush (img);
   return r;

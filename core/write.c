@@ -42,6 +42,12 @@
  * With extended L2 entries only the touched subclusters of a cluster
  * are written and marked allocated, all under the lock.
  *
+ * A compressed write (compress=on; see "compressed writes" below) has
+ * the same three steps for a run of whole clusters whose streams were
+ * compressed beforehand with no lock held: write_compressed_plan places
+ * the streams, the caller writes them, write_compressed_link points
+ * the entries at them (or write_compressed_abandon).
+ *
  * Locking: none taken; everything here needs img->lock exclusively.
  */
 
@@ -664,4 +670,340 @@ write_zero_plan (struct qcow2_image *img, uint64_t count, uint64_t offset,
   }
   *a = *b = end;                /* real zeroes for all of it */
   return 0;
+}
+
+/* ---- compressed writes (compress=on) ----
+ *
+ * Whole guest clusters that are unallocated, zero or compressed are
+ * stored compressed, packed the way QEMU packs them: each stream
+ * starts where the previous one ended (img->compress_next), in the
+ * same host cluster while it fits, else running on into the next host
+ * cluster when the allocator hands out the one just after it, else at
+ * the start of a new one (the rest of the old one stays unused).
+ *
+ *   host clusters:  |  H          |  H+1        |
+ *   streams:        [ A ][ B ][ C    ][ D ][ E ...
+ *   refcounts:      H: A,B,C = 3     H+1: C,D,E = 3
+ *
+ * A stream holds one reference on every host cluster it touches, so a
+ * host cluster's refcount is the number of streams in it, and freeing
+ * one (l2.c: l2_entry_host_range, from the entry's sector count, which
+ * touches the same host clusters) decrements exactly those.  When the
+ * last goes, the cluster is free, and refcount_set forgets it as the
+ * place to go on filling.  A cluster whose refcount is at its maximum
+ * is not filled further (with 1-bit refcounts: one stream a cluster).
+ *
+ * Clusters that do not compress to less than a cluster, and those
+ * holding normal data (rewritten in place, or copied if shared), are
+ * left to the normal write path: the plan says how many (returns 1).
+ */
+
+void
+write_compress_batch_free (struct compressed_batch *b)
+{
+  free (b->out);
+  free (b->pos);
+  free (b->len);
+  memset (b, 0, sizeof *b);
+}
+
+/* Compress guest clusters [c0, c0+count) (cluster aligned, count
+ * rounded up to whole clusters; the partial last cluster of the disk is
+ * padded with zeroes, as QEMU does) from buf.  Needs no lock.
+ */
+int
+write_compress_batch (const struct qcow2_image *img, const uint8_t *buf,
+                      uint64_t c0, uint64_t count,
+                      struct compressed_batch *b)
+{
+  uint64_t cs = img->cluster_size, i, pos = 0;
+  uint8_t *pad = NULL;
+
+  memset (b, 0, sizeof *b);
+  b->c0 = c0;
+  b->n = size_to_clusters (img, count);
+  b->out = malloc (b->n * cs);
+  b->pos = malloc (b->n * sizeof *b->pos);
+  b->len = malloc (b->n * sizeof *b->len);
+  if (b->out == NULL || b->pos == NULL || b->len == NULL)
+    goto err;
+  for (i = 0; i < b->n; i++) {
+    const uint8_t *in = buf + i * cs;
+    size_t len = cs - 1;        /* smaller than a cluster, or not at all */
+
+    if ((i + 1) * cs > count) {
+      pad = calloc (1, cs);
+      if (pad == NULL)
+        goto err;
+      memcpy (pad, in, count - i * cs);
+      in = pad;
+    }
+    b->pos[i] = pos;
+    if (compress_cluster (img->compression_type, in, cs, b->out + pos,
+                          &len) == -1) {
+      if (errno != ENOSPC) {
+        nbdkit_error ("%s: compressing guest cluster %#" PRIx64 ": %m",
+                      img->name, c0 + i * cs);
+        goto err;
+      }
+      len = 0;
+    }
+    b->len[i] = len;
+    pos += len;
+  }
+  free (pad);
+  return 0;
+
+ err:
+  free (pad);
+  write_compress_batch_free (b);
+  return -1;
+}
+
+/* May guest cluster g, whose entry is e, be replaced by a compressed
+ * cluster?  Unallocated, zero (a preallocated one too: its cluster is
+ * freed) or compressed; not normal data.
+ */
+static bool
+compressible_entry (const struct qcow2_image *img, uint64_t e)
+{
+  if (e & QCOW_OFLAG_COMPRESSED)
+    return true;
+  if ((e & L2E_OFFSET_MASK) == 0)
+    return true;
+  return !img->ext_l2 && (e & QCOW_OFLAG_ZERO);
+}
+
+/* How many clusters from i on go the same way (compressed or not, by
+ * their streams and entries): *n, and *compress.
+ */
+static int
+classify (struct qcow2_image *img, const struct compressed_batch *b,
+          uint64_t i, uint64_t *n, bool *compress)
+{
+  uint64_t cs = img->cluster_size, j;
+  struct l2_ref ref;
+
+  for (j = i; j < b->n; j++) {
+    uint64_t e = 0;
+    bool c = b->len[j] > 0;
+
+    if (c && (img->l1[l1_index (img, b->c0 + j * cs)] & L1E_OFFSET_MASK)) {
+      if (l2_get_entry (img, b->c0 + j * cs, &ref) == -1)
+        return -1;
+      e = be64toh (ref.entry[0]);
+      l2_put_entry (img, &ref, false);
+      c = compressible_entry (img, e);
+    }
+    if (j == i)
+      *compress = c;
+    else if (c != *compress)
+      break;
+  }
+  *n = j - i;
+  return 0;
+}
+
+/* At most this many new host clusters a plan (the rest of the batch
+ * goes in the next one).
+ */
+#define PLACE_MAX_NEW 64
+
+/* The host clusters a stream of len bytes at host touches. */
+static void
+stream_clusters (const struct qcow2_image *img, uint64_t host, uint64_t len,
+                 uint64_t *first, uint64_t *last)
+{
+  *first = host >> img->cluster_bits;
+  *last = (host + len - 1) >> img->cluster_bits;
+}
+
+/* Set the refcounts of host clusters [h0, h0+nh) to cnt[], undoing
+ * what was set on failure (to was[]).
+ */
+static int
+set_counts (struct qcow2_image *img, uint64_t h0, uint64_t nh,
+            const uint64_t *cnt, const uint64_t *was)
+{
+  uint64_t x;
+
+  for (x = 0; x < nh; x++)
+    if (refcount_set (img, h0 + x, cnt[x]) == -1) {
+      int e = errno;
+      while (x-- > 0)
+        refcount_set (img, h0 + x, was[x]);
+      errno = e;
+      return -1;
+    }
+  return 0;
+}
+
+/* Place the streams of clusters [i, i+n) of batch b, all to be stored
+ * compressed: *p gets where (one contiguous host range) and how many
+ * of them fit there, at least one.  They go on from img->compress_next
+ * while its cluster can take more (by room and by refcount), and on
+ * into new clusters if the allocator hands out the next ones, else
+ * start at new clusters.  The refcounts are counted here, with the
+ * allocation: each host cluster's refcount goes up by the number of
+ * streams that touch it (a new one's is that number); new clusters no
+ * stream reached are given back.
+ */
+static int
+place (struct qcow2_image *img, const struct compressed_batch *b,
+       uint64_t i, uint64_t n, struct compressed_plan *p)
+{
+  uint64_t cs = img->cluster_size, next = img->compress_next;
+  uint64_t max = refcount_max (img), room = 0, total = 0, m = 0, rc0 = 0;
+  uint64_t cnt[PLACE_MAX_NEW + 1], was[PLACE_MAX_NEW + 1];
+  uint64_t h0, nh, cap_end, k, x, first, last;
+  int64_t new = 0;
+
+  if (next != 0 && offset_into_cluster (img, next) != 0) {
+    if (refcount_get (img, next >> img->cluster_bits, &rc0) == -1)
+      return -1;
+    if (rc0 > 0 && rc0 < max)
+      room = cs - offset_into_cluster (img, next);
+  }
+  for (k = 0; k < n; k++)
+    total += b->len[i + k];
+  p->host = next;
+  cap_end = next + room;
+  if (total > room) {
+    m = min_u64 (size_to_clusters (img, total - room), PLACE_MAX_NEW);
+    if ((new = refcount_alloc (img, m)) == -1)
+      return -1;
+    if (room == 0 || (uint64_t) new != cap_end) {
+      room = 0;
+      p->host = new;
+    }
+    cap_end = new + m * cs;
+  }
+  if (!l2e_compressed_fits (img, cap_end)) {
+    if (m)
+      refcount_unalloc (img, new, m);
+    nbdkit_error ("%s: host offset %#" PRIx64 " too large for a compressed "
+                  "cluster", img->name, cap_end);
+    errno = EFBIG;
+    return -1;
+  }
+
+  /* The refcounts as they are (the first cluster may be the one
+   * compress_next is in; new ones have 1 from the allocator) and as
+   * they will be.
+   */
+  h0 = p->host >> img->cluster_bits;
+  nh = (cap_end - (h0 << img->cluster_bits)) / cs;
+  for (x = 0; x < nh; x++) {
+    was[x] = x == 0 && room > 0 ? rc0 : 1;
+    cnt[x] = x == 0 && room > 0 ? rc0 : 0;
+  }
+  p->i = i;
+  p->len = 0;
+  for (k = 0; k < n; k++) {
+    uint64_t len = b->len[i + k], host = p->host + p->len;
+    if (host + len > cap_end)
+      break;
+    stream_clusters (img, host, len, &first, &last);
+    if (cnt[first - h0] >= max || cnt[last - h0] >= max)
+      break;
+    cnt[first - h0]++;
+    if (last != first)
+      cnt[last - h0]++;
+    p->len += len;
+  }
+  p->n = k;
+  /* Only the clusters reached keep their refcounts; the rest go back. */
+  stream_clusters (img, p->host, p->len, &first, &last);
+  if (set_counts (img, h0, last - h0 + 1, cnt, was) == -1) {
+    if (m)
+      refcount_unalloc (img, new, m);
+    return -1;
+  }
+  if (m && (uint64_t) new + m * cs > (last + 1) * cs)
+    refcount_unalloc (img, (last + 1) * cs,
+                      (new + m * cs - (last + 1) * cs) / cs);
+  img->compress_next = p->host + p->len;
+  if (offset_into_cluster (img, img->compress_next) == 0)
+    img->compress_next = 0;
+  return 0;
+}
+
+/* Plan the next step of writing batch b from cluster i on (img->lock
+ * held exclusively, the guest clusters from i on not in flight): 0
+ * with *p to carry out (write p->len bytes of b->out + b->pos[p->i] at
+ * p->host of the image file, then write_compressed_link, or
+ * write_compressed_abandon), or 1 when clusters [i, i + p->n) are to be
+ * written the normal way (they do not compress, or hold data).
+ */
+int
+write_compressed_plan (struct qcow2_image *img,
+                       const struct compressed_batch *b, uint64_t i,
+                       struct compressed_plan *p)
+{
+  uint64_t n;
+  bool compress = false;
+
+  memset (p, 0, sizeof *p);
+  p->i = i;
+  if (classify (img, b, i, &n, &compress) == -1)
+    return -1;
+  p->n = n;
+  if (!compress)
+    return 1;
+  if (l2_check_old_entries (img, b->c0 + i * img->cluster_size, n) == -1)
+    return -1;
+  p->bound = img->host_end;
+  return place (img, b, i, n, p);
+}
+
+/* Give back the references of plan p's streams (not linked). */
+void
+write_compressed_abandon (struct qcow2_image *img,
+                          const struct compressed_batch *b,
+                          const struct compressed_plan *p)
+{
+  uint64_t k, host = p->host, first, last;
+
+  for (k = 0; k < p->n; k++) {
+    uint64_t len = b->len[p->i + k];
+    stream_clusters (img, host, len, &first, &last);
+    refcount_unalloc (img, first << img->cluster_bits, last - first + 1);
+    host += len;
+  }
+}
+
+/* Point the L2 entries of plan p, whose streams are written, at them,
+ * and free (deferred) what they pointed at.  On failure the streams
+ * not linked yet give back their references.
+ */
+int
+write_compressed_link (struct qcow2_image *img,
+                       const struct compressed_batch *b,
+                       const struct compressed_plan *p)
+{
+  uint64_t cs = img->cluster_size, k, host = p->host;
+  struct l2_ref ref;
+
+  for (k = 0; k < p->n; k++) {
+    uint64_t g = b->c0 + (p->i + k) * cs, len = b->len[p->i + k];
+
+    if (l2_get_entry (img, g, &ref) == -1)
+      goto err;
+    if (l2_free_entry_later (img, be64toh (ref.entry[0]), g,
+                             p->bound) == -1) {
+      l2_put_entry (img, &ref, false);
+      goto err;
+    }
+    ref.entry[0] = htobe64 (l2e_make_compressed (img, host, len));
+    if (img->ext_l2)
+      ref.entry[1] = 0;
+    l2_put_entry (img, &ref, true);
+    host += len;
+  }
+  return 0;
+
+ err:
+  write_compressed_abandon (img, b, &(struct compressed_plan) {
+      .i = p->i + k, .n = p->n - k, .host = host });
+  return -1;
 }

@@ -394,6 +394,12 @@ qcow2_plugin_config (const char *key, const char *value)
       return -1;
     cfg.discard_no_unref = r;
   }
+  else if (strcmp (key, "compress") == 0) {
+    int r = nbdkit_parse_bool (value);
+    if (r == -1)
+      return -1;
+    cfg.compress = r;
+  }
   else if (strcmp (key, "prealloc-size") == 0) {
     uint64_t v;
     if (parse_size (value, &v) == -1)
@@ -488,6 +494,8 @@ qcow2_plugin_config_complete (void)
   "discard=unmap|ignore         Honour or ignore trims (default unmap).\n" \
   "discard-no-unref=on|off      Trims and zeroes keep clusters allocated\n" \
   "                             (default off).\n" \
+  "compress=on|off              Store written whole clusters compressed\n" \
+  "                             (the image's compression type; default off).\n" \
   "create=true|force            Create the image first (force: replace an\n" \
   "                             existing file).  With create:\n" \
   "  size=<SIZE>                Virtual size (default: backing file's).\n" \
@@ -507,6 +515,7 @@ qcow2_plugin_dump_plugin (void)
   printf ("qcow2_write=yes\n");
   printf ("qcow2_overlap_check=all\n");
   printf ("qcow2_create=yes\n");
+  printf ("qcow2_compress=yes\n");
   printf ("qcow2_prealloc_size=%" PRIu64 "\n", QCOW2_PREALLOC_SIZE_DEFAULT);
   printf ("qcow2_cache=writeback,none,writethrough,directsync,unsafe,"
           "auto\n");

@@ -422,6 +422,46 @@ test_zstd_stream_frames (const struct codec *c)
 }
 #endif
 
+/* compress_cluster: the image's type picks the codec (the stream
+ * decodes with that codec's decompressor), the room given is a hard
+ * limit (random data does not fit in a cluster less one byte: ENOSPC),
+ * and an unknown type is ENOTSUP.
+ */
+static void
+test_compress_cluster (void)
+{
+  const size_t cs = 65536;
+  unsigned char *in = xmalloc (cs), *out = xmalloc (cs), *back = xmalloc (cs);
+  size_t len;
+
+  fill_buffer (in, cs, FILL_TEXT);
+  len = cs - 1;
+  assert (compress_cluster (COMPRESSION_DEFLATE, in, cs, out, &len) == 0);
+  assert (len > 0 && len < cs / 2);
+  assert (compress_inflate (out, len, back, cs) == 0);
+  assert (memcmp (in, back, cs) == 0);
+#ifdef HAVE_LIBZSTD
+  len = cs - 1;
+  assert (compress_cluster (COMPRESSION_ZSTD, in, cs, out, &len) == 0);
+  assert (compress_zstd_decompress (out, len, back, cs) == 0);
+  assert (memcmp (in, back, cs) == 0);
+  assert (compress_inflate (out, len, back, cs) == -1);  /* not deflate */
+#endif
+  fill_buffer (in, cs, FILL_RANDOM);
+  len = cs - 1;
+  errno = 0;
+  assert (compress_cluster (COMPRESSION_DEFLATE, in, cs, out, &len) == -1);
+  assert (errno == ENOSPC);
+  len = cs - 1;
+  errno = 0;
+  assert (compress_cluster (7, in, cs, out, &len) == -1);
+  assert (errno == ENOTSUP);
+  free (in);
+  free (out);
+  free (back);
+  printf ("compress_cluster: ok\n");
+}
+
 int
 main (void)
 {
@@ -437,6 +477,7 @@ main (void)
   test_codec (&deflate_codec);
   test_deflate_bad_block_type (&deflate_codec);
   test_deflate_window (&deflate_codec);
+  test_compress_cluster ();
 
 #ifdef HAVE_LIBZSTD
   assert (qcow2_have_zstd ());

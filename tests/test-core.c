@@ -6,7 +6,8 @@
  * run merging, extents, header validation on corrupted headers, index
  * math, the table cache (hit, miss, LRU eviction, pinning, write-back,
  * staging, empty slices), in-flight writes, refcount entries of every
- * width, deferred frees and the give-back of a failed reservation.
+ * width, deferred frees, compressed writes (compress=on) and the
+ * give-back of a failed reservation.
  */
 
 #include <config.h>
@@ -913,6 +914,172 @@ test_pending_frees (void)
   free (b);
 }
 
+/* A new image made by qcow2_create, in memory, writable, with cfg. */
+static struct qcow2_image *
+create_mem (const struct qcow2_create_options *co,
+            const struct qcow2_config *cfg)
+{
+  char dir[] = "/tmp/test-core-XXXXXX", path[64];
+  struct qcow2_io *io;
+  uint8_t *b;
+  size_t size;
+  FILE *fp;
+
+  assert (mkdtemp (dir));
+  snprintf (path, sizeof path, "%s/disk.qcow2", dir);
+  assert (qcow2_create (path, co) == 0);
+  fp = fopen (path, "r");
+  assert (fp);
+  b = malloc (1 << 20);
+  assert (b);
+  size = fread (b, 1, 1 << 20, fp);
+  assert (size > 0);
+  fclose (fp);
+  unlink (path);
+  rmdir (dir);
+  io = qcow2_io_new_memory (b, size);
+  free (b);
+  assert (io);
+  return qcow2_open_io (io, "test.qcow2", NULL, cfg);
+}
+
+/* Guest cluster g's mapping kind (and host offset). */
+static enum map_kind
+kind_of (struct qcow2_image *img, uint64_t g, uint64_t *host)
+{
+  struct mapping m;
+
+  pthread_rwlock_wrlock (&img->lock);
+  assert (cluster_map (img, g, img->cluster_size, &m) == 0);
+  pthread_rwlock_unlock (&img->lock);
+  if (host)
+    *host = m.host_offset;
+  return m.kind;
+}
+
+static void
+fill_text (uint8_t *p, size_t n, unsigned seed)
+{
+  size_t i;
+
+  for (i = 0; i < n; i++)
+    p[i] = "compressed cluster "[(i + seed) % 19] ^ (i % 997 == 0 ? seed : 0);
+}
+
+static void
+fill_random (uint8_t *p, size_t n, uint64_t *st)
+{
+  size_t i;
+
+  for (i = 0; i < n; i++) {
+    *st = *st * 6364136223846793005u + 1442695040888963407u;
+    p[i] = *st >> 56;
+  }
+}
+
+static void
+check_clean (struct qcow2_image *img)
+{
+  struct qcow2_check_result cr;
+
+  assert (qcow2_check (img, false, &cr) == 0);
+  assert (cr.corruptions == 0 && cr.leaks == 0 && cr.errors == 0);
+}
+
+/* compress=on (write.c): whole clusters become compressed clusters
+ * packed back to back into shared host clusters, whose refcounts count
+ * their streams (the check agrees); a piece of one is copied out to a
+ * normal cluster; a cluster that does not compress is written normally.
+ * And a host cluster whose last stream was freed, then handed out by
+ * the allocator as a normal data cluster, is never filled further.
+ * For both codecs and refcounts of 16, 2 and 1 bits.
+ */
+static void
+test_compressed_writes (bool zstd, uint32_t refcount_bits)
+{
+  struct qcow2_create_options co = {
+    .size = 4 << 20, .zstd = zstd, .refcount_bits = refcount_bits,
+  };
+  struct qcow2_config cfg = { .compress = true };
+  const uint64_t cs = 65536;
+  uint8_t *buf = malloc (8 * cs), *rd = malloc (8 * cs), *rnd = malloc (cs);
+  uint64_t st = 42, i, h[8], g1;
+  struct qcow2_image *img;
+
+  assert (buf && rd && rnd);
+  img = create_mem (&co, &cfg);
+  assert (img);
+  for (i = 0; i < 8; i++)
+    fill_text (buf + i * cs, cs, i + 1);
+  assert (qcow2_pwrite (img, buf, 8 * cs, 0, 0) == 0);
+  for (i = 0; i < 8; i++) {
+    assert (kind_of (img, i * cs, &h[i]) == MAP_COMPRESSED);
+    /* Back to back: each stream starts in the host cluster the one
+     * before it ended in (or the next), unless 1-bit refcounts.
+     */
+    if (i > 0 && refcount_bits != 1)
+      assert (h[i] > h[i - 1] && (h[i] >> 16) - (h[i - 1] >> 16) <= 1);
+  }
+  /* Text compresses ~100:1: with 16-bit refcounts all eight streams
+   * share one host cluster (or two); 2-bit refcounts take at most 3
+   * streams a cluster (3 + 3 + 2), 1-bit ones one.
+   */
+  if (refcount_bits == 16)
+    assert ((h[7] >> 16) - (h[0] >> 16) <= 1);
+  else
+    assert ((h[7] >> 16) - (h[0] >> 16) == (refcount_bits == 2 ? 2 : 7));
+  assert (qcow2_pread (img, rd, 8 * cs, 0) == 0);
+  assert (memcmp (rd, buf, 8 * cs) == 0);
+  check_clean (img);
+
+  /* A piece of cluster 1: copied out of the stream; random data:
+   * written normally; text again over cluster 3: compressed again.
+   */
+  memset (buf + cs + 100, 0xee, 3000);
+  assert (qcow2_pwrite (img, buf + cs + 100, 3000, cs + 100, 0) == 0);
+  assert (kind_of (img, cs, NULL) == MAP_DATA);
+  fill_random (buf + 2 * cs, cs, &st);
+  assert (qcow2_pwrite (img, buf + 2 * cs, cs, 2 * cs, 0) == 0);
+  assert (kind_of (img, 2 * cs, NULL) == MAP_DATA);
+  fill_text (buf + 3 * cs, cs, 99);
+  assert (qcow2_pwrite (img, buf + 3 * cs, cs, 3 * cs, 0) == 0);
+  assert (kind_of (img, 3 * cs, NULL) == MAP_COMPRESSED);
+  /* Text over a normal cluster: rewritten in place, not compressed. */
+  fill_text (buf + cs, cs, 7);
+  assert (qcow2_pwrite (img, buf + cs, cs, cs, 0) == 0);
+  assert (kind_of (img, cs, NULL) == MAP_DATA);
+  assert (qcow2_flush (img) == 0);
+  assert (qcow2_pread (img, rd, 8 * cs, 0) == 0);
+  assert (memcmp (rd, buf, 8 * cs) == 0);
+  check_clean (img);
+  assert (qcow2_close (img) == 0);
+
+  /* The host cluster being filled is freed and reused whole. */
+  img = create_mem (&co, &cfg);
+  assert (img);
+  fill_text (buf, cs, 1);
+  assert (qcow2_pwrite (img, buf, cs, 0, 0) == 0);
+  assert (kind_of (img, 0, &h[0]) == MAP_COMPRESSED);
+  fill_random (buf, cs, &st);
+  assert (qcow2_pwrite (img, buf, cs, 0, 0) == 0);      /* frees it */
+  assert (qcow2_flush (img) == 0);
+  fill_random (buf + cs, cs, &st);
+  assert (qcow2_pwrite (img, buf + cs, cs, cs, 0) == 0);
+  assert (kind_of (img, cs, &g1) == MAP_DATA);
+  assert (g1 == (h[0] & ~(cs - 1)));    /* the allocator gave it out */
+  fill_text (buf + 2 * cs, cs, 2);
+  assert (qcow2_pwrite (img, buf + 2 * cs, cs, 2 * cs, 0) == 0);
+  assert (kind_of (img, 2 * cs, &h[1]) == MAP_COMPRESSED);
+  assert ((h[1] & ~(cs - 1)) != g1);
+  assert (qcow2_pread (img, rd, 3 * cs, 0) == 0);
+  assert (memcmp (rd, buf, 3 * cs) == 0);
+  check_clean (img);
+  assert (qcow2_close (img) == 0);
+  free (buf);
+  free (rd);
+  free (rnd);
+}
+
 /* A reservation of disk space that fails (refcount.c: reserve_ahead)
  * may have taken part of its range; it is given back (the file
  * truncated to its own size) before anything more is written, also on
@@ -1137,6 +1304,11 @@ main (void)
   test_inflight ();
   test_refcount_widths ();
   test_pending_frees ();
+  test_compressed_writes (false, 16);
+  if (qcow2_have_zstd ())
+    test_compressed_writes (true, 16);
+  test_compressed_writes (false, 2);
+  test_compressed_writes (false, 1);
   test_failed_reservation ();
   test_prealloc_size ();
   test_fuzz_regressions ();

@@ -3,8 +3,8 @@
  *
  * Each workload makes an image with qemu-img (512 B, 4 KiB or 64 KiB
  * clusters; lazy refcounts or not; a raw backing file; an internal
- * snapshot over data written by qemu-io; compressed clusters; extended
- * L2; compat 0.10; 1-bit refcounts; 64-bit refcounts so that the
+ * snapshot over data written by qemu-io; compressed clusters; writes
+ * with compress=on; extended L2; compat 0.10; 1-bit refcounts; 64-bit refcounts so that the
  * refcount table grows; tiny caches so that slices are written back
  * inside requests), loads it into the crash recorder (core/io-test.c)
  * and runs a random guest workload through core: writes of every size
@@ -93,12 +93,20 @@
 
 static uint64_t rng_state;
 
+/* Set while a workload with compress=on runs: its data compresses
+ * (4 random bytes in 64, the rest one random value a request), so that
+ * whole clusters are stored compressed, and stale data still shows.
+ */
+static bool compressible;
+
 static void
 rnd_fill (uint8_t *p, size_t n)
 {
+  uint8_t fill = rnd (&rng_state);
   size_t i;
+
   for (i = 0; i < n; i++)
-    p[i] = rnd (&rng_state);
+    p[i] = !compressible || i % 64 < 4 ? rnd (&rng_state) : fill;
 }
 
 /* ---- workloads ---- */
@@ -120,56 +128,66 @@ struct workload {
   uint64_t stripe;              /* with threads: bytes a stripe */
   uint32_t direct;              /* > 0: cache=none pass, this alignment */
   unsigned budget;              /* crash states (times the scale), 0 = 600 */
+  bool compress;                /* compress=on, compressible data */
 };
 
 static const struct workload workloads[] = {
   { "alloc-64k", "cluster_size=65536", 8 << 20, PLAIN,
-    60, 200000, 0, 0, 4, false, 0, 0, 0, 0, 0 },
+    60, 200000, 0, 0, 4, false, 0, 0, 0, 0, 0, false },
   { "alloc-512", "cluster_size=512", 2 << 20, PLAIN,
-    120, 20000, 0, 0, 5, false, 0, 0, 0, 0, 0 },
+    120, 20000, 0, 0, 5, false, 0, 0, 0, 0, 0, false },
   { "lazy-64k", "cluster_size=65536,lazy_refcounts=on", 8 << 20, PLAIN,
-    60, 200000, 10, 10, 4, false, 0, 0, 0, 0, 0 },
+    60, 200000, 10, 10, 4, false, 0, 0, 0, 0, 0, false },
   { "lazy-512", "cluster_size=512,lazy_refcounts=on", 2 << 20, PLAIN,
-    120, 20000, 10, 10, 5, false, 0, 0, 0, 0, 0 },
+    120, 20000, 10, 10, 5, false, 0, 0, 0, 0, 0, false },
   { "zero-trim-64k", "cluster_size=65536", 4 << 20, PLAIN,
-    80, 150000, 25, 25, 4, false, 0, 0, 0, 0, 0 },
+    80, 150000, 25, 25, 4, false, 0, 0, 0, 0, 0, false },
   { "zero-trim-512", "cluster_size=512", 1 << 20, PLAIN,
-    120, 8000, 25, 25, 5, false, 0, 0, 0, 0, 0 },
+    120, 8000, 25, 25, 5, false, 0, 0, 0, 0, 0, false },
   { "backing-64k", "cluster_size=65536", 4 << 20, BACKING_RAW,
-    60, 100000, 15, 15, 4, false, 0, 0, 0, 0, 0 },
+    60, 100000, 15, 15, 4, false, 0, 0, 0, 0, 0, false },
   { "backing-512", "cluster_size=512", 1 << 20, BACKING_RAW,
-    100, 6000, 15, 15, 5, false, 0, 0, 0, 0, 0 },
+    100, 6000, 15, 15, 5, false, 0, 0, 0, 0, 0, false },
   { "backing-v2-512", "cluster_size=512,compat=0.10", 1 << 20, BACKING_RAW,
-    100, 6000, 15, 15, 5, false, 0, 0, 0, 0, 0 },
+    100, 6000, 15, 15, 5, false, 0, 0, 0, 0, 0, false },
   { "snapshot-64k", "cluster_size=65536", 4 << 20, SNAPSHOT,
-    60, 100000, 15, 15, 4, false, 0, 0, 0, 0, 0 },
+    60, 100000, 15, 15, 4, false, 0, 0, 0, 0, 0, false },
   { "snapshot-512-lazy", "cluster_size=512,lazy_refcounts=on", 1 << 20,
-    SNAPSHOT, 100, 6000, 15, 15, 5, false, 0, 0, 0, 0, 0 },
+    SNAPSHOT, 100, 6000, 15, 15, 5, false, 0, 0, 0, 0, 0, false },
   { "reftable-grow-512", "cluster_size=512,refcount_bits=64", 8 << 20, PLAIN,
-    150, 65536, 0, 5, 6, true, 0, 0, 0, 0, 0 },
+    150, 65536, 0, 5, 6, true, 0, 0, 0, 0, 0, false },
   { "l2-alloc-512", "cluster_size=512", 16 << 20, PLAIN,
-    150, 1024, 0, 0, 8, false, 0, 0, 0, 0, 0 },
+    150, 1024, 0, 0, 8, false, 0, 0, 0, 0, 0, false },
   { "extl2-64k", "cluster_size=65536,extended_l2=on", 4 << 20, PLAIN,
-    80, 100000, 15, 15, 4, false, 0, 0, 0, 0, 0 },
+    80, 100000, 15, 15, 4, false, 0, 0, 0, 0, 0, false },
   { "compressed-64k", "cluster_size=65536", 4 << 20, COMPRESSED,
-    60, 100000, 15, 15, 4, false, 0, 0, 0, 0, 0 },
+    60, 100000, 15, 15, 4, false, 0, 0, 0, 0, 0, false },
+  /* compress=on: compressed clusters written, packed, rewritten and
+   * freed; 2-bit refcounts cap the streams a host cluster holds.
+   */
+  { "compress-on-64k", "cluster_size=65536", 4 << 20, COMPRESSED,
+    60, 200000, 15, 15, 4, false, 0, 0, 0, 0, 0, true },
+  { "compress-on-512-rc2", "cluster_size=512,refcount_bits=2", 1 << 20,
+    PLAIN, 120, 8000, 10, 10, 5, false, 0, 0, 0, 0, 0, true },
   { "rc1-512", "cluster_size=512,refcount_bits=1", 2 << 20, PLAIN,
-    120, 8000, 15, 15, 5, false, 0, 0, 0, 0, 0 },
+    120, 8000, 15, 15, 5, false, 0, 0, 0, 0, 0, false },
   /* Tiny caches: slices are evicted (and written back) inside requests. */
   { "small-cache-512", "cluster_size=512", 4 << 20, PLAIN,
-    150, 8000, 10, 10, 8, false, 2048, 0, 0, 0, 0 },
+    150, 8000, 10, 10, 8, false, 2048, 0, 0, 0, 0, false },
   { "small-cache-snap-lazy", "cluster_size=4096,lazy_refcounts=on", 4 << 20,
-    SNAPSHOT, 100, 30000, 15, 15, 6, false, 2048, 0, 0, 0, 0 },
+    SNAPSHOT, 100, 30000, 15, 15, 6, false, 2048, 0, 0, 0, 0, false },
   /* 4 threads at once, each in its own stripes; the stripes are not
    * cluster aligned, so neighbours share clusters.  A flush after each
    * round of requests.
    */
   { "threads-512", "cluster_size=512", 2 << 20, PLAIN,
-    200, 3000, 10, 10, 2, false, 0, 4, 1300, 0, 0 },
+    200, 3000, 10, 10, 2, false, 0, 4, 1300, 0, 0, false },
   { "threads-64k-snap", "cluster_size=65536", 4 << 20, SNAPSHOT,
-    120, 70000, 10, 10, 2, false, 0, 4, 50000, 0, 0 },
+    120, 70000, 10, 10, 2, false, 0, 4, 50000, 0, 0, false },
   { "threads-4k-backing", "cluster_size=4096", 2 << 20, BACKING_RAW,
-    160, 9000, 10, 10, 2, false, 4096, 4, 7000, 0, 0 },
+    160, 9000, 10, 10, 2, false, 4096, 4, 7000, 0, 0, false },
+  { "threads-4k-compress", "cluster_size=4096", 2 << 20, PLAIN,
+    160, 20000, 10, 10, 2, false, 0, 4, 9000, 0, 0, true },
   /* The cache=none pass, short: core over core/io.c's direct I/O layer
    * (bounce buffers, read-modify-writes of partial blocks, stripes)
    * over an O_DIRECT checker over the recorder, so the host writes
@@ -179,16 +197,16 @@ static const struct workload workloads[] = {
    * metadata write is a read-modify-write.
    */
   { "direct-4k-slices-512", "cluster_size=4096", 2 << 20, PLAIN,
-    50, 12000, 15, 15, 5, false, 2048, 0, 0, 4096, 150 },
+    50, 12000, 15, 15, 5, false, 2048, 0, 0, 4096, 150, false },
   { "direct-4k-threads-512", "cluster_size=512", 1 << 20, PLAIN,
-    64, 3000, 10, 10, 2, false, 0, 4, 1300, 4096, 150 },
+    64, 3000, 10, 10, 2, false, 0, 4, 1300, 4096, 150, false },
   { "direct-512-compressed", "cluster_size=65536", 2 << 20, COMPRESSED,
-    30, 100000, 15, 15, 4, false, 0, 0, 0, 512, 100 },
+    30, 100000, 15, 15, 4, false, 0, 0, 0, 512, 100, false },
   /* Persistent dirty bitmaps (make_image: bitmap_*). */
   { "bitmaps-64k", "cluster_size=65536,lazy_refcounts=on", 4 << 20, BITMAPS,
-    60, 100000, 15, 15, 4, false, 0, 0, 0, 0, 0 },
+    60, 100000, 15, 15, 4, false, 0, 0, 0, 0, 0, false },
   { "bitmaps-512", "cluster_size=512", 4 << 20, BITMAPS,
-    100, 6000, 15, 15, 5, false, 0, 0, 0, 0, 0 },
+    100, 6000, 15, 15, 5, false, 0, 0, 0, 0, 0, false },
 };
 
 /* A guest request, modelled as "write data over [off, off+len)". */
@@ -315,7 +333,8 @@ make_image (struct run *r)
 static struct qcow2_image *
 open_mem (struct run *r, struct qcow2_io *io, bool readonly)
 {
-  struct qcow2_config cfg = { .readonly = readonly, .no_locking = true };
+  struct qcow2_config cfg = { .readonly = readonly, .no_locking = true,
+                              .compress = r->w->compress };
 
   if (r->w->direct) {
     uint32_t a = r->w->direct;
@@ -1197,7 +1216,23 @@ test_workload (const struct workload *w)
   assert (r.initial_guest && r.durable && r.got);
   assert (qcow2_pread (img, r.initial_guest, w->size, 0) == 0);
   memcpy (r.durable, r.initial_guest, w->size);
+  compressible = w->compress;
   run_workload (&r, img);
+  compressible = false;
+  if (w->compress) {
+    /* The point of the workload: it wrote compressed clusters (with
+     * PLAIN, all of them are its own).
+     */
+    size_t n;
+    uint8_t *now = rec_live (r.rec, &n);
+    char live[512];
+    snprintf (live, sizeof live, "%s/live.qcow2", r.dir);
+    write_file (live, now, n);
+    free (now);
+    sys ("qemu-img check --output=json %s | "
+         "grep '\"compressed-clusters\": [1-9]' | sed 's/^ */%s: at the end: /'",
+         live, w->name);
+  }
   if (strncmp (w->name, "reftable-grow", 13) == 0) {
     /* The point of the workload: the refcount table moved and grew. */
     size_t n;

@@ -2,8 +2,8 @@
  * Copyright (C) 2026 the nbdkit-qcow2 authors.  BSD-3-Clause, see LICENSE.
  *
  * A workload (allocating writes, COW over a snapshot or a backing file,
- * zero, trim, flushes, with caches small enough that write-back happens
- * inside requests) runs once without faults to count the host reads,
+ * compressed writes, zero, trim, flushes, with caches small enough that
+ * write-back happens inside requests) runs once without faults to count the host reads,
  * writes and flushes it makes.  Then it runs again for every index of
  * every kind, with the fault backend (core/io-test.c) failing that call:
  *
@@ -75,24 +75,28 @@ struct workload {
   uint32_t direct;              /* > 0: cache=none pass, this alignment */
   unsigned step;                /* > 1: only every step-th index (times
                                    FAULT_TEST_STEP) */
+  bool compress;                /* compress=on, compressible data */
 };
 
 static const struct workload workloads[] = {
   { "plain-512", "cluster_size=512", 1 << 20, PLAIN,
-    40, 6000, 10, 10, 5, 2048, 1024, 0, 0 },
+    40, 6000, 10, 10, 5, 2048, 1024, 0, 0, false },
   { "grow-512-rc64", "cluster_size=512,refcount_bits=64", 4 << 20, PLAIN,
-    30, 40000, 0, 10, 5, 2048, 1024, 0, 0 },
+    30, 40000, 0, 10, 5, 2048, 1024, 0, 0, false },
   { "snapshot-64k", "cluster_size=65536", 2 << 20, SNAPSHOT,
-    30, 100000, 15, 15, 4, 0, 0, 0, 0 },
+    30, 100000, 15, 15, 4, 0, 0, 0, 0, false },
   { "backing-512-lazy", "cluster_size=512,lazy_refcounts=on", 1 << 20,
-    BACKING_RAW, 40, 5000, 15, 15, 5, 2048, 0, 0, 0 },
+    BACKING_RAW, 40, 5000, 15, 15, 5, 2048, 0, 0, 0, false },
   { "extl2-64k", "cluster_size=65536,extended_l2=on", 2 << 20, PLAIN,
-    30, 100000, 15, 15, 4, 0, 0, 0, 0 },
+    30, 100000, 15, 15, 4, 0, 0, 0, 0, false },
   /* Left dirty by qemu-io (lazy refcounts, abort): the first write
    * repairs it, so faults hit the repair.
    */
   { "dirty-lazy-4k", "cluster_size=4096,lazy_refcounts=on", 1 << 20, DIRTY,
-    20, 20000, 10, 10, 5, 0, 0, 0, 0 },
+    20, 20000, 10, 10, 5, 0, 0, 0, 0, false },
+  /* compress=on: streams placed, linked, abandoned and freed. */
+  { "compress-4k", "cluster_size=4096", 1 << 20, PLAIN,
+    30, 30000, 10, 10, 5, 2048, 1024, 0, 0, true },
   /* The cache=none pass, short: core over core/io.c's direct I/O layer
    * over an O_DIRECT checker (io-test.c) over the fault backend, which
    * so sees (and fails) the aligned blocks a disk would: the reads of
@@ -100,7 +104,7 @@ static const struct workload workloads[] = {
    * and slices: every metadata write is a read-modify-write.
    */
   { "direct-4k-512", "cluster_size=512", 1 << 20, PLAIN,
-    16, 6000, 10, 10, 5, 2048, 1024, 4096, 3 },
+    16, 6000, 10, 10, 5, 2048, 1024, 4096, 3, false },
 };
 
 enum mode { EIO_ONCE, EIO_LANDS, ENOSPC_FULL, NR_MODES };
@@ -164,7 +168,7 @@ open_io (const struct workload *w, struct qcow2_io *io, bool readonly)
   struct qcow2_config cfg = {
     .readonly = readonly, .no_locking = true,
     .l2_cache_size = w->l2_cache, .refcount_cache_size = w->rc_cache,
-    .cache_entry_size = 512,
+    .cache_entry_size = 512, .compress = w->compress,
   };
 
   if (w->direct) {
@@ -472,8 +476,10 @@ run (const struct workload *w, const uint8_t *initial, size_t isize,
     assert (data);
     if (c.kind == C_WRITE) {
       uint64_t j;
+      uint8_t v = rnd (&s);
+      /* compress=on: 4 random bytes in 64, so clusters compress. */
       for (j = 0; j < len; j++)
-        data[j] = rnd (&s);
+        data[j] = !w->compress || j % 64 < 4 ? rnd (&s) : v;
     }
     else
       memset (data, 0, len);
@@ -805,7 +811,7 @@ static void
 test_flush_commit (void)
 {
   struct workload w = { "flush-commit", "cluster_size=512", FC_SIZE,
-                        SNAPSHOT, 0, 0, 0, 0, 0, 0, 0, 0, 0 };
+                        SNAPSHOT, 0, 0, 0, 0, 0, 0, 0, 0, 0, false };
   size_t isize;
   uint8_t *initial = make_image (&w, &isize);
   uint64_t n[QCOW2_FAULT_NR_OPS] = { 0 }, at, before = failures, nruns = 0;
