@@ -204,57 +204,74 @@ load_table (struct qcow2_image *img, struct bitmap *bm, uint64_t *owned,
   return 0;
 }
 
+/* The fixed part of the directory entry at 'pos' into e; false when
+ * not even that is left.
+ */
+bool
+bitmap_dir_entry (const uint8_t *dir, uint64_t size, uint64_t pos,
+                  struct bitmap_dir_entry *e)
+{
+  const uint8_t *p;
+
+  if (pos >= size || size - pos < BME_FIXED_SIZE)
+    return false;
+  p = dir + pos;
+  e->table_offset = get_be64 (p + BME_TABLE_OFFSET);
+  e->table_size = get_be32 (p + BME_TABLE_SIZE);
+  e->flags = get_be32 (p + BME_FLAGS);
+  e->type = p[BME_TYPE];
+  e->gran_bits = p[BME_GRANULARITY_BITS];
+  e->name_size = get_be16 (p + BME_NAME_SIZE);
+  e->extra = get_be32 (p + BME_EXTRA_DATA_SIZE);
+  e->name = (const char *) p + BME_FIXED_SIZE + e->extra;
+  e->len = round_up_pow2 (BME_FIXED_SIZE + (uint64_t) e->extra +
+                          e->name_size, 8);
+  return true;
+}
+
 /* Parse the directory entry at *pos into bm (name and fields only). */
 static int
 parse_entry (struct qcow2_image *img, uint64_t *pos, struct bitmap *bm)
 {
-  const uint8_t *dir = img->bitmap_dir, *p;
-  uint64_t size = img->bitmap_dir_size, need;
-  uint32_t extra;
-  uint16_t name_size;
+  uint64_t size = img->bitmap_dir_size;
+  struct bitmap_dir_entry e;
 
-  if (*pos > size || size - *pos < BME_FIXED_SIZE)
-    goto short_dir;
-  p = dir + *pos;
-  name_size = get_be16 (p + BME_NAME_SIZE);
-  extra = get_be32 (p + BME_EXTRA_DATA_SIZE);
-  need = round_up_pow2 (BME_FIXED_SIZE + (uint64_t) extra + name_size, 8);
-  if (size - *pos < need)
-    goto short_dir;
+  if (!bitmap_dir_entry (img->bitmap_dir, size, *pos, &e) ||
+      size - *pos < e.len) {
+    nbdkit_error ("%s: bitmap directory of %" PRIu64 " bytes is too short "
+                  "for %" PRIu32 " bitmaps", img->name, size,
+                  img->nb_bitmaps);
+    errno = EINVAL;
+    return -1;
+  }
   bm->dir_pos = *pos;
-  bm->table_offset = get_be64 (p + BME_TABLE_OFFSET);
-  bm->table_size = get_be32 (p + BME_TABLE_SIZE);
-  bm->flags = get_be32 (p + BME_FLAGS);
-  bm->gran_bits = p[BME_GRANULARITY_BITS];
-  bm->name = strndup ((const char *) p + BME_FIXED_SIZE + extra, name_size);
+  bm->table_offset = e.table_offset;
+  bm->table_size = e.table_size;
+  bm->flags = e.flags;
+  bm->gran_bits = e.gran_bits;
+  bm->name = strndup (e.name, e.name_size);
   if (bm->name == NULL) {
     nbdkit_error ("%s: bitmap directory: %m", img->name);
     return -1;
   }
-  *pos += need;
-  if (name_size == 0 || name_size > BME_MAX_NAME_SIZE ||
-      strlen (bm->name) != name_size ||
-      p[BME_TYPE] != BME_TYPE_DIRTY_TRACKING ||
+  *pos += e.len;
+  if (e.name_size == 0 || e.name_size > BME_MAX_NAME_SIZE ||
+      strlen (bm->name) != e.name_size ||
+      e.type != BME_TYPE_DIRTY_TRACKING ||
       (bm->flags & ~BME_FLAGS_KNOWN) ||
       bm->gran_bits < BME_MIN_GRANULARITY_BITS ||
       bm->gran_bits > BME_MAX_GRANULARITY_BITS ||
-      (extra && !(bm->flags & BME_FLAG_EXTRA_COMPATIBLE)) ||
+      (e.extra && !(bm->flags & BME_FLAG_EXTRA_COMPATIBLE)) ||
       bm->table_size == 0 || bm->table_size > MAX_BITMAP_TABLE) {
     nbdkit_error ("%s: bitmap '%s': unsupported or invalid directory entry "
                   "(type %u, flags %#" PRIx32 ", granularity bits %u, %"
                   PRIu32 " bytes of extra data, table of %" PRIu32
-                  " entries)", img->name, bm->name, p[BME_TYPE], bm->flags,
-                  bm->gran_bits, extra, bm->table_size);
+                  " entries)", img->name, bm->name, e.type, bm->flags,
+                  bm->gran_bits, e.extra, bm->table_size);
     errno = EINVAL;
     return -1;
   }
   return 0;
-
- short_dir:
-  nbdkit_error ("%s: bitmap directory of %" PRIu64 " bytes is too short for "
-                "%" PRIu32 " bitmaps", img->name, size, img->nb_bitmaps);
-  errno = EINVAL;
-  return -1;
 }
 
 /* Check names are unique and no cluster has two owners. */

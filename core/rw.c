@@ -716,16 +716,13 @@ qcow2_flush (struct qcow2_image *img)
 
 /* ---- zero and trim ------------------------------------------------ */
 
-/* The start of a zero or trim: the range checked, img->lock held
- * exclusively with no write in flight over the range, the image
- * writable.  On -1 no lock is held.
+/* The start of a zero or trim over a range the caller checked:
+ * img->lock held exclusively with no write in flight over the range,
+ * the image writable.  On -1 no lock is held.
  */
 static int
-change_begin (struct qcow2_image *img, uint64_t count, uint64_t offset,
-              const char *what)
+change_begin (struct qcow2_image *img, uint64_t count, uint64_t offset)
 {
-  if (image_check_range (img, count, offset, what) == -1)
-    return -1;
   do
     pthread_rwlock_wrlock (&img->lock);
   while (inflight_wait (img, offset, count));
@@ -778,7 +775,9 @@ change_clusters (struct qcow2_image *img, uint64_t a, uint64_t b,
   return 0;
 }
 
-/* Zero guest [offset, offset+count) with flags as they are. */
+/* Zero guest [offset, offset+count), checked by the caller, with flags
+ * as they are.
+ */
 static int
 zero_range (struct qcow2_image *img, uint64_t count, uint64_t offset,
             unsigned flags)
@@ -787,7 +786,7 @@ zero_range (struct qcow2_image *img, uint64_t count, uint64_t offset,
   bool trim, may_trim;
   int r = -1;
 
-  if (change_begin (img, count, offset, "zero") == -1)
+  if (change_begin (img, count, offset) == -1)
     return -1;
   if (write_zero_plan (img, count, offset, flags, &a, &b, &trim,
                        &may_trim) == 0 &&
@@ -831,7 +830,7 @@ qcow2_trim (struct qcow2_image *img, uint64_t count, uint64_t offset,
     return 0;
   }
   bitmap_set (img, offset, count);
-  if (change_begin (img, count, offset, "trim") == -1)
+  if (change_begin (img, count, offset) == -1)
     return -1;
   /* Trim is advisory: only whole clusters (with extended L2 entries,
    * whole subclusters), and nothing with an external data file (whose
@@ -852,8 +851,9 @@ qcow2_trim (struct qcow2_image *img, uint64_t count, uint64_t offset,
 
 /* ---- bitmaps ------------------------------------------------------ */
 
-/* At a clean close, after the last flush: store the bitmaps (bitmap.c)
- * and write back what that allocated.
+/* At a clean close, after the last flush: store the bitmaps (bitmap.c
+ * writes back and syncs the refcounts of what it allocated; it frees
+ * nothing and touches no L2 table, so nothing is left to write).
  */
 int
 rw_store_bitmaps (struct qcow2_image *img)
@@ -862,8 +862,6 @@ rw_store_bitmaps (struct qcow2_image *img)
 
   pthread_rwlock_wrlock (&img->lock);
   r = bitmap_store (img);
-  if (flush_locked (img) == -1)
-    r = -1;
   pthread_rwlock_unlock (&img->lock);
   return r;
 }

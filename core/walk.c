@@ -67,12 +67,6 @@ struct walk {
   uint64_t *buf;                /* one cluster, with follow */
 };
 
-/* The fields of a bitmap directory entry the walk needs. */
-struct bitmap_entry {
-  uint64_t table_offset;
-  uint32_t table_size;          /* entries */
-};
-
 static int
 visit (struct walk *w, enum walk_kind kind, uint64_t off, uint64_t len)
 {
@@ -195,29 +189,9 @@ walk_snapshots (struct walk *w)
   return 0;
 }
 
-/* Parse the directory entry at *pos and move *pos past it.  False when
- * no whole entry is left.
- */
-static bool
-next_bitmap (const uint8_t *dir, uint64_t size, uint64_t *pos,
-             struct bitmap_entry *e)
-{
-  const uint8_t *p;
-
-  if (*pos >= size || size - *pos < BME_FIXED_SIZE)
-    return false;
-  p = dir + *pos;
-  e->table_offset = get_be64 (p) & L1E_OFFSET_MASK;
-  e->table_size = get_be32 (p + 8);
-  /* The fixed part, the extra data and the name, padded to 8. */
-  *pos += round_up_pow2 (BME_FIXED_SIZE + (uint64_t) get_be32 (p + 20) +
-                         get_be16 (p + 18), 8);
-  return true;
-}
-
 /* Visit the clusters of bitmap data a bitmap table points to. */
 static int
-follow_bitmap_table (struct walk *w, const struct bitmap_entry *e)
+follow_bitmap_table (struct walk *w, const struct bitmap_dir_entry *e)
 {
   struct qcow2_image *img = w->img;
   size_t len = (size_t) e->table_size * 8;
@@ -247,7 +221,7 @@ follow_bitmap_table (struct walk *w, const struct bitmap_entry *e)
 }
 
 static int
-walk_bitmap_entry (struct walk *w, const struct bitmap_entry *e)
+walk_bitmap_entry (struct walk *w, const struct bitmap_dir_entry *e)
 {
   uint64_t len = (uint64_t) e->table_size * 8;
 
@@ -266,7 +240,7 @@ static int
 walk_bitmaps (struct walk *w)
 {
   struct qcow2_image *img = w->img;
-  struct bitmap_entry e;
+  struct bitmap_dir_entry e;
   uint8_t *dir;
   uint64_t pos = 0;
   uint32_t i;
@@ -289,9 +263,12 @@ walk_bitmaps (struct walk *w)
     goto out;
   }
   for (i = 0; i < img->nb_bitmaps &&
-         next_bitmap (dir, img->bitmap_dir_size, &pos, &e); i++)
+         bitmap_dir_entry (dir, img->bitmap_dir_size, pos, &e); i++) {
+    e.table_offset &= L1E_OFFSET_MASK;
     if (walk_bitmap_entry (w, &e) == -1)
       goto out;
+    pos += e.len;
+  }
   r = 0;
  out:
   free (dir);
