@@ -19,9 +19,11 @@
 # workloads.  Each server is stopped cleanly after its run (storing the
 # bitmaps), and the stop time is reported too.  Prints a markdown table:
 # IOPS per configuration (median, min-max) and the ratio B/A of each
-# round's pair (median, min-max).
+# round's pair (median, min-max); the same for the server's CPU time
+# per write (user + system over the measured part, from /proc/PID/stat),
+# which depends much less on what else runs than IOPS do.
 #
-# Knobs: ROUNDS (5), RUNTIME (10 s), BENCH_DIR (/dev/shm), PLUGIN (this
+# Knobs: PERF (0; 1 adds a perf profile of B per workload), ROUNDS (5), RUNTIME (10 s), BENCH_DIR (/dev/shm), PLUGIN (this
 # tree's build), WORKLOADS ("randwrite4k alloc-randwrite4k").
 
 set -eu
@@ -55,10 +57,13 @@ for b in A B; do
     make_image "$dir/over-$b.qcow2" 4G preallocation=metadata "$(bitmaps $b)"
 done
 
+# cpu_ticks PID: user + system clock ticks of a process so far.
+cpu_ticks () { awk '{ print $14 + $15 }' "/proc/$1/stat"; }
+
 # run WORKLOAD CFG(A|B) ROUND
 run ()
 {
-    local w=$1 b=$2 img spid iops t0 t1 i
+    local w=$1 b=$2 img spid fpid iops cpu c0 c1 t0 t1 i
     case $w in
     randwrite4k) img=$dir/over-$b.qcow2 ;;
     alloc-randwrite4k)
@@ -75,8 +80,20 @@ run ()
     fio --name=w --ioengine=nbd --uri="nbd+unix:///?socket=$sock" \
         --rw=randwrite --bs=4k --iodepth=32 --time_based \
         --runtime="$RUNTIME" --ramp_time=1 --output-format=json \
-        --output="$dir/fio.json" >/dev/null
+        --output="$dir/fio.json" >/dev/null &
+    fpid=$!
+    # The server's CPU time over the measured part (after the ramp).
+    sleep 1
+    c0=$(cpu_ticks $spid)
+    if [ "$3" = perf ]; then
+        perf record -q -p "$spid" -o "$dir/perf.data" -- sleep "$((RUNTIME - 1))" \
+            >/dev/null 2>&1 || true
+    fi
+    wait $fpid
+    c1=$(cpu_ticks $spid)
     iops=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["jobs"][0]["write"]["iops"])' "$dir/fio.json")
+    cpu=$(python3 -c 'import os,sys; t,i,r=map(float,sys.argv[1:]); print(t/os.sysconf("SC_CLK_TCK")*1e6/(i*r))' \
+          "$((c1 - c0))" "$iops" "$RUNTIME")
     t0=$(date +%s.%N)
     kill -TERM $spid
     wait $spid || true
@@ -85,9 +102,13 @@ run ()
         echo "$0: bitmaps still in use after a clean stop" >&2
         exit 1
     fi
-    printf '%s\t%s\t%s\t%s\t%s\n' "$w" "$b" "$3" "$iops" \
-        "$(echo "$t1 - $t0" | bc)" >> "$results"
-    echo "ab-bench: $w $b round $3: $iops IOPS" >&2
+    printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$w" "$b" "$3" "$iops" \
+        "$(echo "$t1 - $t0" | bc)" "$cpu" >> "$results"
+    echo "ab-bench: $w $b round $3: $iops IOPS, server $cpu us CPU/write" >&2
+    if [ "$3" = perf ]; then
+        perf report -i "$dir/perf.data" --stdio --sort symbol 2>/dev/null |
+            grep -v '^#' | grep -v '^$' > "$dir/perf-$w.txt" || true
+    fi
 }
 
 for w in $WORKLOADS; do
@@ -97,18 +118,40 @@ for w in $WORKLOADS; do
     done
 done
 
+# PERF=1: one more run of B per workload under perf record (not in the
+# table): the share of the server's samples in bitmap.c's functions.
+if [ "${PERF:-0}" = 1 ]; then
+    for w in $WORKLOADS; do
+        run "$w" B perf
+        sed -i '$d' "$results"
+    done
+fi
+
 echo "A: bitmaps=$A_BITMAPS args=${A_ARGS:-none}; B: bitmaps=$B_BITMAPS args=${B_ARGS:-none}; $ROUNDS rounds of $RUNTIME s, $BENCH_DIR"
 python3 - "$results" <<'EOF'
 import statistics, sys
 rows = [l.split("\t") for l in open(sys.argv[1]).read().splitlines()]
-print("| workload | A, IOPS | B, IOPS | B/A | stop time (s) A / B |")
-print("|---|---|---|---|---|")
+print("| workload | A, IOPS | B, IOPS | B/A | server CPU us/write A | B | CPU B/A | stop time (s) A / B |")
+print("|---|---|---|---|---|---|---|---|")
 for w in dict.fromkeys(r[0] for r in rows):
-    v = {b: [float(r[3]) for r in rows if r[0] == w and r[1] == b] for b in "AB"}
-    t = {b: [float(r[4]) for r in rows if r[0] == w and r[1] == b] for b in "AB"}
+    col = lambda k: {b: [float(r[k]) for r in rows if r[0] == w and r[1] == b] for b in "AB"}
+    v, t, c = col(3), col(4), col(5)
     f = lambda x: "%.0f (%.0f-%.0f)" % (statistics.median(x), min(x), max(x))
-    ratios = [b / a for a, b in zip(v["A"], v["B"])]
-    print("| %s | %s | %s | %.3f (%.3f-%.3f) | %.2f / %.2f |" % (
-        w, f(v["A"]), f(v["B"]), statistics.median(ratios), min(ratios),
-        max(ratios), statistics.median(t["A"]), statistics.median(t["B"])))
+    g = lambda x: "%.2f (%.2f-%.2f)" % (statistics.median(x), min(x), max(x))
+    h = lambda x: "%.3f (%.3f-%.3f)" % (statistics.median(x), min(x), max(x))
+    ratio = lambda d: h([b / a for a, b in zip(d["A"], d["B"])])
+    print("| %s | %s | %s | %s | %s | %s | %s | %.2f / %.2f |" % (
+        w, f(v["A"]), f(v["B"]), ratio(v), g(c["A"]), g(c["B"]), ratio(c),
+        statistics.median(t["A"]), statistics.median(t["B"])))
 EOF
+if [ "${PERF:-0}" = 1 ]; then
+    for w in $WORKLOADS; do
+        echo
+        echo "perf, B, $w: top 10 symbols and every bitmap.c function"
+        echo '```'
+        head -10 "$dir/perf-$w.txt"
+        echo ...
+        grep -E 'bitmap_|set_range|set_bits|get_page' "$dir/perf-$w.txt" || echo "(none sampled)"
+        echo '```'
+    done
+fi
