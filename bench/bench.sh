@@ -548,6 +548,17 @@ alloc_budget ()
 # further each time).
 qb_step=$(( (2 * 131072 + 80107) * 4096 ))
 
+# page_cache_bytes FILE: how much of FILE is in the page cache now
+# (fincore; "-" without it).  In --disk mode each run records how much
+# that grew from the server's start to the end of the client: every
+# server keeps the page cache out of the way, so it should stay near 0
+# however much was written.
+page_cache_bytes ()
+{
+    fincore --bytes --noheadings --output RES "$1" 2>/dev/null | tr -d ' ' |
+        grep -x '[0-9][0-9]*' || echo -
+}
+
 # run_one WORKLOAD SERVER ROUND [perf]: one measured run; appends a line
 # to runs.tsv.
 run_one ()
@@ -557,7 +568,7 @@ run_one ()
     local json=$OUT_DIR/fio/$tag.json clog=$OUT_DIR/logs/$tag.client.log
     local slog=$OUT_DIR/logs/$tag.server.log
     local t0f=$OUT_DIR/logs/$tag.t0 c0 c1 st0 st1 steal=- rss=0 check=- iops=0 bw=0 ios=0
-    local secs=0 cli_ms=0 r
+    local secs=0 cli_ms=0 r pcache=- pc0
     perfpid=
     [ -n "$perf" ] && tag=$wl.$srv.perf
     wl_def "$wl"
@@ -589,6 +600,8 @@ run_one ()
         fi ;;
     esac
 
+    pc0=-
+    [ "$disk" = 1 ] && pc0=$(page_cache_bytes "$img")
     if ! start_server "$srv" "$img" "$slog"; then
         log "$tag: server did not start (see $slog)"
         printf '%s\t%s\t%s\tfail\t0\t0\t0\t0\t0\t0\t0\t-\t-\n' "$wl" "$srv" "$round" >> "$runs"
@@ -622,6 +635,10 @@ run_one ()
         c1=$(cpu_ticks "$spid")
         st1=$(steal_ticks)
         rss=$(vm_hwm "$spid")
+        if [ "$disk" = 1 ] && [ "$pc0" != - ]; then
+            pcache=$(page_cache_bytes "$img")
+            [ "$pcache" = - ] || pcache=$(( pcache - pc0 ))
+        fi
         if [ ${#helpers[@]} -gt 0 ]; then
             wait "${helpers[@]}" 2>/dev/null || true
             helpers=()
@@ -689,9 +706,9 @@ print("%.1f %.0f %.1f" % (n / s, n * 4096 / s, (float(u[-2]) + float(u[-1])) * 1
         python3 "$bench_src/mkimg.py" dropcache "$img"
     fi
     [ -n "$perf" ] && return 0
-    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' \
+    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' \
         "$wl" "$srv" "$round" "$st" "$iops" "$bw" "$ios" "$secs" \
-        "$(( c1 - c0 ))" "$rss" "$cli_ms" "$check" "$steal" >> "$runs"
+        "$(( c1 - c0 ))" "$rss" "$cli_ms" "$check" "$steal" "$pcache" >> "$runs"
     log "$(printf '%-22s %-13s round %s: %s iops %s MB/s, cpu %s ticks, rss %s KiB, steal %s%%, check %s' \
         "$wl" "$srv" "$round" "${iops%.*}" "$(( ${bw%.*} / 1000000 ))" \
         "$(( c1 - c0 ))" "$rss" "$steal" "$check")"

@@ -85,6 +85,10 @@ class Run:
         # Host steal % over the run (later runs.tsv files only).
         st = f[12] if len(f) > 12 else "-"
         self.steal = float(st) if st not in ("", "-") else None
+        # Growth of the image's bytes in the page cache over the run
+        # (--disk), may be negative.
+        pc = f[13] if len(f) > 13 else "-"
+        self.pcache = int(pc) if pc not in ("", "-") else None
 
     def value(self, unit):
         return self.iops if unit == "iops" else self.bw / 1e6
@@ -308,9 +312,17 @@ def main(out):
       "during the measured run (/proc/stat); a run with much steal measured "
       "the host, not the server.")
     p()
+    has_pc = any(r.pcache is not None for rs in by.values() for r in rs)
+    if has_pc:
+        p("Page cache growth: how much more of the image file was in the "
+          "host's page cache at the end of the run than at the server's "
+          "start (fincore); with the page cache out of the way it stays "
+          "near 0 however much was written.")
+        p()
     p("| workload | server | throughput | server CPU us/IO | client CPU us/IO "
-      "| peak RSS MiB | host steal % | qemu-img check |")
-    p("|---|---|---|---|---|---|---|---|")
+      "| peak RSS MiB | host steal % | qemu-img check |"
+      + (" page cache growth MiB |" if has_pc else ""))
+    p("|---|---|---|---|---|---|---|---|" + ("---|" if has_pc else ""))
     for wl, unit, write, cap, desc in (w[:5] for w in wls):
         unit_s = "IOPS" if unit == "iops" else "MB/s"
         for s in servers:
@@ -329,8 +341,12 @@ def main(out):
                 if r.check != "-":
                     checks[r.check] = checks.get(r.check, 0) + 1
             chk = ", ".join("%s x%d" % kv for kv in sorted(checks.items())) or "-"
-            p("| %s | %s | %s %s | %s | %s | %s | %s | %s |" % (
-                wl, SERVER_LABEL[s], thr, unit_s, cpu, cli, rss, steal, chk))
+            line = "| %s | %s | %s %s | %s | %s | %s | %s | %s |" % (
+                wl, SERVER_LABEL[s], thr, unit_s, cpu, cli, rss, steal, chk)
+            if has_pc:
+                line += " %s |" % fmt_range(
+                    [r.pcache / 2**20 for r in ok if r.pcache is not None], f1)
+            p(line)
     p()
 
     # ---- workloads ---------------------------------------------------------
