@@ -39,6 +39,11 @@
  * can reach clusters not linked yet); write_link, under the lock
  * again, points the L2 entries at the new clusters and frees the old
  * ones (deferred).  write_abandon gives the clusters back instead.
+ * On a block device whose free clusters lie only in shorter runs, the
+ * plan covers as much of the run as the longest free run allows, and
+ * rw.c plans the rest again (plan_alloc): each piece is a plan of its
+ * own, allocated, written and linked before the next is planned, with
+ * the rules above, as if the client had written it alone.
  * With extended L2 entries only the touched subclusters of a cluster
  * are written and marked allocated, all under the lock.
  *
@@ -245,6 +250,93 @@ plan_buffer (struct qcow2_image *img, struct write_plan *p,
   return 0;
 }
 
+/* How many of the n new clusters a plan wants can come in one run: *k.
+ *
+ * A file can grow, so the allocator always finds a run of n, past the
+ * end of the file if need be: *k is n.  A block device cannot: once it
+ * is full and trims have freed clusters here and there, its free
+ * clusters may all lie in runs shorter than n, and asking for n fails
+ * with ENOSPC although enough of them are free.  So on a block device
+ * the free runs below its end are looked at first, as the allocator's
+ * search sees them (from the free hint on, by refcount; clusters past
+ * the end of the file are free): *k is n if one of them is n long,
+ * else the longest (the allocator's first fit for that length then
+ * lies below the device's end too), 0 when none is free.  Costs one
+ * more search like the allocator's, only on a block device and only
+ * for plans of more than one cluster.
+ */
+static int
+plan_run_length (struct qcow2_image *img, uint64_t n, uint64_t *k)
+{
+  uint64_t c, end, file_end, run = 0, best = 0;
+  int64_t size;
+
+  *k = n;
+  if (!img->io->blockdev || n <= 1)
+    return 0;
+  size = io_size (img->io);
+  if (size == -1) {
+    nbdkit_error ("%s: size of the block device: %m", img->name);
+    return -1;
+  }
+  end = (uint64_t) size >> img->cluster_bits;
+  file_end = img->host_end >> img->cluster_bits;
+  for (c = img->free_hint; c < end; c++) {
+    uint64_t v = 0;
+
+    if (c < file_end && refcount_get (img, c, &v) == -1)
+      return -1;
+    if (v != 0) {
+      run = 0;
+      continue;
+    }
+    if (++run == n)
+      return 0;
+    if (run > best)
+      best = run;
+  }
+  *k = best;
+  return 0;
+}
+
+/* Allocate the new clusters of plan p, which wants p->n of them, as
+ * many as one run gives (plan_run_length); the plan shrinks to them:
+ * p->n, and *len, the bytes of the request from off it covers (a
+ * shrunk plan ends on a cluster boundary: only its head may need
+ * copying).  The caller (rw.c) plans the rest of the request again,
+ * so a long write on a fragmented block device becomes several plans,
+ * each allocated, written and linked as one, with every ordering rule
+ * of a plan; ENOSPC only when no cluster is free.  With none free the
+ * allocator is asked for p->n all the same, to fail and say why.  The
+ * allocator may take the first cluster of the run found for a new
+ * refcount block (refcount.c): then the search runs again, twice at
+ * most.
+ */
+static int64_t
+plan_alloc (struct qcow2_image *img, struct write_plan *p, uint64_t off,
+            uint64_t *len)
+{
+  uint64_t cs = img->cluster_size, k;
+  int64_t host;
+  int tries;
+
+  for (tries = 0;; tries++) {
+    if (plan_run_length (img, p->n, &k) == -1)
+      return -1;
+    if (k > 0 && k < p->n) {
+      nbdkit_debug ("%s: no run of %" PRIu64 " free clusters on the block "
+                    "device: the write at guest %#" PRIx64 " takes %" PRIu64
+                    " first", img->name, p->n, off, k);
+      p->n = k;
+      *len = min_u64 (*len, p->c0 + k * cs - off);
+    }
+    host = refcount_alloc (img, p->n);
+    if (host != -1 || errno != ENOSPC || !img->io->blockdev || k == 0 ||
+        tries == 2)
+      return host;
+  }
+}
+
 /* Plan the write of guest [off, off+m->length) from buf, a run that
  * cannot be written in place (m as cluster_map describes it): 0 with
  * *p to carry out (write p->len bytes of p->src at p->host of data_io,
@@ -265,7 +357,6 @@ write_plan (struct qcow2_image *img, const uint8_t *buf, uint64_t off,
     p->consumed = min_u64 (len, cs - offset_into_cluster (img, off));
     return write_subclusters (img, buf, off, p->consumed) == -1 ? -1 : 1;
   }
-  p->consumed = len;
   p->c0 = off & ~(cs - 1);
   p->n = (round_up_pow2 (off + len, cs) - p->c0) / cs;
   /* For standard entries the kind is per cluster, so the head and tail
@@ -280,8 +371,9 @@ write_plan (struct qcow2_image *img, const uint8_t *buf, uint64_t off,
   p->bound = img->host_end;
   if (img->data_file_name)
     host = p->c0;               /* external data: host offset = guest */
-  else if ((host = refcount_alloc (img, p->n)) == -1)
+  else if ((host = plan_alloc (img, p, off, &len)) == -1)
     return -1;
+  p->consumed = len;
   p->first = host;
   p->src = buf;
   p->len = len;

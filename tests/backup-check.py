@@ -22,17 +22,9 @@ set.  Prints the byte counts.
 import re
 import sys
 
+from ranges import merge        # tests/ranges.py, next to this file
+
 ZBLOCK = 64 * 1024
-
-
-def merge(ranges):
-    out = []
-    for a, b in sorted(ranges):
-        if out and a <= out[-1][1]:
-            out[-1][1] = max(out[-1][1], b)
-        else:
-            out.append([a, b])
-    return [tuple(r) for r in out]
 
 
 def fail(msg):

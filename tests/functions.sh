@@ -32,6 +32,11 @@ export LC_ALL=C
 : "${PLUGIN:=$abs_top_builddir/plugin/.libs/nbdkit-qcow2-plugin.so}"
 export abs_top_srcdir abs_top_builddir PLUGIN
 
+# Python helpers shared by the tests (tests/ranges.py) can be imported
+# by the scripts a test writes into its scratch directory.
+PYTHONPATH=$abs_top_srcdir/tests${PYTHONPATH:+:$PYTHONPATH}
+export PYTHONPATH
+
 # fail MESSAGE: stop the test with a failure.
 fail ()
 {
@@ -269,4 +274,33 @@ qcheck_leaks_ok ()
     qemu-img check "$1" || _r=$?
     [ $_r -eq 0 ] || [ $_r -eq 3 ] ||
         fail "qemu-img check $1: exit $_r (0 or 3 expected)"
+}
+
+# wait_socket SOCK [PIDFILE]: wait until a server started in the
+# background listens on the Unix socket SOCK and, given PIDFILE, has
+# written its PID there; polls for up to 10 s.  Returns 1 if it did
+# not come up.
+wait_socket ()
+{
+    local _i
+    for (( _i = 0; _i < 200; _i++ )); do
+        if [ -S "$1" ] && { [ $# -lt 2 ] || [ -s "$2" ]; }; then
+            return 0
+        fi
+        sleep 0.05
+    done
+    return 1
+}
+
+# bitmaps_in_use IMG: the names of IMG's persistent dirty bitmaps that
+# are marked in use (left inconsistent: the writer did not close the
+# image cleanly), sorted, on one line; an empty line if there are none.
+bitmaps_in_use ()
+{
+    qemu-img info --output=json "$1" | /usr/bin/python3 -c '
+import json, sys
+info = json.load(sys.stdin)
+bms = info.get("format-specific", {}).get("data", {}).get("bitmaps", [])
+print(" ".join(sorted(b["name"] for b in bms if "in-use" in b["flags"])))
+'
 }

@@ -37,7 +37,7 @@ crashed=$tmpdir/crashed.qcow2
 qemu-img create -q -f qcow2 "$crashed" 1M
 qemu-img bitmap --add "$crashed" torn
 ( qemu-io -c 'write 0 4k' -c abort "$crashed" || : ) >/dev/null 2>&1
-qemu-img info "$crashed" | grep -q in-use ||
+[ "$(bitmaps_in_use "$crashed")" = torn ] ||
     fail "qemu-io abort did not leave bitmap torn in use"
 qemu-img bitmap --add "$crashed" fresh
 
@@ -92,18 +92,12 @@ grep -q "no bitmap named 'nope'" "$tmpdir/err1" ||
 
 /usr/bin/python3 - "$tmpdir" <<'EOF'
 import json, sys
+from ranges import merge                # tests/ranges.py
 d = sys.argv[1]
 
 def dirty(path, is_dirty):
-    out = []
-    for e in json.load(open(path)):
-        if is_dirty(e["type"]):
-            a, b = e["offset"], e["offset"] + e["length"]
-            if out and out[-1][1] == a:
-                out[-1][1] = b
-            else:
-                out.append([a, b])
-    return out
+    return merge([(e["offset"], e["offset"] + e["length"])
+                  for e in json.load(open(path)) if is_dirty(e["type"])])
 
 active = open(d + "/active.raw", "rb").read()
 for b in ["b64", "b4k", "off", "late"]:

@@ -38,17 +38,9 @@ SIZE=$((64 * MiB + 12345 * 512))   # not a multiple of any granularity
 cat > bm.py <<'EOF'
 import json, random, sys, threading
 import nbd
+from ranges import merge                # tests/ranges.py
 
 cmd = sys.argv[1]
-
-def merge(ranges):
-    out = []
-    for a, b in sorted(ranges):
-        if out and a <= out[-1][1]:
-            out[-1][1] = max(out[-1][1], b)
-        else:
-            out.append([a, b])
-    return out
 
 if cmd == "run":                        # run URI SEED NOPS LOG
     uri, seed, nops, log = sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
@@ -103,19 +95,15 @@ elif cmd == "dirty":                    # dirty < nbdinfo --map --json
     for a, b in merge([[e["offset"], e["offset"] + e["length"]]
                        for e in m if e["type"] & 1]):
         print(a, b)
-elif cmd == "in-use":                   # in-use < qemu-img info --output=json
-    info = json.load(sys.stdin)
-    bms = info.get("format-specific", {}).get("data", {}).get("bitmaps", [])
-    print(" ".join(sorted(b["name"] for b in bms if "in-use" in b["flags"])))
 EOF
 
 # dirty IMG NAME: the dirty ranges of bitmap NAME, as qemu-nbd serves it.
 dirty ()
 {
-    local sock=$tmpdir/qnbd.sock pid i
+    local sock=$tmpdir/qnbd.sock pid
     rm -f "$sock"
     qemu-nbd -r -f qcow2 -B "$2" -k "$sock" "$1" & pid=$!
-    for i in $(seq 100); do [ -S "$sock" ] && break; sleep 0.1; done
+    wait_socket "$sock" || fail "qemu-nbd -B $2 $1 did not start"
     nbdinfo --map=qemu:dirty-bitmap:"$2" --json "nbd+unix:///?socket=$sock" |
         $PY bm.py dirty
     wait $pid
@@ -140,7 +128,7 @@ check_bitmaps ()
         }
         echo "$img: $name: $(wc -l < got) dirty ranges, as expected"
     done
-    [ -z "$(qemu-img info --output=json "$img" | $PY bm.py in-use)" ] ||
+    [ -z "$(bitmaps_in_use "$img")" ] ||
         fail "$img: a bitmap is still in use after a clean close"
 }
 
@@ -179,12 +167,12 @@ img=lazy.qcow2
 cp $img before-kill.qcow2
 rm -f kill.sock kill.pid
 nbdkit -f -U kill.sock -P kill.pid "$PLUGIN" file=$img 2> kill.log &
-for i in $(seq 100); do [ -S kill.sock ] && break; sleep 0.1; done
+wait_socket kill.sock || fail "nbdkit on kill.sock did not start"
 nbdsh -u "nbd+unix:///?socket=$tmpdir/kill.sock" \
       -c 'h.pwrite(b"k" * 4096, 8 << 20); h.flush()'
 kill -9 "$(cat kill.pid)"
 wait || :
-[ "$(qemu-img info --output=json $img | $PY bm.py in-use)" = "b4 b64" ] ||
+[ "$(bitmaps_in_use $img)" = "b4 b64" ] ||
     fail "after SIGKILL: the enabled bitmaps are not marked in use"
 qcheck_leaks_ok $img >/dev/null
 dirty $img bdis > got
@@ -198,7 +186,7 @@ serve_run file=$img --run 'nbdsh -u "$uri" -c "h.pwrite(b\"z\" * 512, 0)"' \
     2> again.log
 grep -q "bitmap 'b64' is in use" again.log ||
     fail "no warning about the bitmap left in use"
-[ "$(qemu-img info --output=json $img | $PY bm.py in-use)" = "b4 b64" ] ||
+[ "$(bitmaps_in_use $img)" = "b4 b64" ] ||
     fail "the bitmaps left in use changed"
 qcheck $img >/dev/null
 echo "crash rule: in use after SIGKILL, left alone afterwards"

@@ -23,6 +23,8 @@
 #      the device, not past its end (as in a file, where it goes after
 #      the last cluster: on a device that is the device's end)
 #   d  see below: the device grows, and trimmed clusters are reused
+#   e  see below: a long write into a device whose free clusters are
+#      all scattered (every other cluster trimmed) succeeds
 # With strace, also: no fallocate or ftruncate call on the device
 # (reservations are for files only: cases a-c ask for them with
 # prealloc-size=8M).
@@ -167,4 +169,79 @@ read -r n1 n2 n3 < <(paste -s "$tmpdir/d.n")
 r=0
 qemu-img check -f qcow2 "$attached" || r=$?
 [ $r -eq 0 ] || fail "case d: qemu-img check: exit $r (0 expected)"
+detach
+
+# e: the device full, then every other guest cluster trimmed (and a
+# flush): the free clusters lie between used ones, one by one.  A write
+# of as many clusters as are free, unaligned at both ends, must take
+# them all (several allocations, core/write.c: plan_alloc), not fail
+# with ENOSPC for want of a run as long as the write; it reads back,
+# every other cluster is intact, and then the device is really full:
+# a write to one more fresh cluster fails with ENOSPC.  The image read
+# by qemu-img afterwards is what the client wrote.
+back=$tmpdir/e.dev
+truncate -s $((4 * 1024 * 1024)) "$back"
+attached=$(losetup -f --show "$back")
+qemu-img create -q -f qcow2 "$tmpdir/e.qcow2" 128M
+dd if="$tmpdir/e.qcow2" of="$attached" bs=64k conv=fsync status=none
+export tmpdir
+r=0
+serve_run file="$attached" --run '
+  nbdsh -u "$uri" -c "
+import errno, random
+import nbd
+cs = 65536
+expect = open(\"$tmpdir/e.expect\", \"wb\")
+expect.truncate(h.get_size())
+def write(buf, off):
+    h.pwrite(buf, off)
+    expect.seek(off)
+    expect.write(buf)
+
+n = 0
+while True:
+    try:
+        write(bytes([n % 251 + 1]) * cs, n * cs)
+    except nbd.Error as e:
+        assert e.errnum == errno.ENOSPC, e
+        break
+    n += 1
+for i in range(0, n, 2):
+    h.trim(cs, i * cs)
+    expect.seek(i * cs)
+    expect.write(bytes(cs))
+h.flush()
+free = (n + 1) // 2
+print(\"full after %d clusters, %d freed one by one\" % (n, free))
+
+# free clusters from 64 MiB + 1000 on, ending 1000 bytes before the
+# last one ends.
+g = 64 << 20
+data = random.Random(18).randbytes(free * cs - 2000)
+try:
+    write(data, g + 1000)
+except nbd.Error as e:
+    raise Exception(\"a write of %d clusters, %d free: %s\" % (free, free, e))
+h.flush()
+assert h.pread(free * cs, g) == bytes(1000) + data + bytes(1000)
+for i in range(n):
+    want = bytes(cs) if i % 2 == 0 else bytes([i % 251 + 1]) * cs
+    assert h.pread(cs, i * cs) == want, i
+try:
+    h.pwrite(b\"x\" * 512, 100 << 20)
+except nbd.Error as e:
+    assert e.errnum == errno.ENOSPC, e
+else:
+    raise Exception(\"a write succeeded on a full device\")
+expect.close()
+print(\"a write of %d clusters into %d scattered free ones: ok\" % (free, free))
+"' 2> "$tmpdir/e.log" || r=$?
+cat "$tmpdir/e.log"
+[ $r -eq 0 ] || fail "case e: exit $r"
+r=0
+qemu-img check -f qcow2 "$attached" || r=$?
+[ $r -eq 0 ] || fail "case e: qemu-img check: exit $r (0 expected)"
+qemu-img convert -f qcow2 -O raw "$attached" "$tmpdir/e.raw"
+cmp "$tmpdir/e.raw" "$tmpdir/e.expect" ||
+    fail "case e: the image qemu-img reads is not what was written"
 detach

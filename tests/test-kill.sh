@@ -187,11 +187,7 @@ for (( r = 1; r <= ROUNDS; r++ )); do
 
     # shellcheck disable=SC2086
     nbdkit -U "$sock" -P "$pidfile" "$PLUGIN" file="$img" ${params[$name]}
-    for (( i = 0; i < 100; i++ )); do
-        [ -s "$pidfile" ] && [ -S "$sock" ] && break
-        sleep 0.05
-    done
-    [ -s "$pidfile" ] || fail "round $r: nbdkit did not start"
+    wait_socket "$sock" "$pidfile" || fail "round $r: nbdkit did not start"
     pid=$(cat "$pidfile")
 
     cpids=()

@@ -89,7 +89,7 @@ cleanup_fn stop_server
 # Returns 1 (stderr in $d/start.err) if the server refused to start.
 start_server ()
 {
-  local kind=$1 ro=$2 img=$3 i r=0
+  local kind=$1 ro=$2 img=$3 r=0
   shift 3
   rm -f "$sock" "$pidfile"
   case "$kind" in
@@ -102,11 +102,8 @@ start_server ()
              2>"$d/start.err" || r=$? ;;
   esac
   [ $r -eq 0 ] || return 1
-  for (( i = 0; i < 100; i++ )); do
-    [ -s "$pidfile" ] && [ -S "$sock" ] && break
-    sleep 0.1
-  done
-  [ -s "$pidfile" ] || fail "$kind server wrote no pid file"
+  wait_socket "$sock" "$pidfile" ||
+    fail "$kind server did not start (no socket or no pid file)"
   server_pid=$(cat "$pidfile")
   nbdinfo --size "nbd+unix:///?socket=$sock" >/dev/null ||
     fail "$kind server on $img does not answer"
