@@ -585,7 +585,9 @@ extern int lock_shared_file (struct qcow2_io *io, const char *name);
 extern int lock_data_file (struct qcow2_io *io, const char *name,
                            bool writable);
 
-/* compress.c: pure buffer -> buffer; no messages, errno EIO on bad data. */
+/* compress.c: buffer -> buffer; no messages, errno EIO on bad data;
+ * compressors come from a pool of its own (thread-safe).
+ */
 extern int compress_inflate (const void *in, size_t in_len,
                              void *out, size_t out_len);
 extern int compress_zstd_decompress (const void *in, size_t in_len,
@@ -596,6 +598,10 @@ extern int compress_zstd_compress (const void *in, size_t in_len,
                                    void *out, size_t *out_len);
 extern int compress_cluster (uint8_t type, const void *in, size_t in_len,
                              void *out, size_t *out_len);
+/* How many compressors the pool has made so far, and how many of a
+ * type may exist at once (for the unit test).
+ */
+extern void compress_pool_stats (uint64_t *created, unsigned *max);
 
 /* snapshot.c */
 extern int snapshot_read_table (struct qcow2_image *img);

@@ -701,15 +701,16 @@ write_zero_plan (struct qcow2_image *img, uint64_t count, uint64_t offset,
 void
 write_compress_batch_free (struct compressed_batch *b)
 {
-  free (b->out);
-  free (b->pos);
-  free (b->len);
+  free (b->pos);                /* one allocation holds all three */
   memset (b, 0, sizeof *b);
 }
 
 /* Compress guest clusters [c0, c0+count) (cluster aligned, count
  * rounded up to whole clusters; the partial last cluster of the disk is
- * padded with zeroes, as QEMU does) from buf.  Needs no lock.
+ * padded with zeroes, as QEMU does) from buf.  Needs no lock.  The
+ * streams go straight into one buffer, back to back, each given room
+ * for one byte less than a cluster (smaller than a cluster, or stored
+ * as it is: what qemu-img convert -c does).
  */
 int
 write_compress_batch (const struct qcow2_image *img, const uint8_t *buf,
@@ -718,18 +719,20 @@ write_compress_batch (const struct qcow2_image *img, const uint8_t *buf,
 {
   uint64_t cs = img->cluster_size, i, pos = 0;
   uint8_t *pad = NULL;
+  char *mem;
 
   memset (b, 0, sizeof *b);
   b->c0 = c0;
   b->n = size_to_clusters (img, count);
-  b->out = malloc (b->n * cs);
-  b->pos = malloc (b->n * sizeof *b->pos);
-  b->len = malloc (b->n * sizeof *b->len);
-  if (b->out == NULL || b->pos == NULL || b->len == NULL)
-    goto err;
+  mem = malloc (b->n * (sizeof *b->pos + sizeof *b->len + cs));
+  if (mem == NULL)
+    return -1;
+  b->pos = (uint64_t *) mem;
+  b->len = (uint32_t *) (mem + b->n * sizeof *b->pos);
+  b->out = (uint8_t *) (mem + b->n * (sizeof *b->pos + sizeof *b->len));
   for (i = 0; i < b->n; i++) {
     const uint8_t *in = buf + i * cs;
-    size_t len = cs - 1;        /* smaller than a cluster, or not at all */
+    size_t len = cs - 1;
 
     if ((i + 1) * cs > count) {
       pad = calloc (1, cs);

@@ -20,6 +20,8 @@
 #include <stdbool.h>
 #include <string.h>
 #include <errno.h>
+#include <inttypes.h>
+#include <pthread.h>
 
 #define ZLIB_CONST 1
 #include <zlib.h>
@@ -34,6 +36,8 @@
 
 typedef int (*compress_fn) (const void *, size_t, void *, size_t *);
 typedef int (*decompress_fn) (const void *, size_t, void *, size_t);
+/* A reference writer: the stream's length. */
+typedef size_t (*fresh_fn) (const void *, size_t, void *, size_t);
 
 struct codec {
   const char *name;
@@ -462,6 +466,137 @@ test_compress_cluster (void)
   printf ("compress_cluster: ok\n");
 }
 
+/* Compressors are pooled (compress.c): a stream made by a reused
+ * compressor, after others and after one that failed with ENOSPC half
+ * way through, is byte for byte the stream of a fresh one, and
+ * sequential calls make at most one compressor.
+ */
+static void
+test_pool_reuse (const struct codec *c, fresh_fn fresh)
+{
+  const size_t len = 65536;
+  unsigned char *text = xmalloc (len), *rnd = xmalloc (len);
+  unsigned char *ref = xmalloc (capacity (len)), *out = xmalloc (capacity (len));
+  size_t rlen, clen, i;
+  uint64_t before, after;
+  unsigned max;
+
+  fill_buffer (text, len, FILL_TEXT);
+  fill_buffer (rnd, len, FILL_RANDOM);
+  rlen = fresh (text, len, ref, capacity (len));
+  compress_pool_stats (&before, &max);
+  for (i = 0; i < 100; i++) {
+    size_t small = len / 2;
+
+    clen = capacity (len);
+    assert (c->compress (rnd, len, out, &clen) == 0);
+    errno = 0;
+    assert (c->compress (rnd, len, out, &small) == -1);  /* half way */
+    assert (errno == ENOSPC);
+    clen = capacity (len);
+    assert (c->compress (text, len, out, &clen) == 0);
+    assert (clen == rlen && memcmp (out, ref, clen) == 0);
+  }
+  compress_pool_stats (&after, &max);
+  if (after - before > 1) {
+    fprintf (stderr, "%s: 300 sequential calls made %" PRIu64
+             " compressors\n", c->name, after - before);
+    exit (EXIT_FAILURE);
+  }
+  printf ("%s: pooled compressors: ok\n", c->name);
+  free (text);
+  free (rnd);
+  free (ref);
+  free (out);
+}
+
+/* Many threads at once: every stream decodes to its own input (no
+ * compressor is shared by two threads), and no more compressors exist
+ * than the pool allows (the rest waited).
+ */
+struct pool_thread {
+  const struct codec *c;
+  unsigned id;
+};
+
+#define POOL_THREADS 12
+#define POOL_ROUNDS 40
+
+static void *
+pool_thread (void *arg)
+{
+  const struct pool_thread *t = arg;
+  const size_t len = 16384;
+  unsigned char *in = xmalloc (len), *out = xmalloc (capacity (len));
+  unsigned char *back = xmalloc (len);
+  unsigned i;
+
+  for (i = 0; i < POOL_ROUNDS; i++) {
+    size_t clen = capacity (len);
+
+    fill_buffer (in, len, i % 3 == 0 ? FILL_RANDOM : FILL_TEXT);
+    memcpy (in, &t->id, sizeof t->id);      /* no two inputs alike */
+    memcpy (in + sizeof t->id, &i, sizeof i);
+    assert (t->c->compress (in, len, out, &clen) == 0);
+    assert (t->c->decompress (out, clen, back, len) == 0);
+    assert (memcmp (in, back, len) == 0);
+  }
+  free (in);
+  free (out);
+  free (back);
+  return NULL;
+}
+
+static void
+test_pool_threads (const struct codec *c)
+{
+  pthread_t th[POOL_THREADS];
+  struct pool_thread t[POOL_THREADS];
+  uint64_t before, after;
+  unsigned i, max;
+
+  compress_pool_stats (&before, &max);
+  for (i = 0; i < POOL_THREADS; i++) {
+    t[i] = (struct pool_thread) { .c = c, .id = i };
+    assert (pthread_create (&th[i], NULL, pool_thread, &t[i]) == 0);
+  }
+  for (i = 0; i < POOL_THREADS; i++)
+    assert (pthread_join (th[i], NULL) == 0);
+  compress_pool_stats (&after, &max);
+  if (after - before > max) {
+    fprintf (stderr, "%s: %u threads made %" PRIu64 " compressors, "
+             "more than the pool's %u\n",
+             c->name, POOL_THREADS, after - before, max);
+    exit (EXIT_FAILURE);
+  }
+  printf ("%s: %u threads, %" PRIu64 " new compressors (at most %u): ok\n",
+          c->name, POOL_THREADS, after - before, max);
+}
+
+/* The reference writers for test_pool_reuse: a new stream each time,
+ * as QEMU does.
+ */
+static size_t
+fresh_deflate (const void *in, size_t len, void *out, size_t cap)
+{
+  return zlib_deflate (in, len, out, cap, -12, 9);
+}
+
+#ifdef HAVE_LIBZSTD
+static size_t
+fresh_zstd (const void *in, size_t len, void *out, size_t cap)
+{
+  ZSTD_CCtx *cctx = ZSTD_createCCtx ();
+  ZSTD_inBuffer ib = { .src = in, .size = len, .pos = 0 };
+  ZSTD_outBuffer ob = { .dst = out, .size = cap, .pos = 0 };
+
+  assert (cctx != NULL);
+  assert (ZSTD_compressStream2 (cctx, &ob, &ib, ZSTD_e_end) == 0);
+  ZSTD_freeCCtx (cctx);
+  return ob.pos;
+}
+#endif
+
 int
 main (void)
 {
@@ -478,11 +613,15 @@ main (void)
   test_deflate_bad_block_type (&deflate_codec);
   test_deflate_window (&deflate_codec);
   test_compress_cluster ();
+  test_pool_reuse (&deflate_codec, fresh_deflate);
+  test_pool_threads (&deflate_codec);
 
 #ifdef HAVE_LIBZSTD
   assert (qcow2_have_zstd ());
   test_codec (&zstd_codec);
   test_zstd_stream_frames (&zstd_codec);
+  test_pool_reuse (&zstd_codec, fresh_zstd);
+  test_pool_threads (&zstd_codec);
 #else
   {
     unsigned char buf[512] = { 0 };
