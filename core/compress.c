@@ -174,6 +174,7 @@ struct compressor {
   bool ok;                      /* false: in an unknown state, free it */
   z_stream z;                   /* COMPRESSION_DEFLATE */
 #ifdef HAVE_LIBZSTD
+  ZSTD_CCtx *probe;             /* ... zstd -1, to skip hopeless deflates */
   ZSTD_CCtx *zc;                /* COMPRESSION_ZSTD */
   void *scratch;                /* ... room for any frame, when needed */
   size_t scratch_len;
@@ -188,6 +189,7 @@ static struct compressor *pool_idle[NR_TYPES];
 static unsigned pool_count[NR_TYPES];   /* idle and in use */
 static unsigned pool_max;               /* 0: not computed yet */
 static uint64_t pool_created;           /* for the unit test */
+static uint64_t deflate_skipped;        /* likewise */
 
 /* Two a core (one waiting to run as soon as another finishes), at
  * least 4.
@@ -207,8 +209,12 @@ compute_pool_max (void)
 static void
 compressor_free (uint8_t type, struct compressor *c)
 {
-  if (type == COMPRESSION_DEFLATE)
+  if (type == COMPRESSION_DEFLATE) {
     deflateEnd (&c->z);
+#ifdef HAVE_LIBZSTD
+    ZSTD_freeCCtx (c->probe);
+#endif
+  }
 #ifdef HAVE_LIBZSTD
   else {
     ZSTD_freeCCtx (c->zc);
@@ -320,13 +326,14 @@ pool_free_all (void)
 }
 
 void
-compress_pool_stats (uint64_t *created, unsigned *max)
+compress_stats (struct compress_stats *st)
 {
   pthread_mutex_lock (&pool_lock);
   if (pool_max == 0)
     pool_max = compute_pool_max ();
-  *created = pool_created;
-  *max = pool_max;
+  st->created = pool_created;
+  st->max = pool_max;
+  st->deflate_skipped = deflate_skipped;
   pthread_mutex_unlock (&pool_lock);
 }
 
@@ -385,6 +392,77 @@ deflate_with (struct compressor *c, const void *in, size_t in_len,
   }
 }
 
+#ifdef HAVE_LIBZSTD
+/* Is deflate hopeless for this cluster?  Random data (clusters of
+ * compressed or encrypted files) costs deflate as much time as text
+ * (about 0.9 ms per 64 KiB against 1.6 ms for text, zlib 1.2.13) only
+ * to come out larger than a cluster.  zstd at level 1 tells in a few
+ * microseconds: it gives up on a block that it cannot make smaller
+ * (it then needs room for the block as it is, which out does not
+ * have).  Only high-entropy data is asked, told by a byte histogram
+ * of a sample (up to 4096 bytes, spread over the cluster; text, zeroes
+ * and mixed clusters fail it at once and go straight to deflate), and
+ * only when the stream must be smaller than the input (the caller's
+ * room is a cluster less a byte).
+ *
+ * The answer is zstd's, not deflate's: a cluster that zstd -1 cannot
+ * shrink but deflate could (byte-uniform data with only 3-4 byte
+ * repeats) is stored as it is.  Such a cluster would save deflate at
+ * most about 1.6% (zstd keeps a block as it is below that gain), so
+ * the image grows by that much of such clusters at worst.
+ */
+#define PROBE_SAMPLES 4096
+
+static bool
+high_entropy (const unsigned char *in, size_t len)
+{
+  uint32_t hist[256] = { 0 };
+  size_t step = len > PROBE_SAMPLES ? len / PROBE_SAMPLES : 1, i, n = 0;
+  uint32_t distinct = 0, max = 0;
+
+  for (i = 0; i < len; i += step, n++)
+    hist[in[i]]++;
+  for (i = 0; i < 256; i++) {
+    distinct += hist[i] > 0;
+    if (hist[i] > max)
+      max = hist[i];
+  }
+  /* Uniform bytes: in 4096 samples every value turns up (16 times on
+   * average) and none much more often than that.
+   */
+  return n >= 1024 && distinct == 256 && max <= 4 * (n / 256);
+}
+
+static bool
+deflate_hopeless (struct compressor *c, const void *in, size_t in_len,
+                  void *out, size_t out_len)
+{
+  size_t r;
+
+  if (out_len >= in_len || !high_entropy (in, in_len))
+    return false;
+  if (c->probe == NULL) {
+    c->probe = ZSTD_createCCtx ();
+    if (c->probe == NULL ||
+        ZSTD_isError (ZSTD_CCtx_setParameter (c->probe,
+                                              ZSTD_c_compressionLevel, 1)))
+      return false;             /* then just deflate */
+  }
+  if (ZSTD_isError (ZSTD_CCtx_reset (c->probe, ZSTD_reset_session_only)))
+    return false;
+  r = ZSTD_compress2 (c->probe, out, out_len, in, in_len);
+  return ZSTD_isError (r) &&
+    ZSTD_getErrorCode (r) == ZSTD_error_dstSize_tooSmall;
+}
+#else
+static bool
+deflate_hopeless (struct compressor *c, const void *in, size_t in_len,
+                  void *out, size_t out_len)
+{
+  return false;
+}
+#endif
+
 int
 compress_deflate (const void *in, size_t in_len, void *out, size_t *out_len)
 {
@@ -398,6 +476,14 @@ compress_deflate (const void *in, size_t in_len, void *out, size_t *out_len)
   c = compressor_get (COMPRESSION_DEFLATE);
   if (c == NULL)
     return -1;
+  if (deflate_hopeless (c, in, in_len, out, *out_len)) {
+    pthread_mutex_lock (&pool_lock);
+    deflate_skipped++;
+    pthread_mutex_unlock (&pool_lock);
+    compressor_put (COMPRESSION_DEFLATE, c);
+    errno = ENOSPC;
+    return -1;
+  }
   r = deflate_with (c, in, in_len, out, out_len);
   compressor_put (COMPRESSION_DEFLATE, c);
   return r;

@@ -598,10 +598,15 @@ extern int compress_zstd_compress (const void *in, size_t in_len,
                                    void *out, size_t *out_len);
 extern int compress_cluster (uint8_t type, const void *in, size_t in_len,
                              void *out, size_t *out_len);
-/* How many compressors the pool has made so far, and how many of a
- * type may exist at once (for the unit test).
+/* For the unit test: compressors made so far, how many of a type may
+ * exist at once, deflates skipped as hopeless.
  */
-extern void compress_pool_stats (uint64_t *created, unsigned *max);
+struct compress_stats {
+  uint64_t created;
+  unsigned max;
+  uint64_t deflate_skipped;
+};
+extern void compress_stats (struct compress_stats *st);
 
 /* snapshot.c */
 extern int snapshot_read_table (struct qcow2_image *img);

@@ -478,13 +478,12 @@ test_pool_reuse (const struct codec *c, fresh_fn fresh)
   unsigned char *text = xmalloc (len), *rnd = xmalloc (len);
   unsigned char *ref = xmalloc (capacity (len)), *out = xmalloc (capacity (len));
   size_t rlen, clen, i;
-  uint64_t before, after;
-  unsigned max;
+  struct compress_stats before, after;
 
   fill_buffer (text, len, FILL_TEXT);
   fill_buffer (rnd, len, FILL_RANDOM);
   rlen = fresh (text, len, ref, capacity (len));
-  compress_pool_stats (&before, &max);
+  compress_stats (&before);
   for (i = 0; i < 100; i++) {
     size_t small = len / 2;
 
@@ -497,10 +496,10 @@ test_pool_reuse (const struct codec *c, fresh_fn fresh)
     assert (c->compress (text, len, out, &clen) == 0);
     assert (clen == rlen && memcmp (out, ref, clen) == 0);
   }
-  compress_pool_stats (&after, &max);
-  if (after - before > 1) {
+  compress_stats (&after);
+  if (after.created - before.created > 1) {
     fprintf (stderr, "%s: 300 sequential calls made %" PRIu64
-             " compressors\n", c->name, after - before);
+             " compressors\n", c->name, after.created - before.created);
     exit (EXIT_FAILURE);
   }
   printf ("%s: pooled compressors: ok\n", c->name);
@@ -552,26 +551,93 @@ test_pool_threads (const struct codec *c)
 {
   pthread_t th[POOL_THREADS];
   struct pool_thread t[POOL_THREADS];
-  uint64_t before, after;
-  unsigned i, max;
+  struct compress_stats before, after;
+  unsigned i;
 
-  compress_pool_stats (&before, &max);
+  compress_stats (&before);
   for (i = 0; i < POOL_THREADS; i++) {
     t[i] = (struct pool_thread) { .c = c, .id = i };
     assert (pthread_create (&th[i], NULL, pool_thread, &t[i]) == 0);
   }
   for (i = 0; i < POOL_THREADS; i++)
     assert (pthread_join (th[i], NULL) == 0);
-  compress_pool_stats (&after, &max);
-  if (after - before > max) {
+  compress_stats (&after);
+  if (after.created - before.created > after.max) {
     fprintf (stderr, "%s: %u threads made %" PRIu64 " compressors, "
              "more than the pool's %u\n",
-             c->name, POOL_THREADS, after - before, max);
+             c->name, POOL_THREADS, after.created - before.created,
+             after.max);
     exit (EXIT_FAILURE);
   }
   printf ("%s: %u threads, %" PRIu64 " new compressors (at most %u): ok\n",
-          c->name, POOL_THREADS, after - before, max);
+          c->name, POOL_THREADS, after.created - before.created, after.max);
 }
+
+#ifdef HAVE_LIBZSTD
+/* Deflate is skipped for clusters zstd -1 cannot shrink (compress.c:
+ * deflate_hopeless): random data is ENOSPC without deflating, but
+ * data that looks random byte by byte and still compresses (a random
+ * 3001-byte block repeated) is deflated, and so are text, and any call
+ * with room for the whole input.
+ */
+static void
+test_deflate_skip (void)
+{
+  const size_t cs = 65536;
+  unsigned char *in = xmalloc (cs), *out = xmalloc (cs);
+  unsigned char *back = xmalloc (cs);
+  struct compress_stats st0, st;
+  size_t len, i;
+
+  compress_stats (&st0);
+  fill_buffer (in, cs, FILL_RANDOM);
+  len = cs - 1;
+  errno = 0;
+  assert (compress_cluster (COMPRESSION_DEFLATE, in, cs, out, &len) == -1);
+  assert (errno == ENOSPC);
+  compress_stats (&st);
+  if (st.deflate_skipped != st0.deflate_skipped + 1) {
+    fprintf (stderr, "deflate: a random cluster was deflated\n");
+    exit (EXIT_FAILURE);
+  }
+
+  /* Room for more than the input: deflated (into stored blocks). */
+  {
+    unsigned char *big = xmalloc (capacity (cs));
+
+    len = capacity (cs);
+    assert (compress_cluster (COMPRESSION_DEFLATE, in, cs, big, &len) == 0);
+    assert (len > cs);
+    compress_stats (&st);
+    assert (st.deflate_skipped == st0.deflate_skipped + 1);
+    free (big);
+  }
+
+  /* Uniform bytes, even in the sample, but copies of one 3001-byte
+   * block (within deflate's 4 KiB window).
+   */
+  for (i = 3001; i < cs; i += 3001)
+    memcpy (&in[i], in, i + 3001 <= cs ? 3001 : cs - i);
+  len = cs - 1;
+  assert (compress_cluster (COMPRESSION_DEFLATE, in, cs, out, &len) == 0);
+  assert (len < cs / 8);
+  assert (compress_inflate (out, len, back, cs) == 0);
+  assert (memcmp (in, back, cs) == 0);
+
+  fill_buffer (in, cs, FILL_TEXT);
+  len = cs - 1;
+  assert (compress_cluster (COMPRESSION_DEFLATE, in, cs, out, &len) == 0);
+  compress_stats (&st);
+  if (st.deflate_skipped != st0.deflate_skipped + 1) {
+    fprintf (stderr, "deflate: a compressible cluster was skipped\n");
+    exit (EXIT_FAILURE);
+  }
+  free (in);
+  free (out);
+  free (back);
+  printf ("deflate: hopeless clusters skipped: ok\n");
+}
+#endif
 
 /* The reference writers for test_pool_reuse: a new stream each time,
  * as QEMU does.
@@ -622,6 +688,7 @@ main (void)
   test_zstd_stream_frames (&zstd_codec);
   test_pool_reuse (&zstd_codec, fresh_zstd);
   test_pool_threads (&zstd_codec);
+  test_deflate_skip ();
 #else
   {
     unsigned char buf[512] = { 0 };
