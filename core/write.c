@@ -679,7 +679,10 @@ write_zero_plan (struct qcow2_image *img, uint64_t count, uint64_t offset,
  * starts where the previous one ended (img->compress_next), in the
  * same host cluster while it fits, else running on into the next host
  * cluster when the allocator hands out the one just after it, else at
- * the start of a new one (the rest of the old one stays unused).
+ * the start of a new one (the rest of the old one stays unused).  Like
+ * QEMU, which places one stream at a time, the streams of a run that
+ * fit in the old cluster go there first, by themselves, so that only
+ * less than a stream is lost when a normal write took the next one.
  *
  *   host clusters:  |  H          |  H+1        |
  *   streams:        [ A ][ B ][ C    ][ D ][ E ...
@@ -867,8 +870,18 @@ place (struct qcow2_image *img, const struct compressed_batch *b,
     if (rc0 > 0 && rc0 < max)
       room = cs - offset_into_cluster (img, next);
   }
-  for (k = 0; k < n; k++)
+  /* Streams that fit in the room left go there by themselves, the
+   * rest in the next plan: only a stream that does not fit needs new
+   * clusters, and when those do not follow on (another writer took
+   * the next cluster), only the room after the streams that fit is
+   * lost, as when QEMU places one stream at a time, not all of it.
+   */
+  for (k = 0; k < n; k++) {
+    if (k > 0 && total <= room && total + b->len[i + k] > room)
+      break;
     total += b->len[i + k];
+  }
+  n = k;
   p->host = next;
   cap_end = next + room;
   if (total > room) {
