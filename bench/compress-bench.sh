@@ -129,9 +129,8 @@ for r in $(seq 1 "$rounds"); do
     done
 done
 
-# stats "LIST": median (min-max)
 median () { printf '%s\n' $1 | sort -n | awk '{ a[NR] = $1 } END { print a[int((NR + 1) / 2)] }'; }
-spread () { printf '%s\n' $1 | sort -n | awk 'NR == 1 { lo = $1 } { hi = $1 } END { printf "%s-%s", lo, hi }'; }
+spread () { printf '%s\n' $1 | sort -n | awk 'NR == 1 { lo = $1 } { hi = $1 } END { printf "%.2f-%.2f", lo, hi }'; }
 for way in plugin convert qemu_nbd; do
     printf '%-9s wall median %6.2f s (%s)  cpu median %6.2f s (%s)\n' "$way" \
            "$(median "${wall[$way]}")" "$(spread "${wall[$way]}")" \
