@@ -516,6 +516,7 @@ test_pool_reuse (const struct codec *c, fresh_fn fresh)
 struct pool_thread {
   const struct codec *c;
   unsigned id;
+  const unsigned char *text, *rnd;      /* made before, by main */
 };
 
 #define POOL_THREADS 12
@@ -533,7 +534,7 @@ pool_thread (void *arg)
   for (i = 0; i < POOL_ROUNDS; i++) {
     size_t clen = capacity (len);
 
-    fill_buffer (in, len, i % 3 == 0 ? FILL_RANDOM : FILL_TEXT);
+    memcpy (in, i % 3 == 0 ? t->rnd : t->text, len);
     memcpy (in, &t->id, sizeof t->id);      /* no two inputs alike */
     memcpy (in + sizeof t->id, &i, sizeof i);
     assert (t->c->compress (in, len, out, &clen) == 0);
@@ -552,11 +553,16 @@ test_pool_threads (const struct codec *c)
   pthread_t th[POOL_THREADS];
   struct pool_thread t[POOL_THREADS];
   struct compress_stats before, after;
+  unsigned char *text = xmalloc (16384), *rnd = xmalloc (16384);
   unsigned i;
 
+  fill_buffer (text, 16384, FILL_TEXT);
+  fill_buffer (rnd, 16384, FILL_RANDOM);
   compress_stats (&before);
   for (i = 0; i < POOL_THREADS; i++) {
-    t[i] = (struct pool_thread) { .c = c, .id = i };
+    t[i] = (struct pool_thread) {
+      .c = c, .id = i, .text = text, .rnd = rnd,
+    };
     assert (pthread_create (&th[i], NULL, pool_thread, &t[i]) == 0);
   }
   for (i = 0; i < POOL_THREADS; i++)
@@ -571,6 +577,8 @@ test_pool_threads (const struct codec *c)
   }
   printf ("%s: %u threads, %" PRIu64 " new compressors (at most %u): ok\n",
           c->name, POOL_THREADS, after.created - before.created, after.max);
+  free (text);
+  free (rnd);
 }
 
 #ifdef HAVE_LIBZSTD
