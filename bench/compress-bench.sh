@@ -136,7 +136,7 @@ for way in plugin convert qemu_nbd; do
            "$(median "${wall[$way]}")" "$(spread "${wall[$way]}")" \
            "$(median "${cpu[$way]}")" "$(spread "${cpu[$way]}")"
 done
-ratio () { echo "scale=2; $(median "$1") / $(median "$2")" | bc; }
+ratio () { printf '%.2f' "$(echo "scale=3; $(median "$1") / $(median "$2")" | bc)"; }
 echo "speed-up by wall: $(ratio "${wall[convert]}" "${wall[plugin]}")x over convert," \
      "$(ratio "${wall[qemu_nbd]}" "${wall[plugin]}")x over qemu-nbd (goal >= 1.5)"
 echo "speed-up by cpu:  $(ratio "${cpu[convert]}" "${cpu[plugin]}")x over convert," \
