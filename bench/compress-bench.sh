@@ -16,25 +16,65 @@
 #
 # Each copy ends with its data on disk (nbdcopy --flush; qemu-img and
 # qemu-nbd sync at close; the plugin at exit), timed with the outputs
-# on the same file system as the source.  Prints one line per copy and
-# a summary of the medians, with the output sizes.  Run it from the
-# top of a built tree; the machine should be otherwise idle (say what
-# else ran when quoting its numbers).
+# on the same file system as the source.  For each copy it prints the
+# wall time, the CPU time (user + system of every process of that way:
+# server and nbdcopy, or qemu-img), the output's size and its
+# compressed/allocated clusters.  The summary gives the medians (and
+# min-max) of both times, the plugin's speed-up over each competitor by
+# wall and by CPU time, the plugin's file size against qemu-img convert
+# -c, its compressed share (issue 18 wants >= 60%), `qemu-img check` of
+# every output and `qemu-img compare` of the plugin's last output with
+# the source.  Exits 1 if a check or the compare fails.  Run it from
+# the top of a built tree; the machine should be otherwise idle (say
+# what else ran when quoting its numbers: the load average is printed;
+# CPU times are less disturbed by other load than wall times).
 
 set -e
 set -u
 export PATH=/usr/bin:/usr/sbin:$PATH LC_ALL=C
 
 top=$(cd "$(dirname "$0")/.." && pwd)
+
+# --one WAY: one copy (the script times itself run this way, so that
+# the CPU time of every process of the copy is counted).  DIR, PLUGIN,
+# TYPE and VSIZE come from the environment.
+if [ "${1:-}" = --one ]; then
+    case $2 in
+    plugin)
+        nbdkit -U - "$PLUGIN" file="$DIR/out.qcow2" create=true \
+               size="$VSIZE" compression-type="$TYPE" compress=on \
+               --run "nbdcopy --flush '$DIR/src.raw' \"\$uri\""
+        ;;
+    convert)
+        qemu-img convert -c -f raw -O qcow2 -o compression_type="$TYPE" \
+                 "$DIR/src.raw" "$DIR/out.qcow2"
+        ;;
+    qemu_nbd)
+        sock=$DIR/qemu-nbd.sock
+        rm -f "$sock"
+        qemu-img create -q -f qcow2 -o compression_type="$TYPE" \
+                 "$DIR/out.qcow2" "$VSIZE"
+        qemu-nbd -t -k "$sock" --image-opts \
+          "driver=compress,file.driver=qcow2,file.file.driver=file,file.file.filename=$DIR/out.qcow2" &
+        qpid=$!
+        while [ ! -S "$sock" ]; do sleep 0.02; done
+        r=0
+        nbdcopy --flush "$DIR/src.raw" "nbd+unix:///?socket=$sock" || r=$?
+        kill "$qpid"
+        wait "$qpid" 2>/dev/null || true
+        exit $r
+        ;;
+    esac
+    exit 0
+fi
+
 plugin=$top/plugin/.libs/nbdkit-qcow2-plugin.so
 size=${1:-768M}
 rounds=${2:-3}
 type=${3:-zstd}
 dir=$(mktemp -d "${TMPDIR:-/var/tmp}/compress-bench.XXXXXX")
-qpid=
 cleanup ()
 {
-    if [ -n "$qpid" ]; then kill "$qpid" 2>/dev/null || true; fi
     rm -rf "$dir"
 }
 trap cleanup EXIT
@@ -43,41 +83,14 @@ trap cleanup EXIT
 python3=/usr/bin/python3
 $python3 "$top/tests/mkmixed.py" "$dir/src.raw" "$size"
 vsize=$(stat -c %s "$dir/src.raw")
+export DIR=$dir PLUGIN=$plugin TYPE=$type VSIZE=$vsize
 sync
 
-now () { date +%s.%N; }
+echo "compress-bench: $size $type, $rounds rounds, $(nproc) cores," \
+     "load average $(cut -d' ' -f1-3 /proc/loadavg)"
 
-run_plugin ()
-{
-    rm -f "$dir/out.qcow2"
-    nbdkit -U - "$plugin" file="$dir/out.qcow2" create=true size=$vsize \
-           compression-type=$type compress=on \
-           --run "nbdcopy --flush '$dir/src.raw' \"\$uri\""
-}
-
-run_convert ()
-{
-    rm -f "$dir/out.qcow2"
-    qemu-img convert -c -f raw -O qcow2 -o compression_type=$type \
-             "$dir/src.raw" "$dir/out.qcow2"
-}
-
-run_qemu_nbd ()
-{
-    local sock=$dir/qemu-nbd.sock
-    rm -f "$dir/out.qcow2" "$sock"
-    qemu-img create -q -f qcow2 -o compression_type=$type "$dir/out.qcow2" $vsize
-    qemu-nbd -t -k "$sock" --image-opts \
-      "driver=compress,file.driver=qcow2,file.file.driver=file,file.file.filename=$dir/out.qcow2" &
-    qpid=$!
-    while [ ! -S "$sock" ]; do sleep 0.02; done
-    nbdcopy --flush "$dir/src.raw" "nbd+unix:///?socket=$sock"
-    kill "$qpid"
-    wait "$qpid" 2>/dev/null || true
-    qpid=
-}
-
-declare -A times
+declare -A wall cpu bytes share
+fail=0
 for r in $(seq 1 "$rounds"); do
     # Alternate the order from round to round.
     case $((r % 3)) in
@@ -86,23 +99,54 @@ for r in $(seq 1 "$rounds"); do
     0) order="qemu_nbd plugin convert" ;;
     esac
     for way in $order; do
+        rm -f "$dir/out.qcow2"
         sync
-        t0=$(now)
-        run_$way
+        t0=$(date +%s.%N)
+        /usr/bin/time -f '%U %S' -o "$dir/time" "$0" --one "$way"
         sync
-        t=$(echo "$(now) - $t0" | bc)
-        bytes=$(stat -c %s "$dir/out.qcow2")
+        t=$(echo "$(date +%s.%N) - $t0" | bc)
+        c=$(awk '{ print $1 + $2 }' "$dir/time")
+        b=$(stat -c %s "$dir/out.qcow2")
+        if ! qemu-img check -q "$dir/out.qcow2"; then
+            echo "round $r $way: qemu-img check FAILED" >&2
+            fail=1
+        fi
         comp=$(qemu-img check --output=json "$dir/out.qcow2" |
                $python3 -c 'import json, sys; j = json.load(sys.stdin); print(j.get("compressed-clusters", 0), j.get("allocated-clusters", 0))')
-        printf 'round %d  %-9s %6.2f s  %11d bytes  compressed/allocated %s\n' \
-               "$r" "$way" "$t" "$bytes" "$comp"
-        times[$way]="${times[$way]:-} $t"
+        printf 'round %d  %-9s %6.2f s wall %6.2f s cpu  %11d bytes  compressed/allocated %s\n' \
+               "$r" "$way" "$t" "$c" "$b" "${comp/ //}"
+        wall[$way]="${wall[$way]:-} $t"
+        cpu[$way]="${cpu[$way]:-} $c"
+        bytes[$way]=$b
+        share[$way]=$comp
+        if [ "$way" = plugin ] && [ "$r" = "$rounds" ]; then
+            if ! qemu-img compare -q -f raw -F qcow2 "$dir/src.raw" \
+                 "$dir/out.qcow2"; then
+                echo "round $r plugin: qemu-img compare with the source FAILED" >&2
+                fail=1
+            fi
+        fi
     done
 done
 
 median () { printf '%s\n' $1 | sort -n | awk '{ a[NR] = $1 } END { print a[int((NR + 1) / 2)] }'; }
-mp=$(median "${times[plugin]}")
-mc=$(median "${times[convert]}")
-mq=$(median "${times[qemu_nbd]}")
-echo "median: plugin $mp s, qemu-img convert -c $mc s, qemu-nbd+compress $mq s"
-echo "speed-up: $(echo "scale=2; $mc / $mp" | bc)x over convert, $(echo "scale=2; $mq / $mp" | bc)x over qemu-nbd"
+spread () { printf '%s\n' $1 | sort -n | awk 'NR == 1 { lo = $1 } { hi = $1 } END { printf "%.2f-%.2f", lo, hi }'; }
+for way in plugin convert qemu_nbd; do
+    printf '%-9s wall median %6.2f s (%s)  cpu median %6.2f s (%s)\n' "$way" \
+           "$(median "${wall[$way]}")" "$(spread "${wall[$way]}")" \
+           "$(median "${cpu[$way]}")" "$(spread "${cpu[$way]}")"
+done
+ratio () { printf '%.2f' "$(echo "scale=3; $(median "$1") / $(median "$2")" | bc)"; }
+echo "speed-up by wall: $(ratio "${wall[convert]}" "${wall[plugin]}")x over convert," \
+     "$(ratio "${wall[qemu_nbd]}" "${wall[plugin]}")x over qemu-nbd (goal >= 1.5)"
+echo "speed-up by cpu:  $(ratio "${cpu[convert]}" "${cpu[plugin]}")x over convert," \
+     "$(ratio "${cpu[qemu_nbd]}" "${cpu[plugin]}")x over qemu-nbd"
+set -- ${share[plugin]}
+echo "plugin file: ${bytes[plugin]} bytes, $(echo "scale=2; 100 * ${bytes[plugin]} / ${bytes[convert]}" | bc)% of convert's ${bytes[convert]} (goal <= 105%);" \
+     "compressed $1 of $2 allocated clusters, $(echo "scale=1; 100 * $1 / $2" | bc)% (goal >= 60%)"
+if [ $fail = 0 ]; then
+    echo "qemu-img check: all clean; qemu-img compare plugin = source: equal"
+else
+    echo "FAILED: see the messages above"
+fi
+exit $fail

@@ -604,7 +604,9 @@ extern int lock_shared_file (struct qcow2_io *io, const char *name);
 extern int lock_data_file (struct qcow2_io *io, const char *name,
                            bool writable);
 
-/* compress.c: pure buffer -> buffer; no messages, errno EIO on bad data. */
+/* compress.c: buffer -> buffer; no messages, errno EIO on bad data;
+ * compressors come from a pool of its own (thread-safe).
+ */
 extern int compress_inflate (const void *in, size_t in_len,
                              void *out, size_t out_len);
 extern int compress_zstd_decompress (const void *in, size_t in_len,
@@ -615,6 +617,15 @@ extern int compress_zstd_compress (const void *in, size_t in_len,
                                    void *out, size_t *out_len);
 extern int compress_cluster (uint8_t type, const void *in, size_t in_len,
                              void *out, size_t *out_len);
+/* For the unit test: compressors made so far, how many of a type may
+ * exist at once, deflates skipped as hopeless.
+ */
+struct compress_stats {
+  uint64_t created;
+  unsigned max;
+  uint64_t deflate_skipped;
+};
+extern void compress_stats (struct compress_stats *st);
 
 /* snapshot.c */
 extern int snapshot_read_table (struct qcow2_image *img);

@@ -771,7 +771,10 @@ write_zero_plan (struct qcow2_image *img, uint64_t count, uint64_t offset,
  * starts where the previous one ended (img->compress_next), in the
  * same host cluster while it fits, else running on into the next host
  * cluster when the allocator hands out the one just after it, else at
- * the start of a new one (the rest of the old one stays unused).
+ * the start of a new one (the rest of the old one stays unused).  Like
+ * QEMU, which places one stream at a time, the streams of a run that
+ * fit in the old cluster go there first, by themselves, so that only
+ * less than a stream is lost when a normal write took the next one.
  *
  *   host clusters:  |  H          |  H+1        |
  *   streams:        [ A ][ B ][ C    ][ D ][ E ...
@@ -793,15 +796,16 @@ write_zero_plan (struct qcow2_image *img, uint64_t count, uint64_t offset,
 void
 write_compress_batch_free (struct compressed_batch *b)
 {
-  free (b->out);
-  free (b->pos);
-  free (b->len);
+  free (b->pos);                /* one allocation holds all three */
   memset (b, 0, sizeof *b);
 }
 
 /* Compress guest clusters [c0, c0+count) (cluster aligned, count
  * rounded up to whole clusters; the partial last cluster of the disk is
- * padded with zeroes, as QEMU does) from buf.  Needs no lock.
+ * padded with zeroes, as QEMU does) from buf.  Needs no lock.  The
+ * streams go straight into one buffer, back to back, each given room
+ * for one byte less than a cluster (smaller than a cluster, or stored
+ * as it is: what qemu-img convert -c does).
  */
 int
 write_compress_batch (const struct qcow2_image *img, const uint8_t *buf,
@@ -810,18 +814,20 @@ write_compress_batch (const struct qcow2_image *img, const uint8_t *buf,
 {
   uint64_t cs = img->cluster_size, i, pos = 0;
   uint8_t *pad = NULL;
+  char *mem;
 
   memset (b, 0, sizeof *b);
   b->c0 = c0;
   b->n = size_to_clusters (img, count);
-  b->out = malloc (b->n * cs);
-  b->pos = malloc (b->n * sizeof *b->pos);
-  b->len = malloc (b->n * sizeof *b->len);
-  if (b->out == NULL || b->pos == NULL || b->len == NULL)
-    goto err;
+  mem = malloc (b->n * (sizeof *b->pos + sizeof *b->len + cs));
+  if (mem == NULL)
+    return -1;
+  b->pos = (uint64_t *) mem;
+  b->len = (uint32_t *) (mem + b->n * sizeof *b->pos);
+  b->out = (uint8_t *) (mem + b->n * (sizeof *b->pos + sizeof *b->len));
   for (i = 0; i < b->n; i++) {
     const uint8_t *in = buf + i * cs;
-    size_t len = cs - 1;        /* smaller than a cluster, or not at all */
+    size_t len = cs - 1;
 
     if ((i + 1) * cs > count) {
       pad = calloc (1, cs);
@@ -956,8 +962,18 @@ place (struct qcow2_image *img, const struct compressed_batch *b,
     if (rc0 > 0 && rc0 < max)
       room = cs - offset_into_cluster (img, next);
   }
-  for (k = 0; k < n; k++)
+  /* Streams that fit in the room left go there by themselves, the
+   * rest in the next plan: only a stream that does not fit needs new
+   * clusters, and when those do not follow on (another writer took
+   * the next cluster), only the room after the streams that fit is
+   * lost, as when QEMU places one stream at a time, not all of it.
+   */
+  for (k = 0; k < n; k++) {
+    if (k > 0 && total <= room && total + b->len[i + k] > room)
+      break;
     total += b->len[i + k];
+  }
+  n = k;
   p->host = next;
   cap_end = next + room;
   if (total > room) {

@@ -8,8 +8,9 @@
 # source and pass `qemu-img check`, at least 60% of its allocated
 # clusters must be compressed (`qemu-img check --output=json`), and its
 # file must be within 5% of the size of `qemu-img convert -c` of the
-# source.  Then random requests through the plugin, with compress on
-# and off (whole clusters over compressed ones, partial writes into
+# source (issue 18), in fact within 1.5% (packing as tight as QEMU's).
+# Then random requests through the plugin, with compress on and off
+# (whole clusters over compressed ones, partial writes into
 # them, writes over normal clusters, zeroes, trims, from several
 # connections at once), are mirrored into a raw copy: the image must
 # stay equal to the mirror and pass `qemu-img check`.  The same random
@@ -146,6 +147,11 @@ for t in zstd zlib; do
     echo "$t: file $ours bytes, qemu-img convert -c: $ref bytes"
     [ $((ours * 100)) -le $((ref * 105)) ] ||
         fail "$img: $ours bytes, more than 5% over qemu-img's $ref"
+    # Packing as tight as QEMU's: streams go into the room left in a
+    # host cluster even when the next cluster was taken by a normal
+    # write meanwhile (2-3% over without that, 0-0.3% with it).
+    [ $((ours * 1000)) -le $((ref * 1015)) ] ||
+        fail "$img: $ours bytes, more than 1.5% over qemu-img's $ref: loose packing"
 
     # Requests over the compressed copy, with compress on, then off.
     cp src.raw mirror-$t.raw

@@ -20,6 +20,8 @@
 #include <stdbool.h>
 #include <string.h>
 #include <errno.h>
+#include <inttypes.h>
+#include <pthread.h>
 
 #define ZLIB_CONST 1
 #include <zlib.h>
@@ -34,6 +36,8 @@
 
 typedef int (*compress_fn) (const void *, size_t, void *, size_t *);
 typedef int (*decompress_fn) (const void *, size_t, void *, size_t);
+/* A reference writer: the stream's length. */
+typedef size_t (*fresh_fn) (const void *, size_t, void *, size_t);
 
 struct codec {
   const char *name;
@@ -462,6 +466,211 @@ test_compress_cluster (void)
   printf ("compress_cluster: ok\n");
 }
 
+/* Compressors are pooled (compress.c): a stream made by a reused
+ * compressor, after others and after one that failed with ENOSPC half
+ * way through, is byte for byte the stream of a fresh one, and
+ * sequential calls make at most one compressor.
+ */
+static void
+test_pool_reuse (const struct codec *c, fresh_fn fresh)
+{
+  const size_t len = 65536;
+  unsigned char *text = xmalloc (len), *rnd = xmalloc (len);
+  unsigned char *ref = xmalloc (capacity (len)), *out = xmalloc (capacity (len));
+  size_t rlen, clen, i;
+  struct compress_stats before, after;
+
+  fill_buffer (text, len, FILL_TEXT);
+  fill_buffer (rnd, len, FILL_RANDOM);
+  rlen = fresh (text, len, ref, capacity (len));
+  compress_stats (&before);
+  for (i = 0; i < 100; i++) {
+    size_t small = len / 2;
+
+    clen = capacity (len);
+    assert (c->compress (rnd, len, out, &clen) == 0);
+    errno = 0;
+    assert (c->compress (rnd, len, out, &small) == -1);  /* half way */
+    assert (errno == ENOSPC);
+    clen = capacity (len);
+    assert (c->compress (text, len, out, &clen) == 0);
+    assert (clen == rlen && memcmp (out, ref, clen) == 0);
+  }
+  compress_stats (&after);
+  if (after.created - before.created > 1) {
+    fprintf (stderr, "%s: 300 sequential calls made %" PRIu64
+             " compressors\n", c->name, after.created - before.created);
+    exit (EXIT_FAILURE);
+  }
+  printf ("%s: pooled compressors: ok\n", c->name);
+  free (text);
+  free (rnd);
+  free (ref);
+  free (out);
+}
+
+/* Many threads at once: every stream decodes to its own input (no
+ * compressor is shared by two threads), and no more compressors exist
+ * than the pool allows (the rest waited).
+ */
+struct pool_thread {
+  const struct codec *c;
+  unsigned id;
+  const unsigned char *text, *rnd;      /* made before, by main */
+};
+
+#define POOL_THREADS 12
+#define POOL_ROUNDS 40
+
+static void *
+pool_thread (void *arg)
+{
+  const struct pool_thread *t = arg;
+  const size_t len = 16384;
+  unsigned char *in = xmalloc (len), *out = xmalloc (capacity (len));
+  unsigned char *back = xmalloc (len);
+  unsigned i;
+
+  for (i = 0; i < POOL_ROUNDS; i++) {
+    size_t clen = capacity (len);
+
+    memcpy (in, i % 3 == 0 ? t->rnd : t->text, len);
+    memcpy (in, &t->id, sizeof t->id);      /* no two inputs alike */
+    memcpy (in + sizeof t->id, &i, sizeof i);
+    assert (t->c->compress (in, len, out, &clen) == 0);
+    assert (t->c->decompress (out, clen, back, len) == 0);
+    assert (memcmp (in, back, len) == 0);
+  }
+  free (in);
+  free (out);
+  free (back);
+  return NULL;
+}
+
+static void
+test_pool_threads (const struct codec *c)
+{
+  pthread_t th[POOL_THREADS];
+  struct pool_thread t[POOL_THREADS];
+  struct compress_stats before, after;
+  unsigned char *text = xmalloc (16384), *rnd = xmalloc (16384);
+  unsigned i;
+
+  fill_buffer (text, 16384, FILL_TEXT);
+  fill_buffer (rnd, 16384, FILL_RANDOM);
+  compress_stats (&before);
+  for (i = 0; i < POOL_THREADS; i++) {
+    t[i] = (struct pool_thread) {
+      .c = c, .id = i, .text = text, .rnd = rnd,
+    };
+    assert (pthread_create (&th[i], NULL, pool_thread, &t[i]) == 0);
+  }
+  for (i = 0; i < POOL_THREADS; i++)
+    assert (pthread_join (th[i], NULL) == 0);
+  compress_stats (&after);
+  if (after.created - before.created > after.max) {
+    fprintf (stderr, "%s: %u threads made %" PRIu64 " compressors, "
+             "more than the pool's %u\n",
+             c->name, POOL_THREADS, after.created - before.created,
+             after.max);
+    exit (EXIT_FAILURE);
+  }
+  printf ("%s: %u threads, %" PRIu64 " new compressors (at most %u): ok\n",
+          c->name, POOL_THREADS, after.created - before.created, after.max);
+  free (text);
+  free (rnd);
+}
+
+#ifdef HAVE_LIBZSTD
+/* Deflate is skipped for clusters zstd -1 cannot shrink (compress.c:
+ * deflate_hopeless): random data is ENOSPC without deflating, but
+ * data that looks random byte by byte and still compresses (a random
+ * 3001-byte block repeated) is deflated, and so are text, and any call
+ * with room for the whole input.
+ */
+static void
+test_deflate_skip (void)
+{
+  const size_t cs = 65536;
+  unsigned char *in = xmalloc (cs), *out = xmalloc (cs);
+  unsigned char *back = xmalloc (cs);
+  struct compress_stats st0, st;
+  size_t len, i;
+
+  compress_stats (&st0);
+  fill_buffer (in, cs, FILL_RANDOM);
+  len = cs - 1;
+  errno = 0;
+  assert (compress_cluster (COMPRESSION_DEFLATE, in, cs, out, &len) == -1);
+  assert (errno == ENOSPC);
+  compress_stats (&st);
+  if (st.deflate_skipped != st0.deflate_skipped + 1) {
+    fprintf (stderr, "deflate: a random cluster was deflated\n");
+    exit (EXIT_FAILURE);
+  }
+
+  /* Room for more than the input: deflated (into stored blocks). */
+  {
+    unsigned char *big = xmalloc (capacity (cs));
+
+    len = capacity (cs);
+    assert (compress_cluster (COMPRESSION_DEFLATE, in, cs, big, &len) == 0);
+    assert (len > cs);
+    compress_stats (&st);
+    assert (st.deflate_skipped == st0.deflate_skipped + 1);
+    free (big);
+  }
+
+  /* Uniform bytes, even in the sample, but copies of one 3001-byte
+   * block (within deflate's 4 KiB window).
+   */
+  for (i = 3001; i < cs; i += 3001)
+    memcpy (&in[i], in, i + 3001 <= cs ? 3001 : cs - i);
+  len = cs - 1;
+  assert (compress_cluster (COMPRESSION_DEFLATE, in, cs, out, &len) == 0);
+  assert (len < cs / 8);
+  assert (compress_inflate (out, len, back, cs) == 0);
+  assert (memcmp (in, back, cs) == 0);
+
+  fill_buffer (in, cs, FILL_TEXT);
+  len = cs - 1;
+  assert (compress_cluster (COMPRESSION_DEFLATE, in, cs, out, &len) == 0);
+  compress_stats (&st);
+  if (st.deflate_skipped != st0.deflate_skipped + 1) {
+    fprintf (stderr, "deflate: a compressible cluster was skipped\n");
+    exit (EXIT_FAILURE);
+  }
+  free (in);
+  free (out);
+  free (back);
+  printf ("deflate: hopeless clusters skipped: ok\n");
+}
+#endif
+
+/* The reference writers for test_pool_reuse: a new stream each time,
+ * as QEMU does.
+ */
+static size_t
+fresh_deflate (const void *in, size_t len, void *out, size_t cap)
+{
+  return zlib_deflate (in, len, out, cap, -12, 9);
+}
+
+#ifdef HAVE_LIBZSTD
+static size_t
+fresh_zstd (const void *in, size_t len, void *out, size_t cap)
+{
+  ZSTD_CCtx *cctx = ZSTD_createCCtx ();
+  ZSTD_inBuffer ib = { .src = in, .size = len, .pos = 0 };
+  ZSTD_outBuffer ob = { .dst = out, .size = cap, .pos = 0 };
+
+  assert (cctx != NULL);
+  assert (ZSTD_compressStream2 (cctx, &ob, &ib, ZSTD_e_end) == 0);
+  ZSTD_freeCCtx (cctx);
+  return ob.pos;
+}
+#endif
+
 int
 main (void)
 {
@@ -478,11 +687,16 @@ main (void)
   test_deflate_bad_block_type (&deflate_codec);
   test_deflate_window (&deflate_codec);
   test_compress_cluster ();
+  test_pool_reuse (&deflate_codec, fresh_deflate);
+  test_pool_threads (&deflate_codec);
 
 #ifdef HAVE_LIBZSTD
   assert (qcow2_have_zstd ());
   test_codec (&zstd_codec);
   test_zstd_stream_frames (&zstd_codec);
+  test_pool_reuse (&zstd_codec, fresh_zstd);
+  test_pool_threads (&zstd_codec);
+  test_deflate_skip ();
 #else
   {
     unsigned char buf[512] = { 0 };
