@@ -19,6 +19,23 @@
  *     first, so no entry points at unwritten data;
  *  4. the table's range passes the overlap check.
  *
+ * Syncs per flush.  l2_write_back syncs the image file up to twice:
+ * the barrier's (refcount blocks and data made durable before the
+ * first L2 slice or L1 entry that may point at them is written) and
+ * the final one.  When the flush has L2 slices or L1 entries to write,
+ * both are needed: with only the final sync, after all the writes, a
+ * crash could keep a written L2 entry and lose the data or the
+ * refcount increment it depends on (rules 1 and 2 broken), since the
+ * disk may persist writes between two syncs in any order.  When it has
+ * none, everything was written before the barrier's sync began, and
+ * core/io.c skips the final sync as it skips every sync with nothing
+ * written through the io since the last successful one began
+ * ("Skipped flushes" there): so there is no special case here, and
+ * the second sync goes only where nothing depends on it.  (A flush
+ * that finds nothing new at all costs no sync, for the same reason.)
+ * The data file is an io of its own, synced by the barrier (and by
+ * qcow2_flush) through that io.
+ *
  * And rule 3's guard: what an entry references is checked before it is
  * freed or copied from (l2_entry_host_range), so that a corrupt entry
  * pointing at metadata never hands that metadata to the allocator.
@@ -71,18 +88,33 @@ l2_before_slice_write (void *opaque, uint64_t off, uint32_t len)
   return overlap_check_write (img, off, len, OV_ACTIVE_L2);
 }
 
-/* Write the dirty L1 entries (after rules 1 and 2). */
+/* Write the dirty L1 entries (after rules 1 and 2).  With direct I/O
+ * the entries written are widened to whole blocks of the io's
+ * alignment inside the table (io_widen_write): img->l1 holds the whole
+ * table, the entries around the dirty ones as they are on disk, so
+ * writing them again changes nothing and spares io.c reading the block
+ * first.  The overlap check covers exactly what is written (all of it
+ * inside the L1 table).
+ */
 int
 l2_write_l1 (struct qcow2_image *img)
 {
   uint32_t lo = img->l1_dirty_lo, hi = img->l1_dirty_hi, i;
-  uint64_t *be;
+  uint64_t *be, start, end;
   int r = -1;
 
   if (!img->l1_dirty)
     return 0;
   if (l2_barrier (img) == -1)
     return -1;
+  start = img->l1_offset + (uint64_t) lo * 8;
+  end = img->l1_offset + ((uint64_t) hi + 1) * 8;
+  if ((img->l1_offset & 7) == 0) {
+    io_widen_write (img->io, &start, &end, img->l1_offset,
+                    img->l1_offset + (uint64_t) img->l1_size * 8);
+    lo = (start - img->l1_offset) / 8;
+    hi = (end - img->l1_offset) / 8 - 1;
+  }
   be = malloc ((size_t) (hi - lo + 1) * 8);
   if (be == NULL)
     return -1;
