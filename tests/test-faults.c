@@ -915,7 +915,9 @@ delta (struct qcow2_io *fio, struct qcow2_fault_stats *prev,
  *    slice, data), then flush: two syncs (the ordering one before the
  *    L2 slice and L1 entry are written, and the final one), and no
  *    read (no read-modify-write of the L1 block);
- *  - a flush after it: none; an in-place rewrite then flush: one.
+ *  - a flush after it: none; an in-place rewrite then flush: one;
+ *  - an allocating write into another slice of the new L2 table: no
+ *    read (the table was made zeroes here).
  */
 static void
 test_flush_syncs (void)
@@ -933,7 +935,7 @@ test_flush_syncs (void)
   struct qcow2_image *img;
   struct qcow2_fault_stats st;
   static uint8_t buf[4096];
-  uint64_t n[7], r;
+  uint64_t n[8], r;
 
   assert (fio);
   io = qcow2_io_direct_over (qcow2_io_new_dio_check (fio, 4096, 4096),
@@ -962,14 +964,24 @@ test_flush_syncs (void)
   n[5] = delta (fio, &st, QCOW2_FAULT_FLUSH);
   assert (qcow2_flush (img) == 0);
   n[6] = delta (fio, &st, QCOW2_FAULT_FLUSH);
+  /* An allocating write into another slice of that L2 table (32 MiB
+   * on): the table was made here, all zeroes, so neither the lookup
+   * nor the update of the entry reads the slice (l2.c:
+   * table_set_empty, slice_known_empty).
+   */
+  delta (fio, &st, QCOW2_FAULT_READ);
+  assert (qcow2_pwrite (img, buf, sizeof buf,
+                        (UINT64_C(3) << 30) + (32 << 20), 0) == 0);
+  n[7] = delta (fio, &st, QCOW2_FAULT_READ);
   printf ("%-18s syncs: flush x3 %" PRIu64 " %" PRIu64 " %" PRIu64
           ", allocating write + flush %" PRIu64 " (%" PRIu64 " reads), "
           "flush %" PRIu64 ", rewrite + flush %" PRIu64 ", flush %" PRIu64
-          "\n", w.name, n[0], n[1], n[2], n[3], r, n[4], n[5], n[6]);
+          "; reads of a write into an empty slice %" PRIu64 "\n",
+          w.name, n[0], n[1], n[2], n[3], r, n[4], n[5], n[6], n[7]);
   if (n[0] != 1 || n[1] != 0 || n[2] != 0 || n[3] != 2 || r != 0 ||
-      n[4] != 0 || n[5] != 1 || n[6] != 0) {
+      n[4] != 0 || n[5] != 1 || n[6] != 0 || n[7] != 0) {
     fprintf (stderr, "flush-syncs: expected syncs 1 0 0, 2 (0 reads), "
-             "0, 1, 0\n");
+             "0, 1, 0; 0 reads\n");
     failures++;
   }
   assert (qcow2_close (img) == 0);
