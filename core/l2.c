@@ -9,6 +9,13 @@
  * for check.c's repair of COPIED flags, through l2_set_l1).  The L2
  * cache writes dirty slices back through l2_before_slice_write.
  *
+ * Reads spared (they are O_DIRECT reads with cache=none): the slices of
+ * a table made here are known to be zeroes and get cluster.c's
+ * empty-slice bit (table_set_empty), so no lookup or update reads them
+ * back; and L1 entries are written in whole blocks of the direct I/O
+ * alignment from the in-memory table (l2_write_l1), so io.c need not
+ * read the block first.
+ *
  * The write-ordering rules (write.c's comment lists them) that concern
  * metadata are enforced here, before any L2 slice or L1 entry reaches
  * the file (l2_barrier):
