@@ -60,6 +60,58 @@
  * suites exercise cache=none without a disk.  Only the bottom changes:
  * read_full and write_full call the lower io instead of pread/pwrite.
  *
+ * Skipped flushes.  A flush that finds nothing written since the last
+ * successful sync began returns at once: with cache=none every
+ * fdatasync is a device cache flush, and core asks for many that have
+ * nothing to do (a guest flush right after another, the final sync of
+ * a flush whose ordering sync already covered everything).  Both
+ * backends over a file (and the direct layer over another io, so that
+ * the crash and fault suites see it) keep two counters:
+ *
+ *   write_gen   bumped when a modifying call returns (pwrite, truncate,
+ *               preallocate, reserve), failed or not: a failed write
+ *               may have landed in part, and must still be synced
+ *   synced      1 + the write_gen a successful sync read BEFORE it
+ *               began (0: none yet, so the first flush of an io always
+ *               syncs, covering whatever was written before the open)
+ *
+ *   flush:  g = write_gen (acquire)
+ *           synced >= g + 1 (acquire)  ->  return 0, no sync
+ *           else sync; on success raise synced to g + 1 (release,
+ *           never lowered: a slower flush that read an older g must
+ *           not undo a newer one); on failure leave it
+ *
+ * Why it is safe: a flush must make durable every modifying call that
+ * returned before the flush was called.  Such a call bumped write_gen
+ * before it returned, so the flush reads g at least that high.  If it
+ * syncs, the sync starts after its read, so after the call.  If it
+ * skips, synced >= g + 1 was stored by a flush whose read saw g or
+ * more, so its read came after the call's bump (which follows the
+ * call's system call), its sync began after that, and it had completed
+ * successfully before synced was raised.  The release bump / acquire
+ * read and the release store / acquire load carry exactly those two
+ * happens-before edges; a plain counter would not (the compiler and
+ * CPU could move the read past the sync's start, and a skip could then
+ * miss a write that completed just before the sync began).  A write
+ * still in flight when a flush reads g was not acknowledged before the
+ * flush, need not be covered, and bumps write_gen after it, so the
+ * next flush syncs.  A failed sync raises nothing: the next flush
+ * syncs again (and what Linux then reports after a failed fdatasync is
+ * no worse than without the skip).  cache=unsafe's flush does nothing
+ * as before; with evict, the drop from the page cache follows only a
+ * real sync (a skipped one has nothing new to drop).
+ *
+ * The counters belong to one io object, so the skip is only as good
+ * as the promise that everything core expects a flush of that io to
+ * cover was written through it.  Core keeps it: the image and the
+ * external data file are separate ios, and core flushes each (l2.c's
+ * barrier and rw.c's qcow2_flush flush the data file's own io);
+ * backing files and snapshot views are read-only ios; lock.c only
+ * takes locks on the fd; nothing maps the file; a file written before
+ * the io was opened (create.c's own io, another process) is covered by
+ * the first flush, which always syncs.  Another io over the same file
+ * that writes (none does) would have to be flushed itself.
+ *
  * XXX nbdkit 1.32 hands the plugin malloc'd request buffers, 16-byte
  * aligned: with cache=none every data request goes through the bounce
  * buffer (one memcpy), and each nbdkit thread keeps up to BOUNCE_MAX.
@@ -107,6 +159,11 @@ struct range {
 struct file_io {
   struct qcow2_io io;                   /* must be first */
   struct qcow2_io *lower;               /* direct over another io, or NULL */
+  /* Flushes (see "Skipped flushes" above); atomics. */
+  uint64_t write_gen;                   /* modifying calls returned */
+  uint64_t synced;                      /* 1 + the write_gen a successful
+                                           sync read before it began;
+                                           0: no sync yet */
   pthread_rwlock_t stripes[NR_STRIPES]; /* direct only */
   pthread_mutex_t evict_lock;           /* evict only: the ring below */
   struct range recent[EVICT_WINDOW];
@@ -463,6 +520,37 @@ evict_all (struct file_io *f)
     evict_range (f->io.fd, all[i]);
 }
 
+/* -- write generation (see "Skipped flushes" above) -- */
+
+/* A modifying call returned (failed or not). */
+static inline void
+gen_bump (struct qcow2_io *io)
+{
+  __atomic_add_fetch (&((struct file_io *) io)->write_gen, 1,
+                      __ATOMIC_RELEASE);
+}
+
+/* Flush with sync, unless nothing was written since the last
+ * successful sync began.
+ */
+static int
+gen_flush (struct qcow2_io *io, int (*sync) (struct qcow2_io *))
+{
+  struct file_io *f = (struct file_io *) io;
+  uint64_t g = __atomic_load_n (&f->write_gen, __ATOMIC_ACQUIRE);
+  uint64_t s = __atomic_load_n (&f->synced, __ATOMIC_ACQUIRE);
+
+  if (s >= g + 1)
+    return 0;
+  if (sync (io) == -1)
+    return -1;
+  while (s < g + 1 &&
+         !__atomic_compare_exchange_n (&f->synced, &s, g + 1, false,
+                                       __ATOMIC_RELEASE, __ATOMIC_RELAXED))
+    ;
+  return 0;
+}
+
 /* -- the ops -- */
 
 static int
@@ -486,15 +574,28 @@ file_pwrite (struct qcow2_io *io, const void *buf, size_t count,
              uint64_t offset)
 {
   struct file_io *f = (struct file_io *) io;
+  int r;
 
   if (count == 0)
     return 0;
   if (io->direct)
-    return direct_pwrite (f, buf, count, offset);
-  if (write_full (io, buf, count, offset) == -1)
+    r = direct_pwrite (f, buf, count, offset);
+  else {
+    r = write_full (io, buf, count, offset);
+    if (r == 0 && io->evict)
+      evict_written (f, offset, count);
+  }
+  gen_bump (io);
+  return r;
+}
+
+static int
+file_sync (struct qcow2_io *io)
+{
+  if (fdatasync (io->fd) == -1)
     return -1;
   if (io->evict)
-    evict_written (f, offset, count);
+    evict_all ((struct file_io *) io);
   return 0;
 }
 
@@ -503,11 +604,7 @@ file_flush (struct qcow2_io *io)
 {
   if (io->no_sync)
     return 0;
-  if (fdatasync (io->fd) == -1)
-    return -1;
-  if (io->evict)
-    evict_all ((struct file_io *) io);
-  return 0;
+  return gen_flush (io, file_sync);
 }
 
 static int64_t
@@ -527,13 +624,18 @@ file_size (struct qcow2_io *io)
 static int
 file_truncate (struct qcow2_io *io, uint64_t size)
 {
-  return ftruncate (io->fd, size);
+  int r = ftruncate (io->fd, size);
+
+  gen_bump (io);
+  return r;
 }
 
 static int
 file_preallocate (struct qcow2_io *io, uint64_t count, uint64_t offset)
 {
   int r = posix_fallocate (io->fd, offset, count);
+
+  gen_bump (io);
   if (r != 0 && r != EOPNOTSUPP && r != EINVAL) {
     errno = r;
     return -1;
@@ -577,7 +679,12 @@ file_reserve (struct qcow2_io *io, uint64_t count, uint64_t offset)
       return -1;
     }
   }
-  return fallocate (io->fd, FALLOC_FL_KEEP_SIZE, offset, count);
+  {
+    int r = fallocate (io->fd, FALLOC_FL_KEEP_SIZE, offset, count);
+
+    gen_bump (io);
+    return r;
+  }
 #else
   errno = EOPNOTSUPP;
   return -1;
@@ -850,9 +957,15 @@ qcow2_io_open_file (const char *path, bool readonly)
 /* ---- the direct layer over another io (for the tests) ---- */
 
 static int
-over_flush (struct qcow2_io *io)
+over_sync (struct qcow2_io *io)
 {
   return io_flush (((struct file_io *) io)->lower);
+}
+
+static int
+over_flush (struct qcow2_io *io)
+{
+  return gen_flush (io, over_sync);
 }
 
 static int64_t
@@ -864,19 +977,28 @@ over_size (struct qcow2_io *io)
 static int
 over_truncate (struct qcow2_io *io, uint64_t size)
 {
-  return io_truncate (((struct file_io *) io)->lower, size);
+  int r = io_truncate (((struct file_io *) io)->lower, size);
+
+  gen_bump (io);
+  return r;
 }
 
 static int
 over_preallocate (struct qcow2_io *io, uint64_t count, uint64_t offset)
 {
-  return io_preallocate (((struct file_io *) io)->lower, count, offset);
+  int r = io_preallocate (((struct file_io *) io)->lower, count, offset);
+
+  gen_bump (io);
+  return r;
 }
 
 static int
 over_reserve (struct qcow2_io *io, uint64_t count, uint64_t offset)
 {
-  return io_reserve (((struct file_io *) io)->lower, count, offset);
+  int r = io_reserve (((struct file_io *) io)->lower, count, offset);
+
+  gen_bump (io);
+  return r;
 }
 
 static void

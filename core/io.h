@@ -14,6 +14,11 @@
  *  - pwrite writes the whole buffer, extending the file if needed.
  *  - Calls may come from several threads at once (pread/pwrite are
  *    positional and must be thread-safe).
+ *  - flush makes durable what was written through THIS io object: the
+ *    file backend skips the sync when nothing was written through it
+ *    since the last successful sync began (io.c, "Skipped flushes"),
+ *    so anything written to the same file another way must be flushed
+ *    through its own io.
  *
  * The file backend can also be opened for direct I/O (O_DIRECT, the
  * cache=none family) and then keeps the same semantics for any offset,
@@ -167,6 +172,28 @@ io_reserve (struct qcow2_io *io, uint64_t count, uint64_t offset)
     return -1;
   }
   return io->ops->reserve (io, count, offset);
+}
+
+/* Widen a write of [*start, *end), a piece of a structure the caller
+ * holds whole in memory at [lo, hi) (lo <= *start, *end <= hi), to
+ * whole blocks of the direct I/O alignment as far as the structure
+ * goes, so that io.c writes those blocks without reading them first
+ * (only a block the structure covers in part is still read).  For
+ * buffered I/O the write is left as it is.
+ */
+static inline void
+io_widen_write (const struct qcow2_io *io, uint64_t *start, uint64_t *end,
+                uint64_t lo, uint64_t hi)
+{
+  uint64_t mask, s, e;
+
+  if (!io->direct || io->align <= 1)
+    return;
+  mask = (uint64_t) io->align - 1;
+  s = *start & ~mask;
+  e = *end > UINT64_MAX - mask ? hi : (*end + mask) & ~mask;
+  *start = s > lo ? s : lo;
+  *end = e < hi ? e : hi;
 }
 
 /* The file descriptor, for locks and identity checks, or -1. */

@@ -9,6 +9,13 @@
  * for check.c's repair of COPIED flags, through l2_set_l1).  The L2
  * cache writes dirty slices back through l2_before_slice_write.
  *
+ * Reads spared (they are O_DIRECT reads with cache=none): the slices of
+ * a table made here are known to be zeroes and get cluster.c's
+ * empty-slice bit (table_set_empty), so no lookup or update reads them
+ * back; and L1 entries are written in whole blocks of the direct I/O
+ * alignment from the in-memory table (l2_write_l1), so io.c need not
+ * read the block first.
+ *
  * The write-ordering rules (write.c's comment lists them) that concern
  * metadata are enforced here, before any L2 slice or L1 entry reaches
  * the file (l2_barrier):
@@ -18,6 +25,23 @@
  *  2. guest data written since the last sync (img->need_sync) is synced
  *     first, so no entry points at unwritten data;
  *  4. the table's range passes the overlap check.
+ *
+ * Syncs per flush.  l2_write_back syncs the image file up to twice:
+ * the barrier's (refcount blocks and data made durable before the
+ * first L2 slice or L1 entry that may point at them is written) and
+ * the final one.  When the flush has L2 slices or L1 entries to write,
+ * both are needed: with only the final sync, after all the writes, a
+ * crash could keep a written L2 entry and lose the data or the
+ * refcount increment it depends on (rules 1 and 2 broken), since the
+ * disk may persist writes between two syncs in any order.  When it has
+ * none, everything was written before the barrier's sync began, and
+ * core/io.c skips the final sync as it skips every sync with nothing
+ * written through the io since the last successful one began
+ * ("Skipped flushes" there): so there is no special case here, and
+ * the second sync goes only where nothing depends on it.  (A flush
+ * that finds nothing new at all costs no sync, for the same reason.)
+ * The data file is an io of its own, synced by the barrier (and by
+ * qcow2_flush) through that io.
  *
  * And rule 3's guard: what an entry references is checked before it is
  * freed or copied from (l2_entry_host_range), so that a corrupt entry
@@ -71,18 +95,33 @@ l2_before_slice_write (void *opaque, uint64_t off, uint32_t len)
   return overlap_check_write (img, off, len, OV_ACTIVE_L2);
 }
 
-/* Write the dirty L1 entries (after rules 1 and 2). */
+/* Write the dirty L1 entries (after rules 1 and 2).  With direct I/O
+ * the entries written are widened to whole blocks of the io's
+ * alignment inside the table (io_widen_write): img->l1 holds the whole
+ * table, the entries around the dirty ones as they are on disk, so
+ * writing them again changes nothing and spares io.c reading the block
+ * first.  The overlap check covers exactly what is written (all of it
+ * inside the L1 table).
+ */
 int
 l2_write_l1 (struct qcow2_image *img)
 {
   uint32_t lo = img->l1_dirty_lo, hi = img->l1_dirty_hi, i;
-  uint64_t *be;
+  uint64_t *be, start, end;
   int r = -1;
 
   if (!img->l1_dirty)
     return 0;
   if (l2_barrier (img) == -1)
     return -1;
+  start = img->l1_offset + (uint64_t) lo * 8;
+  end = img->l1_offset + ((uint64_t) hi + 1) * 8;
+  if ((img->l1_offset & 7) == 0) {
+    io_widen_write (img->io, &start, &end, img->l1_offset,
+                    img->l1_offset + (uint64_t) img->l1_size * 8);
+    lo = (start - img->l1_offset) / 8;
+    hi = (end - img->l1_offset) / 8 - 1;
+  }
   be = malloc ((size_t) (hi - lo + 1) * 8);
   if (be == NULL)
     return -1;
@@ -313,19 +352,69 @@ l2_for_write (struct qcow2_image *img, uint64_t guest, uint64_t *l2,
   return 0;
 }
 
+/* Does cluster.c's empty-slice bit say the slice mapping guest is all
+ * zero in the file (see "Empty slices" there)?  The bit is cleared
+ * before any change to the slice or its L1 entry, so while it is set
+ * the file holds the slice's current contents: zeroes.
+ */
+static bool
+slice_known_empty (const struct qcow2_image *img, uint64_t guest)
+{
+  uint64_t g = guest >> (img->cluster_bits + img->slice_bits -
+                         img->l2_entry_shift);
+
+  return g < img->empty_nbits &&
+    (__atomic_load_n (&img->empty_slices[g / 64], __ATOMIC_RELAXED) >>
+     (g % 64) & 1);
+}
+
+/* A brand new L2 table, the one mapping guest (zeroes in the file,
+ * none of it cached): set the empty bit of each of its slices but
+ * guest's own, which the caller is about to change, so that neither
+ * lookups nor l2_get_entry read them back from the file (the same
+ * promise as a bit set by a reader: the file holds the slice's current
+ * contents, zeroes; the bit is cleared before any change).  With
+ * cache=none that is a 4 KiB O_DIRECT read saved per first write into
+ * each other slice of the table.
+ */
+static void
+table_set_empty (struct qcow2_image *img, uint64_t guest)
+{
+  unsigned span = img->cluster_bits + img->slice_bits - img->l2_entry_shift;
+  unsigned per_table = img->cluster_bits - img->slice_bits;
+  uint64_t mine = guest >> span;
+  uint64_t g0 = mine >> per_table << per_table, g;
+
+  for (g = g0; g < g0 + (UINT64_C(1) << per_table); g++)
+    if (g != mine && g < img->empty_nbits)
+      __atomic_fetch_or (&img->empty_slices[g / 64],
+                         UINT64_C(1) << (g % 64), __ATOMIC_RELAXED);
+}
+
+/* Pin the slice holding guest's L2 entry.  A slice not cached is read
+ * from the file, unless it is known to be zeroes there: a brand new
+ * table, or a slice whose empty bit is set (by a lookup that read it
+ * and found it empty, or by table_set_empty) and whose table
+ * l2_for_write left where it was.
+ */
 int
 l2_get_entry (struct qcow2_image *img, uint64_t guest, struct l2_ref *ref)
 {
-  uint64_t l2 = 0, idx = l2_index (img, guest);
+  uint64_t l2 = 0, idx = l2_index (img, guest), l1i = l1_index (img, guest);
   uint32_t slice_size = UINT32_C(1) << img->slice_bits;
   uint64_t per_slice = slice_size >> img->l2_entry_shift;
-  bool fresh;
+  uint64_t table = img->l1[l1i] & L1E_OFFSET_MASK;
+  bool fresh, empty = table != 0 && slice_known_empty (img, guest);
 
   cluster_empty_forget (img, guest, 1);    /* the caller changes it */
   if (l2_for_write (img, guest, &l2, &fresh) == -1)
     return -1;
+  if (l2 != table)
+    empty = false;
+  if (fresh)
+    table_set_empty (img, guest);
   ref->slice = cache_get (img->l2_cache, l2 + (idx / per_slice) * slice_size,
-                          !fresh, &ref->ce);
+                          !fresh && !empty, &ref->ce);
   if (ref->slice == NULL)
     return -1;
   ref->entry = &ref->slice[(idx % per_slice) << (img->l2_entry_shift - 3)];

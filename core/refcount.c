@@ -426,6 +426,39 @@ grow_reftable (struct qcow2_image *img, uint64_t ti)
   return r;
 }
 
+/* Write refcount table entry ti as v (img->reftable still has the old
+ * value).  With direct I/O the write is widened to whole blocks of the
+ * io's alignment inside the table (io_widen_write), taken from
+ * img->reftable, which holds the whole table as it is on disk, so that
+ * io.c need not read the block first; the overlap check covers exactly
+ * what is written.
+ */
+static int
+write_reftable_entry (struct qcow2_image *img, uint64_t ti, uint64_t v)
+{
+  uint64_t start = img->reftable_offset + ti * 8, end = start + 8;
+  uint64_t first, n, i, *be;
+  int r = -1;
+
+  if ((img->reftable_offset & 7) == 0)
+    io_widen_write (img->io, &start, &end, img->reftable_offset,
+                    img->reftable_offset + img->reftable_entries * 8);
+  first = (start - img->reftable_offset) / 8;
+  n = (end - start) / 8;
+  be = malloc (n * 8);
+  if (be == NULL)
+    return -1;
+  for (i = 0; i < n; i++)
+    be[i] = htobe64 (first + i == ti ? v : img->reftable[first + i]);
+  if (overlap_check_write (img, start, n * 8, OV_REFCOUNT_TABLE) == 0) {
+    r = io_pwrite (img->io, be, n * 8, start);
+    if (r == -1)
+      nbdkit_error ("%s: writing refcount table entry: %m", img->name);
+  }
+  free (be);
+  return r;
+}
+
 /* Create the refcount block for table index ti at free cluster 'b'.
  * If b lies in the range the block counts, the block counts itself;
  * otherwise b's own (existing) block counts it.  The block is written
@@ -435,7 +468,7 @@ static int
 create_refblock (struct qcow2_image *img, uint64_t ti, uint64_t b)
 {
   uint64_t epb = rb_entries (img), cs = img->cluster_size;
-  uint64_t boff = b << img->cluster_bits, be;
+  uint64_t boff = b << img->cluster_bits;
   bool self = (b >> img->rb_bits) == ti;
   uint8_t *block;
   int r = -1;
@@ -460,14 +493,8 @@ create_refblock (struct qcow2_image *img, uint64_t ti, uint64_t b)
       refcount_unalloc (img, boff, 1);
     goto out;
   }
-  be = htobe64 (boff);
-  if (overlap_check_write (img, img->reftable_offset + ti * 8, 8,
-                           OV_REFCOUNT_TABLE) == -1)
+  if (write_reftable_entry (img, ti, boff) == -1)
     goto out;
-  if (io_pwrite (img->io, &be, 8, img->reftable_offset + ti * 8) == -1) {
-    nbdkit_error ("%s: writing refcount table entry: %m", img->name);
-    goto out;
-  }
   img->reftable[ti] = boff;
   img->need_sync = true;
   if (img->host_end < boff + cs)

@@ -53,8 +53,12 @@
  * (io-test.c: misaligned I/O fails with EINVAL) over the recorder, for
  * the workload and for every state opened after it; 4096-byte blocks
  * under 512-byte slices and clusters, so that every metadata write is a
- * read-modify-write (from four threads at once in one of them), and
- * 512-byte blocks under compressed clusters.
+ * read-modify-write (from four threads at once in one of them),
+ * 512-byte blocks under compressed clusters, and 512-byte blocks under
+ * 512-byte clusters (L1 and refcount table entries written as whole
+ * blocks from memory).  Over the direct layer, flushes that find
+ * nothing written since the last sync are skipped (core/io.c), so the
+ * crash states check that skipping too.
  *
  * Environment: CRASH_TEST_SCALE (default 1) multiplies the workload
  * lengths and the state budget; CRASH_TEST_STATES (default: the scale)
@@ -202,6 +206,13 @@ static const struct workload workloads[] = {
     64, 3000, 10, 10, 2, false, 0, 4, 1300, 4096, 150, false },
   { "direct-512-compressed", "cluster_size=65536", 2 << 20, COMPRESSED,
     30, 100000, 15, 15, 4, false, 0, 0, 0, 512, 100, false },
+  /* 512-byte blocks under 512-byte clusters: the L1 table (64
+   * entries) and the refcount table are one block each, so the L1 and
+   * refcount table entries core changes are written as whole blocks
+   * from memory (l2.c, refcount.c: io_widen_write), with no read.
+   */
+  { "direct-512-l1", "cluster_size=512", 2 << 20, PLAIN,
+    50, 12000, 10, 10, 4, false, 0, 0, 0, 512, 100, false },
   /* Persistent dirty bitmaps (make_image: bitmap_*). */
   { "bitmaps-64k", "cluster_size=65536,lazy_refcounts=on", 4 << 20, BITMAPS,
     60, 100000, 15, 15, 4, false, 0, 0, 0, 0, 0, false },

@@ -887,6 +887,107 @@ test_backend (void)
   io_close (fio);
 }
 
+/* ---- syncs and reads a flush costs with cache=none ---- */
+
+/* The host syncs and reads the calls between two stat snapshots made. */
+static uint64_t
+delta (struct qcow2_io *fio, struct qcow2_fault_stats *prev,
+       enum qcow2_fault_op op)
+{
+  struct qcow2_fault_stats st;
+  uint64_t n;
+
+  qcow2_io_fault_stats (fio, &st);
+  n = st.calls[op] - prev->calls[op];
+  *prev = st;
+  return n;
+}
+
+/* core/io.c skips a sync when nothing was written through the io since
+ * the last successful one began, and l2.c writes the L1 entries it
+ * changes in whole blocks of the direct I/O alignment taken from the
+ * in-memory table, so that io.c need not read them first.  Over the
+ * direct layer (4096-byte blocks) over the fault backend, which counts
+ * what reaches the "disk", in a 256 GiB image with 64 KiB clusters (a
+ * 4096-byte L1 table):
+ *  - flush, flush, flush with nothing written: no sync after the first;
+ *  - an allocating write (new L2 table: L1 entry, L2 slice, refcount
+ *    slice, data), then flush: two syncs (the ordering one before the
+ *    L2 slice and L1 entry are written, and the final one), and no
+ *    read (no read-modify-write of the L1 block);
+ *  - a flush after it: none; an in-place rewrite then flush: one;
+ *  - an allocating write into another slice of the new L2 table: no
+ *    read (the table was made zeroes here).
+ */
+static void
+test_flush_syncs (void)
+{
+  struct workload w = { "flush-syncs", "cluster_size=65536",
+                        UINT64_C(256) << 30, PLAIN,
+                        0, 0, 0, 0, 0, 0, 0, 0, 0, false };
+  struct qcow2_config cfg = { .no_locking = true,
+                              .cache = QCOW2_CACHE_NONE };
+  size_t isize;
+  uint8_t *initial = make_image (&w, &isize);
+  struct qcow2_io *fio = qcow2_io_new_fault (qcow2_io_new_memory (initial,
+                                                                  isize));
+  struct qcow2_io *io;
+  struct qcow2_image *img;
+  struct qcow2_fault_stats st;
+  static uint8_t buf[4096];
+  uint64_t n[8], r;
+
+  assert (fio);
+  io = qcow2_io_direct_over (qcow2_io_new_dio_check (fio, 4096, 4096),
+                             4096, 4096);
+  assert (io);
+  img = qcow2_open_io (io, "disk.qcow2", dir, &cfg);
+  assert (img);
+  qcow2_io_fault_stats (fio, &st);
+  assert (qcow2_flush (img) == 0);
+  n[0] = delta (fio, &st, QCOW2_FAULT_FLUSH);
+  assert (qcow2_flush (img) == 0);
+  n[1] = delta (fio, &st, QCOW2_FAULT_FLUSH);
+  assert (qcow2_flush (img) == 0);
+  n[2] = delta (fio, &st, QCOW2_FAULT_FLUSH);
+  memset (buf, 0x5c, sizeof buf);
+  assert (qcow2_pwrite (img, buf, sizeof buf, UINT64_C(3) << 30, 0) == 0);
+  delta (fio, &st, QCOW2_FAULT_READ);
+  assert (qcow2_flush (img) == 0);
+  r = st.calls[QCOW2_FAULT_READ];
+  n[3] = delta (fio, &st, QCOW2_FAULT_FLUSH);
+  r = st.calls[QCOW2_FAULT_READ] - r;
+  assert (qcow2_flush (img) == 0);
+  n[4] = delta (fio, &st, QCOW2_FAULT_FLUSH);
+  assert (qcow2_pwrite (img, buf, sizeof buf, UINT64_C(3) << 30, 0) == 0);
+  assert (qcow2_flush (img) == 0);
+  n[5] = delta (fio, &st, QCOW2_FAULT_FLUSH);
+  assert (qcow2_flush (img) == 0);
+  n[6] = delta (fio, &st, QCOW2_FAULT_FLUSH);
+  /* An allocating write into another slice of that L2 table (32 MiB
+   * on): the table was made here, all zeroes, so neither the lookup
+   * nor the update of the entry reads the slice (l2.c:
+   * table_set_empty, slice_known_empty).
+   */
+  delta (fio, &st, QCOW2_FAULT_READ);
+  assert (qcow2_pwrite (img, buf, sizeof buf,
+                        (UINT64_C(3) << 30) + (32 << 20), 0) == 0);
+  n[7] = delta (fio, &st, QCOW2_FAULT_READ);
+  printf ("%-18s syncs: flush x3 %" PRIu64 " %" PRIu64 " %" PRIu64
+          ", allocating write + flush %" PRIu64 " (%" PRIu64 " reads), "
+          "flush %" PRIu64 ", rewrite + flush %" PRIu64 ", flush %" PRIu64
+          "; reads of a write into an empty slice %" PRIu64 "\n",
+          w.name, n[0], n[1], n[2], n[3], r, n[4], n[5], n[6], n[7]);
+  if (n[0] != 1 || n[1] != 0 || n[2] != 0 || n[3] != 2 || r != 0 ||
+      n[4] != 0 || n[5] != 1 || n[6] != 0 || n[7] != 0) {
+    fprintf (stderr, "flush-syncs: expected syncs 1 0 0, 2 (0 reads), "
+             "0, 1, 0; 0 reads\n");
+    failures++;
+  }
+  assert (qcow2_close (img) == 0);
+  free (initial);
+}
+
 int
 main (void)
 {
@@ -917,6 +1018,8 @@ main (void)
   test_backend ();
   if (!only || strcmp (only, "flush-commit") == 0)
     test_flush_commit ();
+  if (!only || strcmp (only, "flush-syncs") == 0)
+    test_flush_syncs ();
   for (i = 0; i < sizeof workloads / sizeof workloads[0]; i++) {
     if (only && strcmp (only, workloads[i].name) != 0)
       continue;
