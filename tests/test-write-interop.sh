@@ -27,7 +27,10 @@
 #
 # Every write is of a single byte value, so the model is a list of runs
 # and a mismatch names the run (offset, length, expected byte).
-# The model is kept in a raw file (model.raw) by model.py.
+# The model does not depend on what the plugin or qemu do (a mismatch
+# fails the test), so one model.py run per image computes every turn's
+# operations and expected contents in advance, as raw files and command
+# lists, before the first turn.
 
 source ./functions.sh
 set -e
@@ -39,30 +42,29 @@ requires nbdkit --version
 requires nbdsh --version
 requires /usr/bin/python3 --version
 
-PY=/usr/bin/python3
+# Python here allocates and frees buffers of megabytes all the time,
+# which glibc maps and unmaps each time: the page faults cost more CPU
+# than the work.  These keep such buffers in the heap, for the python
+# processes only (nbdkit runs with the environment it always has).
+PYENV="env MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=1073741824 MALLOC_TOP_PAD_=67108864"
+PY="$PYENV /usr/bin/python3"
 MiB=$((1024*1024))
 cd "$tmpdir"
 
 #----------------------------------------------------------------------
-# model.py: keeps model.raw, makes the operations of a turn.
-#
-#   model.py init IMG-RAW           model.raw := copy of IMG-RAW
-#   model.py plugin SEED CS L2COV   plugin turn's ops -> ops.txt, model
-#   model.py qemu SEED CS L2COV DISCARD_OK COMPRESS_OK
-#                                   qemu turn's commands -> qemu-write.txt
-#   model.py reads                  "read -P" commands -> qemu-read.txt
+# model.py IMG-RAW ROUNDS SEED CS L2COV DISCARD_OK COMPRESS_OK: starting
+# from the contents IMG-RAW, for each round R (1..ROUNDS), with the
+# round's seed SEED * 10 + R:
+#   model-R.raw      the expected contents before the plugin's turn
+#   ops-R.txt        the plugin turn's operations (applied to the model)
+#   qemu-read-R.txt  "read -P" commands of the whole model after them
+#   qemu-write-R.txt the qemu turn's commands (applied to the model)
+# and model-final.raw, the expected contents after the last round.
+# (This was one process per step: loading and saving the 16-32 MiB
+# model each time, and finding runs with a back-reference regex, cost
+# more CPU than the rest of the test.)
 cat > model.py <<'EOF'
-import os, random, sys
-
-MODEL = "model.raw"
-mode = sys.argv[1]
-
-def load():
-    return bytearray(open(MODEL, "rb").read())
-
-def save(m):
-    with open(MODEL, "wb") as f:
-        f.write(m)
+import random, re, sys
 
 def pick(rng, size, cs, l2cov):
     r = rng.random()
@@ -83,16 +85,10 @@ def pick(rng, size, cs, l2cov):
         n = rng.randint(1, 3 * cs + 1000)
     return off, max(1, min(n, size - off))
 
-if mode == "init":
-    m = bytearray(open(sys.argv[2], "rb").read())
-    save(m)
-
-elif mode == "plugin":
-    seed, cs, l2cov = map(int, sys.argv[2:5])
+def plugin_ops(m, seed, cs, l2cov, path):
     rng = random.Random(seed)
-    m = load()
     size = len(m)
-    with open("ops.txt", "w") as f:
+    with open(path, "w") as f:
         for i in range(60):
             r = rng.random()
             if r < 0.6:
@@ -111,15 +107,12 @@ elif mode == "plugin":
                 fua = int(rng.random() < 0.2)
                 f.write("zero %d %d %d %d\n" % (off, n, nohole, fua))
                 m[off:off+n] = bytes(n)
-    save(m)
 
-elif mode == "qemu":
-    seed, cs, l2cov, discard_ok, compress_ok = map(int, sys.argv[2:7])
+def qemu_ops(m, seed, cs, l2cov, discard_ok, compress_ok, path):
     rng = random.Random(seed)
-    m = load()
     size = len(m)
     full = size // cs                  # whole clusters only
-    with open("qemu-write.txt", "w") as f:
+    with open(path, "w") as f:
         for i in range(40):
             r = rng.random()
             if r < 0.5:
@@ -150,23 +143,47 @@ elif mode == "qemu":
                 k = min(rng.randint(1, 4), full - c)
                 f.write("discard %d %d\n" % (c * cs, k * cs))
                 m[c*cs:(c+k)*cs] = bytes(k * cs)
-    save(m)
 
-elif mode == "reads":
-    import re
-    m = load()
-    with open("qemu-read.txt", "w") as f:
-        for run in re.finditer(rb"(.)\1*", m, re.S):
-            f.write("read -P 0x%02x %d %d\n" %
-                    (run.group(1)[0], run.start(), run.end() - run.start()))
+# One "read -P" per run of equal bytes.  The end of a run of byte B is
+# found with a search for [^B] (a scan in C), not with a regex
+# back-reference like (.)\1*, which costs seconds per 32 MiB.
+not_byte = {}
+def reads(m, path):
+    pos, size = 0, len(m)
+    with open(path, "w") as f:
+        while pos < size:
+            b = m[pos]
+            p = not_byte.get(b)
+            if p is None:
+                p = not_byte[b] = re.compile(b"[^\\x%02x]" % b)
+            mo = p.search(m, pos)
+            end = mo.start() if mo else size
+            f.write("read -P 0x%02x %d %d\n" % (b, pos, end - pos))
+            pos = end
+
+def save(m, path):
+    with open(path, "wb") as f:
+        f.write(m)
+
+start = sys.argv[1]
+rounds, seed, cs, l2cov, discard_ok, compress_ok = map(int, sys.argv[2:8])
+m = bytearray(open(start, "rb").read())
+for r in range(1, rounds + 1):
+    save(m, "model-%d.raw" % r)
+    plugin_ops(m, seed * 10 + r, cs, l2cov, "ops-%d.txt" % r)
+    reads(m, "qemu-read-%d.txt" % r)
+    qemu_ops(m, seed * 10 + r, cs, l2cov, discard_ok, compress_ok,
+             "qemu-write-%d.txt" % r)
+save(m, "model-final.raw")
 EOF
 
-# The plugin turn: check the whole export against model.raw, then apply
-# ops.txt.  Runs inside nbdsh.
+# The plugin turn: check the whole export against $MODEL (the expected
+# contents before this turn), then apply $OPS (if set).  Runs inside
+# nbdsh.
 cat > plugin-turn.py <<'EOF'
 import os
-model = open("model.raw", "rb").read()   # before this turn's ops
-ops = [l.split() for l in open("ops.txt")]
+model = open(os.environ["MODEL"], "rb").read()
+ops = [l.split() for l in open(os.environ["OPS"])] if os.environ.get("OPS") else []
 size = h.get_size()
 assert size == len(model), "size %d, model %d" % (size, len(model))
 pos = 0
@@ -192,9 +209,6 @@ for op in ops:
         h.zero(n, off, (nbd.CMD_FLAG_NO_HOLE if nohole else 0) |
                        (nbd.CMD_FLAG_FUA if fua else 0))
 EOF
-
-# The model after the plugin's ops: model.py plugin updates model.raw
-# immediately, so keep the "before" copy for plugin-turn.py.
 
 # qio_file IMG FILE NAME [QEMU-IO OPTIONS]: run the qemu-io commands in
 # FILE in one qemu-io process; fail on an error or a pattern mismatch,
@@ -233,40 +247,34 @@ interop ()
         $PY -c 'import json,sys; print(1 if json.load(sys.stdin)["format-specific"]["data"].get("extended-l2") else 0)')
   if [ "$ext" = 1 ]; then l2cov=$((cs * (cs / 16))); else l2cov=$((cs * (cs / 8))); fi
   qemu-img convert -f qcow2 -O raw "$img" start.raw
-  $PY model.py init start.raw
+  $PY model.py start.raw 3 "$seed" "$cs" "$l2cov" "$discard_ok" "$compress_ok"
   rm -f start.raw
   export NAME=$name
   for round in 1 2 3; do
     # Plugin turn: verify what is there (qemu's writes), then write.
-    cp model.raw model-before.raw
-    $PY model.py plugin $((seed * 10 + round)) "$cs" "$l2cov"
-    mv model.raw model-after.raw
-    mv model-before.raw model.raw
     r=0
-    serve_run file="$img" \
-      --run 'nbdsh -u "$uri" -c "exec(open(\"plugin-turn.py\").read())"' \
+    MODEL=model-$round.raw OPS=ops-$round.txt serve_run file="$img" \
+      --run "$PYENV"' nbdsh -u "$uri" -c "exec(open(\"plugin-turn.py\").read())"' \
       2> nbdkit.err || r=$?
     if [ $r -ne 0 ]; then
       cat nbdkit.err >&2
       fail "$name: round $round: plugin turn failed"
     fi
-    mv model-after.raw model.raw
     qcheck "$img" > /dev/null
 
     # qemu turn: verify everything with read -P, then write.
-    $PY model.py reads
-    qio_file "$img" qemu-read.txt "$name: round $round" -r
-    $PY model.py qemu $((seed * 10 + round)) "$cs" "$l2cov" "$discard_ok" "$compress_ok"
-    qio_file "$img" qemu-write.txt "$name: round $round" -t writeback
+    qio_file "$img" qemu-read-$round.txt "$name: round $round" -r
+    qio_file "$img" qemu-write-$round.txt "$name: round $round" -t writeback
     qcheck "$img" > /dev/null
+    rm -f model-$round.raw ops-$round.txt qemu-write-$round.txt
+    [ $round = 3 ] || rm -f qemu-read-$round.txt
   done
   # Last word to the plugin: it must read qemu's last writes.
-  : > ops.txt
-  serve_run file="$img" \
-    --run 'nbdsh -u "$uri" -c "exec(open(\"plugin-turn.py\").read())"' ||
+  MODEL=model-final.raw OPS= serve_run file="$img" \
+    --run "$PYENV"' nbdsh -u "$uri" -c "exec(open(\"plugin-turn.py\").read())"' ||
     fail "$name: final plugin read failed"
-  echo "$name: ok ($(wc -l < qemu-read.txt) runs checked by qemu-io in the last round)"
-  rm -f model.raw qemu-read.txt qemu-write.txt ops.txt
+  echo "$name: ok ($(wc -l < qemu-read-3.txt) runs checked by qemu-io in the last round)"
+  rm -f model-final.raw qemu-read-3.txt
 }
 
 #----------------------------------------------------------------------
