@@ -491,7 +491,7 @@ qcow2_close (struct qcow2_image *img)
 
   if (img == NULL)
     return 0;
-  if (!img->readonly && qcow2_flush (img) == -1)
+  if (!img->readonly && rw_flush_all (img) == -1)
     r = -1;
   if (r == 0 && !img->readonly && rw_store_bitmaps (img) == -1)
     r = -1;

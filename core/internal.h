@@ -199,6 +199,11 @@ struct qcow2_image {
   bool dirty_written;           /* dirty bit is set on disk */
   bool autoclear_cleared;       /* header made writable for us */
   bool need_sync;               /* data or refcounts written since sync */
+  /* Guest flushes (rw.c, "Coalesced flushes"): changing requests
+   * returned (atomic), and 1 + the count a successful qcow2_flush read
+   * (with 'lock' held exclusively).
+   */
+  uint64_t done_gen, flushed_gen;
   struct pending_free *pending; /* deferred refcount decrements */
   size_t nr_pending, pending_alloc;
   uint64_t pending_clusters;
@@ -478,6 +483,7 @@ extern int check_repair_dirty (struct qcow2_image *img);
 /* rw.c */
 extern void rw_give_back_reservation (struct qcow2_image *img);
 extern int rw_store_bitmaps (struct qcow2_image *img);
+extern int rw_flush_all (struct qcow2_image *img);
 
 /* l2.c */
 /* An L2 entry's slice pinned in the L2 cache, and the entry in it. */

@@ -431,7 +431,10 @@ grow_reftable (struct qcow2_image *img, uint64_t ti)
  * io's alignment inside the table (io_widen_write), taken from
  * img->reftable, which holds the whole table as it is on disk, so that
  * io.c need not read the block first; the overlap check covers exactly
- * what is written.
+ * what is written.  (One exception: an entry whose write failed but
+ * landed all the same is 0 in memory; a later widened write puts the 0
+ * back.  That is safe: the block it pointed at counted only itself and
+ * was never used.)
  */
 static int
 write_reftable_entry (struct qcow2_image *img, uint64_t ti, uint64_t v)

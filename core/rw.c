@@ -55,6 +55,22 @@
  * does a killed server (the kernel has every write); a host crash may
  * not, as with QEMU's cache=unsafe, which ignores flushes altogether.
  * Direct I/O and its alignment are the io layer's business (io.c).
+ *
+ * Coalesced flushes.  A flush must make durable every write, zero and
+ * trim that returned before it was called.  Each of those bumps
+ * img->done_gen as it returns (release), after its data is written
+ * and its metadata is in the caches, and before its own FUA flush.  A
+ * flush reads done_gen (acquire) when it is called, then waits for
+ * img->lock exclusively; if a flush that completed meanwhile read a
+ * count at least as high under that lock (img->flushed_gen, raised
+ * only on success), everything this flush must cover was in the caches
+ * or written when that one wrote back and synced, and it returns at
+ * once.  This is QEMU's flush generation: a guest flush queued behind
+ * another gets the work of that one, instead of syncing again for
+ * requests that returned after it was called.  (io.c skips a sync
+ * with nothing written through an io since the last one; this skips
+ * the whole write-back, and also when requests that need not be
+ * covered wrote meanwhile.)  Close flushes unconditionally.
  */
 
 #ifdef HAVE_CONFIG_H
@@ -117,6 +133,13 @@ flush_locked (struct qcow2_image *img)
   if (r == -1)
     return -1;
   return refcount_write_back (img);
+}
+
+/* A write, zero or trim returns (see "Coalesced flushes"). */
+static inline void
+request_done (struct qcow2_image *img)
+{
+  __atomic_add_fetch (&img->done_gen, 1, __ATOMIC_RELEASE);
 }
 
 static int
@@ -692,26 +715,53 @@ qcow2_pwrite (struct qcow2_image *img, const void *buf, uint64_t count,
     r = write_detect_zeroes (img, buf, count, offset, zflags);
   else
     r = write_payload (img, buf, count, offset);
+  request_done (img);
   if (r == 0 && ((flags & QCOW2_F_FUA) || cache_write_through (&img->cfg)))
     return qcow2_flush (img);
+  return r;
+}
+
+/* Write back and sync everything, unless a flush that completed since
+ * 'seen' was read covered it (coalesce; see "Coalesced flushes").
+ */
+static int
+flush_image (struct qcow2_image *img, bool coalesce, uint64_t seen)
+{
+  uint64_t g;
+  int r;
+
+  pthread_rwlock_wrlock (&img->lock);
+  if (coalesce && img->flushed_gen > seen) {
+    pthread_rwlock_unlock (&img->lock);
+    return 0;
+  }
+  g = __atomic_load_n (&img->done_gen, __ATOMIC_ACQUIRE);
+  r = flush_locked (img);
+  if (r == 0 && img->data_io != img->io && io_flush (img->data_io) == -1) {
+    nbdkit_error ("%s: syncing data file: %m", img->name);
+    r = -1;
+  }
+  /* Flushes hold the lock exclusively, so g never goes down here. */
+  if (r == 0)
+    img->flushed_gen = g + 1;
+  pthread_rwlock_unlock (&img->lock);
   return r;
 }
 
 int
 qcow2_flush (struct qcow2_image *img)
 {
-  int r;
-
   if (img->readonly)
     return 0;
-  pthread_rwlock_wrlock (&img->lock);
-  r = flush_locked (img);
-  if (r == 0 && img->data_io != img->io && io_flush (img->data_io) == -1) {
-    nbdkit_error ("%s: syncing data file: %m", img->name);
-    r = -1;
-  }
-  pthread_rwlock_unlock (&img->lock);
-  return r;
+  return flush_image (img, true,
+                      __atomic_load_n (&img->done_gen, __ATOMIC_ACQUIRE));
+}
+
+/* At close: no skipping. */
+int
+rw_flush_all (struct qcow2_image *img)
+{
+  return img->readonly ? 0 : flush_image (img, false, 0);
 }
 
 /* ---- zero and trim ------------------------------------------------ */
@@ -742,6 +792,7 @@ change_end (struct qcow2_image *img, int r, unsigned flags)
   if (r == 0)
     r = maybe_commit (img);
   pthread_rwlock_unlock (&img->lock);
+  request_done (img);
   if (r == 0 && ((flags & QCOW2_F_FUA) || cache_write_through (&img->cfg)))
     return qcow2_flush (img);
   return r;
@@ -895,5 +946,7 @@ qcow2_check (struct qcow2_image *img, bool repair,
   if (r == 0)
     r = check_run (img, repair, res);
   pthread_rwlock_unlock (&img->lock);
+  if (repair)
+    request_done (img);
   return r;
 }
