@@ -66,6 +66,7 @@
 
 #include "internal.h"
 #include "overlap.h"
+#include "walk.h"
 
 /* Bits of one page (one cluster of bitmap data), log2. */
 static inline unsigned
@@ -202,31 +203,6 @@ load_table (struct qcow2_image *img, struct bitmap *bm, uint64_t *owned,
       owned[(*nr_owned)++] = (bm->table_offset >> img->cluster_bits) + i;
   }
   return 0;
-}
-
-/* The fixed part of the directory entry at 'pos' into e; false when
- * not even that is left.
- */
-bool
-bitmap_dir_entry (const uint8_t *dir, uint64_t size, uint64_t pos,
-                  struct bitmap_dir_entry *e)
-{
-  const uint8_t *p;
-
-  if (pos >= size || size - pos < BME_FIXED_SIZE)
-    return false;
-  p = dir + pos;
-  e->table_offset = get_be64 (p + BME_TABLE_OFFSET);
-  e->table_size = get_be32 (p + BME_TABLE_SIZE);
-  e->flags = get_be32 (p + BME_FLAGS);
-  e->type = p[BME_TYPE];
-  e->gran_bits = p[BME_GRANULARITY_BITS];
-  e->name_size = get_be16 (p + BME_NAME_SIZE);
-  e->extra = get_be32 (p + BME_EXTRA_DATA_SIZE);
-  e->name = (const char *) p + BME_FIXED_SIZE + e->extra;
-  e->len = round_up_pow2 (BME_FIXED_SIZE + (uint64_t) e->extra +
-                          e->name_size, 8);
-  return true;
 }
 
 /* Parse the directory entry at *pos into bm (name and fields only). */

@@ -189,6 +189,31 @@ walk_snapshots (struct walk *w)
   return 0;
 }
 
+/* The fixed part of the directory entry at 'pos' into e; false when
+ * not even that is left.
+ */
+bool
+bitmap_dir_entry (const uint8_t *dir, uint64_t size, uint64_t pos,
+                  struct bitmap_dir_entry *e)
+{
+  const uint8_t *p;
+
+  if (pos >= size || size - pos < BME_FIXED_SIZE)
+    return false;
+  p = dir + pos;
+  e->table_offset = get_be64 (p + BME_TABLE_OFFSET);
+  e->table_size = get_be32 (p + BME_TABLE_SIZE);
+  e->flags = get_be32 (p + BME_FLAGS);
+  e->type = p[BME_TYPE];
+  e->gran_bits = p[BME_GRANULARITY_BITS];
+  e->name_size = get_be16 (p + BME_NAME_SIZE);
+  e->extra = get_be32 (p + BME_EXTRA_DATA_SIZE);
+  e->name = (const char *) p + BME_FIXED_SIZE + e->extra;
+  e->len = round_up_pow2 (BME_FIXED_SIZE + (uint64_t) e->extra +
+                          e->name_size, 8);
+  return true;
+}
+
 /* Visit the clusters of bitmap data a bitmap table points to. */
 static int
 follow_bitmap_table (struct walk *w, const struct bitmap_dir_entry *e)

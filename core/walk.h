@@ -49,6 +49,26 @@ struct walk_ops {
   const char *who;              /* prefix of messages: "check" */
 };
 
+/* One entry of the bitmap directory as it is on disk: walk.c reads
+ * where its table is, and bitmap.c validates it.  'name' points into
+ * the directory and is not terminated; 'len' is the whole entry, padded
+ * to 8, which may run past the directory's end (bitmap_dir_entry does
+ * not check it: the caller does before using the name).
+ */
+struct bitmap_dir_entry {
+  uint64_t table_offset;        /* as on disk, reserved bits included */
+  uint32_t table_size;          /* entries */
+  uint32_t flags;
+  uint8_t type, gran_bits;
+  uint16_t name_size;
+  uint32_t extra;               /* bytes of extra data */
+  const char *name;
+  uint64_t len;
+};
+
+extern bool bitmap_dir_entry (const uint8_t *dir, uint64_t size,
+                              uint64_t pos, struct bitmap_dir_entry *e);
+
 extern int walk_metadata (struct qcow2_image *img,
                           const struct walk_ops *ops, void *opaque);
 
