@@ -23,13 +23,16 @@
 # per write (user + system over the measured part, from /proc/PID/stat),
 # which depends much less on what else runs than IOPS do.
 #
-# Knobs: PERF (0; 1 adds a perf profile of B per workload), ROUNDS (5), RUNTIME (10 s), BENCH_DIR (/dev/shm), PLUGIN (this
+# Knobs: FRESH (0; 1 makes randwrite4k's image anew for every run, as
+# alloc-randwrite4k's always is), PERF (0; 1 adds a perf profile of B
+# per workload), ROUNDS (5), RUNTIME (10 s), BENCH_DIR (/dev/shm), PLUGIN (this
 # tree's build), WORKLOADS ("randwrite4k alloc-randwrite4k").
 
 set -eu
 : "${ROUNDS:=5}" "${RUNTIME:=10}" "${BENCH_DIR:=/dev/shm}"
 : "${WORKLOADS:=randwrite4k alloc-randwrite4k}"
 : "${A_BITMAPS:=0}" "${B_BITMAPS:=1}" "${A_ARGS:=}" "${B_ARGS:=}"
+: "${FRESH:=0}"
 src=$(cd "$(dirname "$0")/.." && pwd)
 : "${PLUGIN:=$src/plugin/.libs/nbdkit-qcow2-plugin.so}"
 PATH=/usr/bin:/usr/sbin:$PATH
@@ -65,7 +68,12 @@ run ()
 {
     local w=$1 b=$2 img spid fpid iops cpu c0 c1 t0 t1 i
     case $w in
-    randwrite4k) img=$dir/over-$b.qcow2 ;;
+    randwrite4k)
+        img=$dir/over-$b.qcow2
+        if [ "$FRESH" = 1 ]; then
+            rm -f "$img"
+            make_image "$img" 4G preallocation=metadata "$(bitmaps $b)"
+        fi ;;
     alloc-randwrite4k)
         img=$dir/alloc-$b.qcow2
         rm -f "$img"
