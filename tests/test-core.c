@@ -1161,17 +1161,17 @@ static const struct qcow2_io_ops resv_ops = {
   .close = resv_close,
 };
 
-static void
-reservation_case (const struct qcow2_create_options *co0, bool zero)
+/* A new image made with co (at most 1 MiB of file), in memory under a
+ * resv_io, opened with cfg.
+ */
+static struct qcow2_image *
+open_resv (const char *name, struct qcow2_create_options co,
+           const struct qcow2_config *cfg, struct resv_io **rp)
 {
-  struct qcow2_create_options co = *co0;
-  struct qcow2_config cfg = { .prealloc_size = 8 << 20 };
   char dir[] = "/tmp/test-core-XXXXXX", path[64];
-  static uint8_t file[1 << 20], buf[65536];
+  static uint8_t file[1 << 20];
   struct resv_io *r = calloc (1, sizeof *r);
   struct qcow2_image *img;
-  struct qcow2_check_result cr;
-  uint64_t i;
   size_t size;
   FILE *fp;
 
@@ -1190,8 +1190,23 @@ reservation_case (const struct qcow2_create_options *co0, bool zero)
   assert (r->inner);
   r->io.ops = &resv_ops;
   r->io.fd = -1;
-  img = qcow2_open_io (&r->io, "resv.qcow2", NULL, &cfg);
+  img = qcow2_open_io (&r->io, name, NULL, cfg);
   assert (img);
+  *rp = r;
+  return img;
+}
+
+static void
+reservation_case (const struct qcow2_create_options *co0, bool zero)
+{
+  struct qcow2_config cfg = { .prealloc_size = 8 << 20 };
+  static uint8_t buf[65536];
+  struct resv_io *r;
+  struct qcow2_image *img;
+  struct qcow2_check_result cr;
+  uint64_t i;
+
+  img = open_resv ("resv.qcow2", *co0, &cfg, &r);
 
   memset (buf, 0x5a, sizeof buf);
   if (!zero) {
@@ -1226,31 +1241,12 @@ prealloc_case (uint64_t step)
 {
   struct qcow2_create_options co = { .size = 64 << 20 };
   struct qcow2_config cfg = { .prealloc_size = step };
-  char dir[] = "/tmp/test-core-XXXXXX", path[64];
-  static uint8_t file[1 << 20], buf[65536];
-  struct resv_io *r = calloc (1, sizeof *r);
+  static uint8_t buf[65536];
+  struct resv_io *r;
   struct qcow2_image *img;
   uint64_t i, n = 40 << 20 >> 16;
-  size_t size;
-  FILE *fp;
 
-  assert (r && mkdtemp (dir));
-  snprintf (path, sizeof path, "%s/disk.qcow2", dir);
-  co.overwrite = co.no_locking = true;
-  assert (qcow2_create (path, &co) == 0);
-  fp = fopen (path, "r");
-  assert (fp);
-  size = fread (file, 1, sizeof file, fp);
-  assert (size > 0);
-  fclose (fp);
-  unlink (path);
-  rmdir (dir);
-  r->inner = qcow2_io_new_memory (file, size);
-  assert (r->inner);
-  r->io.ops = &resv_ops;
-  r->io.fd = -1;
-  img = qcow2_open_io (&r->io, "prealloc.qcow2", NULL, &cfg);
-  assert (img);
+  img = open_resv ("prealloc.qcow2", co, &cfg, &r);
   memset (buf, 0x5a, sizeof buf);
   for (i = 0; i < n; i++) {
     assert (qcow2_pwrite (img, buf, sizeof buf, i * 65536, 0) == 0);
