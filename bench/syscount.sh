@@ -14,7 +14,9 @@
 #
 # Environment: BENCH_DIR (a disk-backed directory, default /var/tmp),
 # RUNTIME (seconds of fio, default 10), PLUGIN_ARGS (more key=value),
-# FIO_ARGS (default the workload above).
+# FIO_ARGS (default the workload above), BITMAPS (0; 1 gives the image
+# two enabled bitmaps, 64 KiB and 4 KiB granularity, as ab-bench.sh's
+# configuration B: what persistent bitmaps add to the host calls).
 
 set -euo pipefail
 
@@ -22,6 +24,7 @@ here=$(cd "$(dirname "$0")" && pwd)
 BENCH_DIR=${BENCH_DIR:-/var/tmp}
 RUNTIME=${RUNTIME:-10}
 PLUGIN_ARGS=${PLUGIN_ARGS:-}
+BITMAPS=${BITMAPS:-0}
 FIO_ARGS=${FIO_ARGS:---rw=randwrite --bs=4k --iodepth=32 --fsync=32}
 export PATH=/usr/bin:/usr/sbin:$PATH
 
@@ -34,6 +37,10 @@ for so in "$@"; do
     img=$work/disk.qcow2
     rm -f "$img" "$work/counts" "$work/fio.json"
     qemu-img create -q -f qcow2 -o cluster_size=65536 "$img" 256G
+    if [ "$BITMAPS" = 1 ]; then
+        qemu-img bitmap --add -g 65536 "$img" b64
+        qemu-img bitmap --add -g 4096 "$img" b4
+    fi
     # shellcheck disable=SC2086
     LD_PRELOAD=$work/syscount.so SYSCOUNT_OUT=$work/counts \
         nbdkit -U - "$so" file="$img" cache=none $PLUGIN_ARGS \
