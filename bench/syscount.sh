@@ -5,7 +5,8 @@
 # Counts the preads, pwrites and fdatasyncs a plugin build makes for
 # each guest write and flush of the flush-heavy allocating workload of
 # bench.sh --disk (alloc-randwrite4k-fsync32: 4 KiB random allocating
-# writes, QD32, an NBD flush every 32 writes, into a fresh empty 256 GiB
+# writes, QD32, fio --fsync=32 -- which at QD32 sends 0.6-0.8 NBD
+# flushes per write, not 1/32 -- into a fresh empty 256 GiB
 # image with 64 KiB clusters, served with cache=none), through an
 # LD_PRELOAD counter (syscount-preload.c): no strace, no perf tracing
 # needed.  Counts, unlike IOPS, mean something on a loaded machine.
