@@ -305,6 +305,34 @@ zlib_deflate (const void *in, size_t len, void *out, size_t cap,
   return cap - strm.avail_out;
 }
 
+/* Inflate a raw stream as a strict reader with a 4 KiB window would:
+ * into out in pieces of 512 bytes, so that zlib copies what it produces
+ * into its 4 KiB window and rejects references further back ("invalid
+ * distance too far back"), which it does not check when one call
+ * fills a buffer holding everything.  0, or -1 if the stream needs a
+ * larger window, is bad, or does not fill out exactly.
+ */
+static int
+inflate_small_window (const void *in, size_t len, void *out, size_t out_len)
+{
+  z_stream strm = { 0 };
+  unsigned char *p = out;
+  int r = Z_OK;
+
+  assert (inflateInit2 (&strm, -12) == Z_OK);
+  strm.next_in = in;
+  strm.avail_in = len;
+  strm.next_out = p;
+  while (r == Z_OK && strm.next_out < p + out_len) {
+    size_t left = p + out_len - strm.next_out;
+    strm.avail_out = left < 512 ? left : 512;
+    r = inflate (&strm, Z_NO_FLUSH);
+  }
+  inflateEnd (&strm);
+  return (r == Z_OK || r == Z_STREAM_END) && strm.next_out == p + out_len
+    ? 0 : -1;
+}
+
 /* The window checks.  The data is an 8 KiB random block repeated four
  * times: a 32 KiB window finds the repeats (8 KiB back), a 4 KiB window
  * cannot, so the compressed size tells which window a writer used.
@@ -332,13 +360,18 @@ test_deflate_window (const struct codec *c)
   assert (c->decompress (ref, rlen + 512, out, len) == 0);
   assert (memcmp (out, orig, len) == 0);
 
-  /* Our writer produces byte for byte the stream QEMU's parameters
-   * produce, so QEMU (inflateInit2 -12) can read everything we write.
+  /* Our writer uses QEMU's window: byte for byte the stream zlib makes
+   * with windowBits -12 (and our memLevel, 7; QEMU's 9 only changes how
+   * matches are searched for), and a reader with a 4 KiB window reads
+   * it, as QEMU (inflateInit2 -12) does.
    */
+  rlen = zlib_deflate (orig, len, ref, capacity (len), -12, 7);
   clen = capacity (len);
   assert (c->compress (orig, len, comp, &clen) == 0);
   assert (clen == rlen);
   assert (memcmp (comp, ref, clen) == 0);
+  assert (inflate_small_window (comp, clen, out, len) == 0);
+  assert (memcmp (out, orig, len) == 0);
 
   /* A stream with a 32 KiB window (references 8 KiB back) is read too:
    * the reader's window is the largest raw deflate allows.
@@ -347,8 +380,10 @@ test_deflate_window (const struct codec *c)
   assert (rlen < len / 2);
   assert (c->decompress (ref, rlen, out, len) == 0);
   assert (memcmp (out, orig, len) == 0);
+  /* ... which a strict 4 KiB reader refuses (so it tells). */
+  assert (inflate_small_window (ref, rlen, out, len) == -1);
 
-  /* Same identity check on every size and fill of the main test. */
+  /* Same checks on every size and fill of the main test. */
   for (i = 0; i < sizeof sizes / sizeof sizes[0]; ++i) {
     size_t sz = sizes[i];
     unsigned char *in = xmalloc (sz);
@@ -357,10 +392,12 @@ test_deflate_window (const struct codec *c)
 
     for (f = 0; f < NR_FILLS; ++f) {
       fill_buffer (in, sz, f);
-      rlen = zlib_deflate (in, sz, a, capacity (sz), -12, 9);
+      rlen = zlib_deflate (in, sz, a, capacity (sz), -12, 7);
       clen = capacity (sz);
       assert (c->compress (in, sz, b, &clen) == 0);
       assert (clen == rlen && memcmp (a, b, clen) == 0);
+      assert (inflate_small_window (b, clen, a, sz) == 0);
+      assert (memcmp (a, in, sz) == 0);
     }
     free (in);
     free (a);
