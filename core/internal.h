@@ -227,6 +227,10 @@ struct qcow2_image {
    * cluster's refcount drops to 0 (refcount.c: refcount_set).
    */
   uint64_t compress_next;
+  /* compress=on (rw.c): bytes of compressed clusters written since the
+   * image file's write-back was last started.
+   */
+  uint64_t compress_unkicked;
 };
 
 /* Big-endian fields of on-disk structures, at any alignment. */
