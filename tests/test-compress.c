@@ -290,11 +290,11 @@ test_deflate_bad_block_type (const struct codec *c)
  */
 static size_t
 zlib_deflate (const void *in, size_t len, void *out, size_t cap,
-              int window_bits, int mem_level)
+              int level, int window_bits, int mem_level)
 {
   z_stream strm = { 0 };
 
-  assert (deflateInit2 (&strm, Z_DEFAULT_COMPRESSION, Z_DEFLATED,
+  assert (deflateInit2 (&strm, level, Z_DEFLATED,
                         window_bits, mem_level, Z_DEFAULT_STRATEGY) == Z_OK);
   strm.next_in = in;
   strm.avail_in = len;
@@ -354,18 +354,18 @@ test_deflate_window (const struct codec *c)
   /* A stream made exactly as QEMU makes it (windowBits -12, memLevel 9)
    * is read back.
    */
-  rlen = zlib_deflate (orig, len, ref, capacity (len), -12, 9);
+  rlen = zlib_deflate (orig, len, ref, capacity (len), 6, -12, 9);
   assert (rlen > len - len / 8);    /* no 8 KiB matches in a 4 KiB window */
   fill_random (&ref[rlen], 512);
   assert (c->decompress (ref, rlen + 512, out, len) == 0);
   assert (memcmp (out, orig, len) == 0);
 
   /* Our writer uses QEMU's window: byte for byte the stream zlib makes
-   * with windowBits -12 (and our memLevel, 7; QEMU's 9 only changes how
-   * matches are searched for), and a reader with a 4 KiB window reads
-   * it, as QEMU (inflateInit2 -12) does.
+   * with windowBits -12 (and our level and memLevel, 5 and 7; QEMU's 6
+   * and 9 only change how matches are searched for), and a reader with
+   * a 4 KiB window reads it, as QEMU (inflateInit2 -12) does.
    */
-  rlen = zlib_deflate (orig, len, ref, capacity (len), -12, 7);
+  rlen = zlib_deflate (orig, len, ref, capacity (len), 5, -12, 7);
   clen = capacity (len);
   assert (c->compress (orig, len, comp, &clen) == 0);
   assert (clen == rlen);
@@ -376,7 +376,7 @@ test_deflate_window (const struct codec *c)
   /* A stream with a 32 KiB window (references 8 KiB back) is read too:
    * the reader's window is the largest raw deflate allows.
    */
-  rlen = zlib_deflate (orig, len, ref, capacity (len), -15, 8);
+  rlen = zlib_deflate (orig, len, ref, capacity (len), 6, -15, 8);
   assert (rlen < len / 2);
   assert (c->decompress (ref, rlen, out, len) == 0);
   assert (memcmp (out, orig, len) == 0);
@@ -392,7 +392,7 @@ test_deflate_window (const struct codec *c)
 
     for (f = 0; f < NR_FILLS; ++f) {
       fill_buffer (in, sz, f);
-      rlen = zlib_deflate (in, sz, a, capacity (sz), -12, 7);
+      rlen = zlib_deflate (in, sz, a, capacity (sz), 5, -12, 7);
       clen = capacity (sz);
       assert (c->compress (in, sz, b, &clen) == 0);
       assert (clen == rlen && memcmp (a, b, clen) == 0);
@@ -685,12 +685,12 @@ test_deflate_skip (void)
 #endif
 
 /* The reference writers for test_pool_reuse: a new stream each time,
- * as QEMU does.
+ * as QEMU does (deflate: with our level and memLevel).
  */
 static size_t
 fresh_deflate (const void *in, size_t len, void *out, size_t cap)
 {
-  return zlib_deflate (in, len, out, cap, -12, 9);
+  return zlib_deflate (in, len, out, cap, 5, -12, 7);
 }
 
 #ifdef HAVE_LIBZSTD
