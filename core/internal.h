@@ -612,8 +612,9 @@ extern int compress_cluster (uint8_t type, const void *in, size_t in_len,
  * exist at once, deflates skipped as hopeless.
  */
 struct compress_stats {
-  uint64_t created;
-  unsigned max;
+  uint64_t created;             /* compressors */
+  uint64_t decoders_created;    /* zstd decompression contexts */
+  unsigned max;                 /* of each, at once */
   uint64_t deflate_skipped;
 };
 extern void compress_stats (struct compress_stats *st);

@@ -612,13 +612,66 @@ test_pool_threads (const struct codec *c)
              after.max);
     exit (EXIT_FAILURE);
   }
-  printf ("%s: %u threads, %" PRIu64 " new compressors (at most %u): ok\n",
-          c->name, POOL_THREADS, after.created - before.created, after.max);
+  if (after.decoders_created - before.decoders_created > after.max) {
+    fprintf (stderr, "%s: %u threads made %" PRIu64 " decoders, "
+             "more than the pool's %u\n",
+             c->name, POOL_THREADS,
+             after.decoders_created - before.decoders_created, after.max);
+    exit (EXIT_FAILURE);
+  }
+  printf ("%s: %u threads, %" PRIu64 " new compressors, %" PRIu64
+          " new decoders (at most %u): ok\n",
+          c->name, POOL_THREADS, after.created - before.created,
+          after.decoders_created - before.decoders_created, after.max);
   free (text);
   free (rnd);
 }
 
 #ifdef HAVE_LIBZSTD
+/* zstd decompression contexts are pooled (compress.c): sequential
+ * decodes, good ones and ones that stop half way through a frame
+ * (truncated input, corrupted blocks), make at most one context, and
+ * a context reused after a failure decodes the next frame right.
+ */
+static void
+test_zstd_decode_pool (void)
+{
+  const size_t len = 65536;
+  unsigned char *text = xmalloc (len), *comp = xmalloc (capacity (len));
+  unsigned char *bad = xmalloc (capacity (len)), *back = xmalloc (len);
+  struct compress_stats before, after;
+  size_t clen = capacity (len), i;
+
+  fill_buffer (text, len, FILL_TEXT);
+  assert (compress_zstd_compress (text, len, comp, &clen) == 0);
+  memcpy (bad, comp, clen);
+  for (i = clen / 2; i < clen; i++)
+    bad[i] ^= 0x5a;
+  compress_stats (&before);
+  for (i = 0; i < 100; i++) {
+    errno = 0;
+    assert (compress_zstd_decompress (comp, clen / 2, back, len) == -1);
+    assert (errno == EIO);
+    assert (compress_zstd_decompress (comp, clen, back, len) == 0);
+    assert (memcmp (back, text, len) == 0);
+    /* Fails, or decodes to garbage (a frame has no checksum). */
+    (void) compress_zstd_decompress (bad, clen, back, len);
+    assert (compress_zstd_decompress (comp, clen, back, len) == 0);
+    assert (memcmp (back, text, len) == 0);
+  }
+  compress_stats (&after);
+  if (after.decoders_created - before.decoders_created > 1) {
+    fprintf (stderr, "zstd: 400 sequential decodes made %" PRIu64
+             " decoders\n", after.decoders_created - before.decoders_created);
+    exit (EXIT_FAILURE);
+  }
+  printf ("zstd: pooled decoders: ok\n");
+  free (text);
+  free (comp);
+  free (bad);
+  free (back);
+}
+
 /* Deflate is skipped for clusters zstd -1 cannot shrink (compress.c:
  * deflate_hopeless): random data is ENOSPC without deflating, but
  * data that looks random byte by byte and still compresses (a random
@@ -733,6 +786,7 @@ main (void)
   test_zstd_stream_frames (&zstd_codec);
   test_pool_reuse (&zstd_codec, fresh_zstd);
   test_pool_threads (&zstd_codec);
+  test_zstd_decode_pool ();
   test_deflate_skip ();
 #else
   {
