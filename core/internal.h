@@ -227,6 +227,10 @@ struct qcow2_image {
    * cluster's refcount drops to 0 (refcount.c: refcount_set).
    */
   uint64_t compress_next;
+  /* compress=on (rw.c): bytes of compressed clusters written since the
+   * image file's write-back was last started.
+   */
+  uint64_t compress_unkicked;
 };
 
 /* Big-endian fields of on-disk structures, at any alignment. */
@@ -608,8 +612,9 @@ extern int compress_cluster (uint8_t type, const void *in, size_t in_len,
  * exist at once, deflates skipped as hopeless.
  */
 struct compress_stats {
-  uint64_t created;
-  unsigned max;
+  uint64_t created;             /* compressors */
+  uint64_t decoders_created;    /* zstd decompression contexts */
+  unsigned max;                 /* of each, at once */
   uint64_t deflate_skipped;
 };
 extern void compress_stats (struct compress_stats *st);

@@ -290,11 +290,11 @@ test_deflate_bad_block_type (const struct codec *c)
  */
 static size_t
 zlib_deflate (const void *in, size_t len, void *out, size_t cap,
-              int window_bits, int mem_level)
+              int level, int window_bits, int mem_level)
 {
   z_stream strm = { 0 };
 
-  assert (deflateInit2 (&strm, Z_DEFAULT_COMPRESSION, Z_DEFLATED,
+  assert (deflateInit2 (&strm, level, Z_DEFLATED,
                         window_bits, mem_level, Z_DEFAULT_STRATEGY) == Z_OK);
   strm.next_in = in;
   strm.avail_in = len;
@@ -303,6 +303,34 @@ zlib_deflate (const void *in, size_t len, void *out, size_t cap,
   assert (deflate (&strm, Z_FINISH) == Z_STREAM_END);
   deflateEnd (&strm);
   return cap - strm.avail_out;
+}
+
+/* Inflate a raw stream as a strict reader with a 4 KiB window would:
+ * into out in pieces of 512 bytes, so that zlib copies what it produces
+ * into its 4 KiB window and rejects references further back ("invalid
+ * distance too far back"), which it does not check when one call
+ * fills a buffer holding everything.  0, or -1 if the stream needs a
+ * larger window, is bad, or does not fill out exactly.
+ */
+static int
+inflate_small_window (const void *in, size_t len, void *out, size_t out_len)
+{
+  z_stream strm = { 0 };
+  unsigned char *p = out;
+  int r = Z_OK;
+
+  assert (inflateInit2 (&strm, -12) == Z_OK);
+  strm.next_in = in;
+  strm.avail_in = len;
+  strm.next_out = p;
+  while (r == Z_OK && strm.next_out < p + out_len) {
+    size_t left = p + out_len - strm.next_out;
+    strm.avail_out = left < 512 ? left : 512;
+    r = inflate (&strm, Z_NO_FLUSH);
+  }
+  inflateEnd (&strm);
+  return (r == Z_OK || r == Z_STREAM_END) && strm.next_out == p + out_len
+    ? 0 : -1;
 }
 
 /* The window checks.  The data is an 8 KiB random block repeated four
@@ -326,29 +354,36 @@ test_deflate_window (const struct codec *c)
   /* A stream made exactly as QEMU makes it (windowBits -12, memLevel 9)
    * is read back.
    */
-  rlen = zlib_deflate (orig, len, ref, capacity (len), -12, 9);
+  rlen = zlib_deflate (orig, len, ref, capacity (len), 6, -12, 9);
   assert (rlen > len - len / 8);    /* no 8 KiB matches in a 4 KiB window */
   fill_random (&ref[rlen], 512);
   assert (c->decompress (ref, rlen + 512, out, len) == 0);
   assert (memcmp (out, orig, len) == 0);
 
-  /* Our writer produces byte for byte the stream QEMU's parameters
-   * produce, so QEMU (inflateInit2 -12) can read everything we write.
+  /* Our writer uses QEMU's window: byte for byte the stream zlib makes
+   * with windowBits -12 (and our level and memLevel, 5 and 7; QEMU's 6
+   * and 9 only change how matches are searched for), and a reader with
+   * a 4 KiB window reads it, as QEMU (inflateInit2 -12) does.
    */
+  rlen = zlib_deflate (orig, len, ref, capacity (len), 5, -12, 7);
   clen = capacity (len);
   assert (c->compress (orig, len, comp, &clen) == 0);
   assert (clen == rlen);
   assert (memcmp (comp, ref, clen) == 0);
+  assert (inflate_small_window (comp, clen, out, len) == 0);
+  assert (memcmp (out, orig, len) == 0);
 
   /* A stream with a 32 KiB window (references 8 KiB back) is read too:
    * the reader's window is the largest raw deflate allows.
    */
-  rlen = zlib_deflate (orig, len, ref, capacity (len), -15, 8);
+  rlen = zlib_deflate (orig, len, ref, capacity (len), 6, -15, 8);
   assert (rlen < len / 2);
   assert (c->decompress (ref, rlen, out, len) == 0);
   assert (memcmp (out, orig, len) == 0);
+  /* ... which a strict 4 KiB reader refuses (so it tells). */
+  assert (inflate_small_window (ref, rlen, out, len) == -1);
 
-  /* Same identity check on every size and fill of the main test. */
+  /* Same checks on every size and fill of the main test. */
   for (i = 0; i < sizeof sizes / sizeof sizes[0]; ++i) {
     size_t sz = sizes[i];
     unsigned char *in = xmalloc (sz);
@@ -357,10 +392,12 @@ test_deflate_window (const struct codec *c)
 
     for (f = 0; f < NR_FILLS; ++f) {
       fill_buffer (in, sz, f);
-      rlen = zlib_deflate (in, sz, a, capacity (sz), -12, 9);
+      rlen = zlib_deflate (in, sz, a, capacity (sz), 5, -12, 7);
       clen = capacity (sz);
       assert (c->compress (in, sz, b, &clen) == 0);
       assert (clen == rlen && memcmp (a, b, clen) == 0);
+      assert (inflate_small_window (b, clen, a, sz) == 0);
+      assert (memcmp (a, in, sz) == 0);
     }
     free (in);
     free (a);
@@ -575,13 +612,66 @@ test_pool_threads (const struct codec *c)
              after.max);
     exit (EXIT_FAILURE);
   }
-  printf ("%s: %u threads, %" PRIu64 " new compressors (at most %u): ok\n",
-          c->name, POOL_THREADS, after.created - before.created, after.max);
+  if (after.decoders_created - before.decoders_created > after.max) {
+    fprintf (stderr, "%s: %u threads made %" PRIu64 " decoders, "
+             "more than the pool's %u\n",
+             c->name, POOL_THREADS,
+             after.decoders_created - before.decoders_created, after.max);
+    exit (EXIT_FAILURE);
+  }
+  printf ("%s: %u threads, %" PRIu64 " new compressors, %" PRIu64
+          " new decoders (at most %u): ok\n",
+          c->name, POOL_THREADS, after.created - before.created,
+          after.decoders_created - before.decoders_created, after.max);
   free (text);
   free (rnd);
 }
 
 #ifdef HAVE_LIBZSTD
+/* zstd decompression contexts are pooled (compress.c): sequential
+ * decodes, good ones and ones that stop half way through a frame
+ * (truncated input, corrupted blocks), make at most one context, and
+ * a context reused after a failure decodes the next frame right.
+ */
+static void
+test_zstd_decode_pool (void)
+{
+  const size_t len = 65536;
+  unsigned char *text = xmalloc (len), *comp = xmalloc (capacity (len));
+  unsigned char *bad = xmalloc (capacity (len)), *back = xmalloc (len);
+  struct compress_stats before, after;
+  size_t clen = capacity (len), i;
+
+  fill_buffer (text, len, FILL_TEXT);
+  assert (compress_zstd_compress (text, len, comp, &clen) == 0);
+  memcpy (bad, comp, clen);
+  for (i = clen / 2; i < clen; i++)
+    bad[i] ^= 0x5a;
+  compress_stats (&before);
+  for (i = 0; i < 100; i++) {
+    errno = 0;
+    assert (compress_zstd_decompress (comp, clen / 2, back, len) == -1);
+    assert (errno == EIO);
+    assert (compress_zstd_decompress (comp, clen, back, len) == 0);
+    assert (memcmp (back, text, len) == 0);
+    /* Fails, or decodes to garbage (a frame has no checksum). */
+    (void) compress_zstd_decompress (bad, clen, back, len);
+    assert (compress_zstd_decompress (comp, clen, back, len) == 0);
+    assert (memcmp (back, text, len) == 0);
+  }
+  compress_stats (&after);
+  if (after.decoders_created - before.decoders_created > 1) {
+    fprintf (stderr, "zstd: 400 sequential decodes made %" PRIu64
+             " decoders\n", after.decoders_created - before.decoders_created);
+    exit (EXIT_FAILURE);
+  }
+  printf ("zstd: pooled decoders: ok\n");
+  free (text);
+  free (comp);
+  free (bad);
+  free (back);
+}
+
 /* Deflate is skipped for clusters zstd -1 cannot shrink (compress.c:
  * deflate_hopeless): random data is ENOSPC without deflating, but
  * data that looks random byte by byte and still compresses (a random
@@ -648,12 +738,12 @@ test_deflate_skip (void)
 #endif
 
 /* The reference writers for test_pool_reuse: a new stream each time,
- * as QEMU does.
+ * as QEMU does (deflate: with our level and memLevel).
  */
 static size_t
 fresh_deflate (const void *in, size_t len, void *out, size_t cap)
 {
-  return zlib_deflate (in, len, out, cap, -12, 9);
+  return zlib_deflate (in, len, out, cap, 5, -12, 7);
 }
 
 #ifdef HAVE_LIBZSTD
@@ -696,6 +786,7 @@ main (void)
   test_zstd_stream_frames (&zstd_codec);
   test_pool_reuse (&zstd_codec, fresh_zstd);
   test_pool_threads (&zstd_codec);
+  test_zstd_decode_pool ();
   test_deflate_skip ();
 #else
   {
