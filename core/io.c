@@ -474,6 +474,13 @@ direct_pwrite (struct file_io *f, const char *p, size_t count,
   return 0;
 }
 
+void
+io_start_writeback (const struct qcow2_io *io)
+{
+  if (io->fd >= 0 && !io->direct && !io->no_sync && !io->evict)
+    sync_file_range (io->fd, 0, 0, SYNC_FILE_RANGE_WRITE);
+}
+
 /* -- eviction (cache=auto without O_DIRECT) -- */
 
 static void

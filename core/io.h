@@ -196,6 +196,14 @@ io_widen_write (const struct qcow2_io *io, uint64_t *start, uint64_t *end,
   *end = e < hi ? e : hi;
 }
 
+/* Ask the kernel to start writing the file's dirty pages back, without
+ * waiting: a hint, whose failure changes nothing.  It does something
+ * only for a file in the page cache that is synced at all: not with
+ * direct I/O, nor with no_sync, nor when evicting (which starts
+ * write-back itself), nor for a memory io.
+ */
+extern void io_start_writeback (const struct qcow2_io *io);
+
 /* The file descriptor, for locks and identity checks, or -1. */
 static inline int
 io_fd (const struct qcow2_io *io)

@@ -85,7 +85,6 @@
 #endif
 
 #include <stdlib.h>
-#include <fcntl.h>
 #include <string.h>
 #include <errno.h>
 #include <inttypes.h>
@@ -549,18 +548,13 @@ write_data (struct qcow2_image *img, const uint8_t *p, uint64_t count,
 
 /* Ask the kernel to start writing the image file's dirty pages to disk,
  * without waiting for it (the whole file: the pages already clean or
- * under write-back are skipped).  Only for a file in the page cache
- * that is synced at all: not with direct I/O, nor with cache=unsafe,
- * nor when the io layer evicts (it starts write-back itself), nor over
- * the tests' memory files.  A hint: its failure changes nothing.
+ * under write-back are skipped; io.c decides when it applies: not with
+ * direct I/O, cache=unsafe, eviction or the tests' memory files).
  */
 static void
 start_writeback (struct qcow2_image *img)
 {
-  const struct qcow2_io *io = img->io;
-
-  if (io->fd >= 0 && !io->direct && !io->no_sync && !io->evict)
-    sync_file_range (io->fd, 0, 0, SYNC_FILE_RANGE_WRITE);
+  io_start_writeback (img->io);
 }
 
 /* compress=on: one plan of batch b (write.c) from cluster i on, with
