@@ -5,7 +5,8 @@
  * opened through the memory io backend: reads of every cluster kind,
  * run merging, extents, header validation on corrupted headers, index
  * math, the table cache (hit, miss, LRU eviction, pinning, write-back,
- * staging, empty slices), in-flight writes, refcount entries of every
+ * staging, empty slices), in-flight writes, flushes that write back
+ * with the image lock dropped, refcount entries of every
  * width, deferred frees, compressed writes (compress=on) and the
  * give-back of a failed reservation.
  */
@@ -670,6 +671,10 @@ struct gate_io {
   pthread_cond_t cv;
   uint64_t gate_from;
   bool armed, held, open;
+  /* The same for the first flush once flush_armed; it then fails with
+   * EIO if flush_fail.
+   */
+  bool flush_armed, flush_held, flush_open, flush_fail;
 };
 
 static int
@@ -698,7 +703,24 @@ gate_pwrite (struct qcow2_io *io, const void *buf, size_t n, uint64_t off)
 static int
 gate_flush (struct qcow2_io *io)
 {
-  return io_flush (((struct gate_io *) io)->inner);
+  struct gate_io *g = (struct gate_io *) io;
+  bool fail = false;
+
+  pthread_mutex_lock (&g->mu);
+  if (g->flush_armed) {
+    g->flush_armed = false;
+    g->flush_held = true;
+    pthread_cond_broadcast (&g->cv);
+    while (!g->flush_open)
+      pthread_cond_wait (&g->cv, &g->mu);
+    fail = g->flush_fail;
+  }
+  pthread_mutex_unlock (&g->mu);
+  if (fail) {
+    errno = EIO;
+    return -1;
+  }
+  return io_flush (g->inner);
 }
 
 static int64_t
@@ -815,6 +837,172 @@ test_inflight (void)
 
   qcow2_close (img);
   free (buf);
+  free (b);
+}
+
+/* A guest flush writes back and syncs with img->lock dropped (l2.c,
+ * "Write-back without the lock"): held in its first sync, it must not
+ * hold up an allocating write into the very L2 slice it is writing
+ * back, and that write must reach the file at the next flush; and a
+ * write-back that failed must leave its slices dirty, written by the
+ * next flush.
+ */
+struct flush_job {
+  struct qcow2_image *img;
+  int r;
+  bool done;
+};
+
+static void *
+flush_job (void *arg)
+{
+  struct flush_job *j = arg;
+
+  j->r = qcow2_flush (j->img);
+  __atomic_store_n (&j->done, true, __ATOMIC_RELEASE);
+  return NULL;
+}
+
+static void *
+write_job (void *arg)
+{
+  struct flush_job *j = arg;
+  uint8_t buf[512];
+
+  memset (buf, 0x77, sizeof buf);
+  j->r = qcow2_pwrite (j->img, buf, sizeof buf, 9 * 4096, 0);
+  __atomic_store_n (&j->done, true, __ATOMIC_RELEASE);
+  return NULL;
+}
+
+static struct gate_io *
+gate_new (const uint8_t *b, size_t size)
+{
+  struct gate_io *g = calloc (1, sizeof *g);
+
+  assert (g);
+  g->inner = qcow2_io_new_memory (b, size);
+  assert (g->inner);
+  g->io.ops = &gate_ops;
+  g->io.fd = -1;
+  pthread_mutex_init (&g->mu, NULL);
+  pthread_cond_init (&g->cv, NULL);
+  return g;
+}
+
+/* Hold the next flush; wait until it is held. */
+static void
+gate_hold_flush (struct gate_io *g, bool fail, pthread_t *t,
+                 struct flush_job *j)
+{
+  pthread_mutex_lock (&g->mu);
+  g->flush_armed = true;
+  g->flush_held = g->flush_open = false;
+  g->flush_fail = fail;
+  pthread_mutex_unlock (&g->mu);
+  assert (pthread_create (t, NULL, flush_job, j) == 0);
+  pthread_mutex_lock (&g->mu);
+  while (!g->flush_held)
+    pthread_cond_wait (&g->cv, &g->mu);
+  pthread_mutex_unlock (&g->mu);
+}
+
+static void
+gate_open_flush (struct gate_io *g)
+{
+  pthread_mutex_lock (&g->mu);
+  g->flush_open = true;
+  pthread_cond_broadcast (&g->cv);
+  pthread_mutex_unlock (&g->mu);
+}
+
+/* The file as it is now, opened read-only: guest cluster c reads v? */
+static bool
+file_cluster_is (struct gate_io *g, uint64_t c, size_t len, uint8_t v)
+{
+  size_t size;
+  const uint8_t *d = qcow2_io_memory_data (g->inner, &size);
+  uint8_t *copy = malloc (size), *buf = malloc (len);
+  struct qcow2_image *ro;
+  bool ok;
+
+  assert (copy && buf);
+  memcpy (copy, d, size);
+  ro = open_buf (copy, size);
+  assert (ro);
+  assert (qcow2_pread (ro, buf, len, c * 4096) == 0);
+  ok = all_bytes (buf, len, v);
+  qcow2_close (ro);
+  free (buf);
+  free (copy);
+  return ok;
+}
+
+static void
+test_flush_unlocked (void)
+{
+  size_t size;
+  uint8_t *b = build (12, 4, &size);
+  struct gate_io *g = gate_new (b, size);
+  struct qcow2_config cfg = { 0 };
+  struct qcow2_image *img;
+  struct flush_job f = { 0 }, w = { 0 };
+  pthread_t tf, tw;
+  uint8_t buf[512];
+  int i;
+
+  img = qcow2_open_io (&g->io, "test.qcow2", NULL, &cfg);
+  assert (img);
+  f.img = w.img = img;
+
+  /* Guest cluster 8: allocated, its L2 slice dirty; the flush is held
+   * in its first sync, after it took the slice.
+   */
+  memset (buf, 0x55, sizeof buf);
+  assert (qcow2_pwrite (img, buf, sizeof buf, 8 * 4096, 0) == 0);
+  gate_hold_flush (g, false, &tf, &f);
+  assert (pthread_create (&tw, NULL, write_job, &w) == 0);
+  for (i = 0; i < 200 && !__atomic_load_n (&w.done, __ATOMIC_ACQUIRE); i++)
+    usleep (10000);
+  if (!__atomic_load_n (&w.done, __ATOMIC_ACQUIRE)) {
+    fprintf (stderr, "test_flush_unlocked: an allocating write waited 2 s "
+             "for a flush held in its sync\n");
+    abort ();
+  }
+  assert (w.r == 0);
+  assert (!f.done);
+  gate_open_flush (g);
+  assert (pthread_join (tf, NULL) == 0 && pthread_join (tw, NULL) == 0);
+  assert (f.r == 0);
+  /* The flush covered cluster 8; cluster 9's link, made in the slice
+   * being written back, goes with the next one.
+   */
+  assert (file_cluster_is (g, 8, 512, 0x55));
+  assert (qcow2_flush (img) == 0);
+  if (!file_cluster_is (g, 9, 512, 0x77)) {
+    fprintf (stderr, "test_flush_unlocked: a write linked during a flush's "
+             "write-back was not written by the next flush\n");
+    abort ();
+  }
+
+  /* A write-back that fails (its first sync) leaves the slice dirty:
+   * the next flush writes it.
+   */
+  memset (buf, 0x66, sizeof buf);
+  assert (qcow2_pwrite (img, buf, sizeof buf, 10 * 4096, 0) == 0);
+  f.done = false;
+  gate_hold_flush (g, true, &tf, &f);
+  gate_open_flush (g);
+  assert (pthread_join (tf, NULL) == 0);
+  assert (f.r == -1);
+  assert (qcow2_flush (img) == 0);
+  if (!file_cluster_is (g, 10, 512, 0x66)) {
+    fprintf (stderr, "test_flush_unlocked: after a failed flush, the next "
+             "one did not write the entries back\n");
+    abort ();
+  }
+
+  qcow2_close (img);
   free (b);
 }
 
@@ -1298,6 +1486,7 @@ main (void)
   test_stage ();
   test_empty_slices ();
   test_inflight ();
+  test_flush_unlocked ();
   test_refcount_widths ();
   test_pending_frees ();
   test_compressed_writes (false, 16);
