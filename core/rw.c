@@ -128,12 +128,23 @@ rw_give_back_reservation (struct qcow2_image *img)
   pthread_rwlock_unlock (&img->io_lock);
 }
 
-/* Apply the deferred frees with io_lock held exclusively (rule 3) and
- * write them, once the metadata that referenced them is written and
- * synced.
+/* Apply the deferred frees with io_lock held exclusively (rule 3), once
+ * the metadata that referenced them is written and synced, and, if
+ * write, write the refcount blocks and sync.  A guest flush does not
+ * (write false): the decrements stay dirty in the refcount cache and
+ * go to the file with the next write-back's refcount blocks, before its
+ * barrier's sync (l2.c), or at close.  That spares a third sync per
+ * flush after a trim, and it is safe: until the decrements reach the
+ * file, a crash finds the refcounts too high (a leak, rule 6), never
+ * too low; a freed cluster used again meanwhile is counted 1 in the
+ * file all along, and nothing on disk points at it any more (the
+ * entries were cleared and synced before the commit).  A flush need
+ * not make frees durable (rule 5 is about what the guest reads).  A
+ * clean close, a check and a commit inside a request (many frees, a
+ * large trim) write them at once.
  */
 static int
-commit_frees (struct qcow2_image *img)
+commit_frees (struct qcow2_image *img, bool write)
 {
   int r;
 
@@ -142,23 +153,20 @@ commit_frees (struct qcow2_image *img)
   pthread_rwlock_wrlock (&img->io_lock);
   r = refcount_commit_frees (img);
   pthread_rwlock_unlock (&img->io_lock);
-  /* The decrements could wait for the next flush (until then a crash
-   * only leaks), but a clean close must not leak: write them now.
-   */
-  if (r == -1)
-    return -1;
+  if (r == -1 || !write)
+    return r;
   return refcount_write_back (img);
 }
 
 /* Write everything back in order and sync (l2.c), then commit the
- * deferred frees, all with img->lock held.
+ * deferred frees and write them, all with img->lock held.
  */
 static int
 flush_locked (struct qcow2_image *img)
 {
   if (l2_write_back (img) == -1)
     return -1;
-  return commit_frees (img);
+  return commit_frees (img, true);
 }
 
 /* A write, zero or trim returns (see "Coalesced flushes"). */
@@ -779,10 +787,10 @@ flush_image (struct qcow2_image *img, bool coalesce, uint64_t seen)
     pthread_rwlock_wrlock (&img->lock);
     l2_write_back_wait (img);
     if (r == 0)
-      r = commit_frees (img);
+      r = commit_frees (img, !coalesce);
   }
   else if (r == 0) {
-    r = commit_frees (img);
+    r = commit_frees (img, !coalesce);
     if (r == 0 && img->data_io != img->io && io_flush (img->data_io) == -1) {
       nbdkit_error ("%s: syncing data file: %m", img->name);
       r = -1;

@@ -675,6 +675,8 @@ struct gate_io {
    * EIO if flush_fail.
    */
   bool flush_armed, flush_held, flush_open, flush_fail;
+  unsigned flushes;               /* calls that reached inner */
+  bool keep_inner;                /* close leaves inner to the test */
 };
 
 static int
@@ -720,6 +722,7 @@ gate_flush (struct qcow2_io *io)
     errno = EIO;
     return -1;
   }
+  __atomic_add_fetch (&g->flushes, 1, __ATOMIC_RELAXED);
   return io_flush (g->inner);
 }
 
@@ -741,7 +744,8 @@ gate_close (struct qcow2_io *io)
 {
   struct gate_io *g = (struct gate_io *) io;
 
-  io_close (g->inner);
+  if (!g->keep_inner)
+    io_close (g->inner);
   pthread_mutex_destroy (&g->mu);
   pthread_cond_destroy (&g->cv);
   free (g);
@@ -1003,6 +1007,56 @@ test_flush_unlocked (void)
   }
 
   qcow2_close (img);
+  free (b);
+}
+
+/* A guest flush commits the frees of a trim but leaves the decrements
+ * in the refcount cache for the next write-back or close (rw.c:
+ * commit_frees): one sync (the final one; the trim wrote no data, so
+ * no barrier sync), not a second one for the refcount blocks.  Close
+ * writes them, and those of the frees it commits itself: the file
+ * checks with no leak.
+ */
+static void
+test_flush_frees (void)
+{
+  size_t size;
+  uint8_t *b = build (12, 4, &size);
+  struct gate_io *g = gate_new (b, size);
+  struct qcow2_config cfg = { 0 };
+  struct qcow2_check_result cr;
+  struct qcow2_image *img;
+  struct qcow2_io *inner = g->inner;
+  unsigned before;
+  const uint8_t *d;
+
+  img = qcow2_open_io (&g->io, "test.qcow2", NULL, &cfg);
+  assert (img);
+  g->keep_inner = true;
+  assert (qcow2_trim (img, 4096, 0, 0) == 0);   /* frees data cluster 5 */
+  before = g->flushes;
+  assert (qcow2_flush (img) == 0);
+  if (g->flushes - before != 1) {
+    fprintf (stderr, "test_flush_frees: a flush after a trim synced %u "
+             "times (want 1)\n", g->flushes - before);
+    abort ();
+  }
+  assert (img->nr_pending == 0);
+  /* Frees committed by close itself are written too. */
+  assert (qcow2_trim (img, 4096, 3 * 4096, 0) == 0);   /* data 6 */
+  qcow2_close (img);
+
+  d = qcow2_io_memory_data (inner, &size);
+  img = open_buf (d, size);
+  assert (img);
+  assert (qcow2_check (img, false, &cr) == 0);
+  if (cr.leaks != 0 || cr.corruptions != 0) {
+    fprintf (stderr, "test_flush_frees: after close: %" PRIu64 " leaks, %"
+             PRIu64 " corruptions\n", cr.leaks, cr.corruptions);
+    abort ();
+  }
+  qcow2_close (img);
+  io_close (inner);
   free (b);
 }
 
@@ -1487,6 +1541,7 @@ main (void)
   test_empty_slices ();
   test_inflight ();
   test_flush_unlocked ();
+  test_flush_frees ();
   test_refcount_widths ();
   test_pending_frees ();
   test_compressed_writes (false, 16);
