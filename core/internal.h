@@ -222,6 +222,11 @@ struct qcow2_image {
   struct pending_free *pending; /* deferred refcount decrements */
   size_t nr_pending, pending_alloc;
   uint64_t pending_clusters;
+  /* The first pending_sealed ranges were pending when a guest flush's
+   * write-back without the lock began (l2.c): only they may be
+   * committed after it, and no later free extends them.
+   */
+  size_t pending_sealed;
   bool l1_dirty;                /* L1 entries changed since last write */
   uint32_t l1_dirty_lo, l1_dirty_hi;
   /* Data I/O done outside 'lock' holds this shared; committing frees
@@ -657,7 +662,7 @@ extern void refcount_unalloc (struct qcow2_image *img, uint64_t off,
                               uint64_t n);
 extern int refcount_free_later (struct qcow2_image *img, uint64_t off,
                                 uint64_t n);
-extern int refcount_commit_frees (struct qcow2_image *img);
+extern int refcount_commit_frees (struct qcow2_image *img, size_t limit);
 extern int refcount_write_back (struct qcow2_image *img);
 extern void refcount_give_back_reservation (struct qcow2_image *img);
 

@@ -87,7 +87,14 @@
  *  - rule 3: run holds io_lock shared, and frees are committed with it
  *    held exclusively (rw.c), so no table run writes is freed (and
  *    reused) before run is done; the flush commits its frees only
- *    after run's final sync, under the lock again.
+ *    after run's final sync, under the lock again, and only those that
+ *    were pending at begin (img->pending_sealed: their entries were
+ *    cleared before begin, so in the copies or written before).  A
+ *    trim or zero during run clears entries that run does not write:
+ *    its frees wait for a later write-back (and no later free extends
+ *    a range that was pending at begin).  Any other commit (l2_write_
+ *    back's callers) writes back and syncs everything first, so it
+ *    commits them all.
  *  - rule 5: a guest flush reads done_gen and begins with img->lock
  *    held, so every request it must cover has its entries in the
  *    copies (or written by an eviction before), its data and
@@ -643,6 +650,7 @@ l2_write_back_begin (struct qcow2_image *img)
   }
   img->wb_sync_first = img->need_sync;
   img->need_sync = false;
+  img->pending_sealed = img->nr_pending;
   pthread_mutex_lock (&img->wb_lock);
   img->wb_state = WB_RUNNING;
   img->wb_failed = false;

@@ -144,14 +144,14 @@ rw_give_back_reservation (struct qcow2_image *img)
  * large trim) write them at once.
  */
 static int
-commit_frees (struct qcow2_image *img, bool write)
+commit_frees (struct qcow2_image *img, size_t limit, bool write)
 {
   int r;
 
-  if (img->nr_pending == 0)
+  if (img->nr_pending == 0 || limit == 0)
     return 0;
   pthread_rwlock_wrlock (&img->io_lock);
-  r = refcount_commit_frees (img);
+  r = refcount_commit_frees (img, limit);
   pthread_rwlock_unlock (&img->io_lock);
   if (r == -1 || !write)
     return r;
@@ -166,7 +166,7 @@ flush_locked (struct qcow2_image *img)
 {
   if (l2_write_back (img) == -1)
     return -1;
-  return commit_frees (img, true);
+  return commit_frees (img, SIZE_MAX, true);
 }
 
 /* A write, zero or trim returns (see "Coalesced flushes"). */
@@ -786,11 +786,14 @@ flush_image (struct qcow2_image *img, bool coalesce, uint64_t seen)
     l2_write_back_end (img, r);
     pthread_rwlock_wrlock (&img->lock);
     l2_write_back_wait (img);
+    /* Only the frees pending when it began: an entry cleared since
+     * (by a trim or zero meanwhile) was not in the copies written.
+     */
     if (r == 0)
-      r = commit_frees (img, !coalesce);
+      r = commit_frees (img, img->pending_sealed, !coalesce);
   }
   else if (r == 0) {
-    r = commit_frees (img, !coalesce);
+    r = commit_frees (img, SIZE_MAX, !coalesce);
     if (r == 0 && img->data_io != img->io && io_flush (img->data_io) == -1) {
       nbdkit_error ("%s: syncing data file: %m", img->name);
       r = -1;

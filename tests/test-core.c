@@ -1060,6 +1060,47 @@ test_flush_frees (void)
   free (b);
 }
 
+/* A trim during a flush's write-back without the lock: the entry it
+ * clears is not in the copies being written, so that flush must not
+ * commit its free (the file would still point at a cluster counted
+ * free); the next flush does.
+ */
+static void
+test_flush_trim_during (void)
+{
+  size_t size;
+  uint8_t *b = build (12, 4, &size);
+  struct gate_io *g = gate_new (b, size);
+  struct qcow2_config cfg = { 0 };
+  struct qcow2_image *img;
+  struct flush_job f = { 0 };
+  pthread_t tf;
+  uint8_t buf[512];
+  uint64_t v;
+
+  img = qcow2_open_io (&g->io, "test.qcow2", NULL, &cfg);
+  assert (img);
+  f.img = img;
+  memset (buf, 0x55, sizeof buf);
+  assert (qcow2_pwrite (img, buf, sizeof buf, 8 * 4096, 0) == 0);
+  gate_hold_flush (g, false, &tf, &f);
+  assert (qcow2_trim (img, 4096, 0, 0) == 0);   /* frees data cluster 5 */
+  gate_open_flush (g);
+  assert (pthread_join (tf, NULL) == 0);
+  assert (f.r == 0);
+  assert (refcount_get (img, 5, &v) == 0);
+  if (v != 1) {
+    fprintf (stderr, "test_flush_trim_during: the flush committed the free "
+             "of a trim made during its write-back (refcount %" PRIu64
+             ")\n", v);
+    abort ();
+  }
+  assert (qcow2_flush (img) == 0);
+  assert (refcount_get (img, 5, &v) == 0 && v == 0);
+  qcow2_close (img);
+  free (b);
+}
+
 static void
 test_refcount_widths (void)
 {
@@ -1542,6 +1583,7 @@ main (void)
   test_inflight ();
   test_flush_unlocked ();
   test_flush_frees ();
+  test_flush_trim_during ();
   test_refcount_widths ();
   test_pending_frees ();
   test_compressed_writes (false, 16);
