@@ -1101,6 +1101,49 @@ test_flush_trim_during (void)
   free (b);
 }
 
+/* A free during a held write-back that continues a sealed pending range
+ * (host-contiguous with it) must not extend it: the flush commits only
+ * the sealed ranges, and the later trim's entry was cleared after the
+ * copies were taken.
+ */
+static void
+test_flush_sealed_extend (void)
+{
+  size_t size;
+  uint8_t *b = build (12, 4, &size);
+  struct gate_io *g = gate_new (b, size);
+  struct qcow2_config cfg = { 0 };
+  struct qcow2_image *img;
+  struct flush_job f = { 0 };
+  pthread_t tf;
+  uint8_t buf[512];
+  uint64_t v6, v7;
+
+  img = qcow2_open_io (&g->io, "test.qcow2", NULL, &cfg);
+  assert (img);
+  f.img = img;
+  assert (qcow2_trim (img, 4096, 3 * 4096, 0) == 0);   /* data 6 pending */
+  memset (buf, 0x55, sizeof buf);
+  assert (qcow2_pwrite (img, buf, sizeof buf, 8 * 4096, 0) == 0);
+  gate_hold_flush (g, false, &tf, &f);
+  assert (qcow2_trim (img, 4096, 4 * 4096, 0) == 0);   /* data 7 */
+  gate_open_flush (g);
+  assert (pthread_join (tf, NULL) == 0);
+  assert (f.r == 0);
+  assert (refcount_get (img, 6, &v6) == 0 && refcount_get (img, 7, &v7) == 0);
+  if (v6 != 0 || v7 != 1) {
+    fprintf (stderr, "test_flush_sealed_extend: after the flush, refcount "
+             "of cluster 6 = %" PRIu64 " (want 0), cluster 7 = %" PRIu64
+             " (want 1: a free during the write-back extended a sealed "
+             "range)\n", v6, v7);
+    abort ();
+  }
+  assert (qcow2_flush (img) == 0);
+  assert (refcount_get (img, 7, &v7) == 0 && v7 == 0);
+  qcow2_close (img);
+  free (b);
+}
+
 static void
 test_refcount_widths (void)
 {
@@ -1584,6 +1627,7 @@ main (void)
   test_flush_unlocked ();
   test_flush_frees ();
   test_flush_trim_during ();
+  test_flush_sealed_extend ();
   test_refcount_widths ();
   test_pending_frees ();
   test_compressed_writes (false, 16);
