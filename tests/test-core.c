@@ -1144,6 +1144,125 @@ test_flush_sealed_extend (void)
   free (b);
 }
 
+/* The write-back's worker threads (direct I/O, >= 16 dirty slices): the
+ * data reaches the file; a failure in one worker's slice fails the
+ * flush, and the next flush writes every slice again.
+ */
+static uint64_t wbt_fail_off = UINT64_MAX;
+static pthread_t wbt_main;
+static unsigned wbt_other_thread_writes;
+
+static int
+wbt_pwrite (struct qcow2_io *io, const void *buf, size_t n, uint64_t off)
+{
+  uint64_t want = off;
+
+  if (!pthread_equal (pthread_self (), wbt_main))
+    __atomic_add_fetch (&wbt_other_thread_writes, 1, __ATOMIC_RELAXED);
+  if (__atomic_compare_exchange_n (&wbt_fail_off, &want, UINT64_MAX, false,
+                                   __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) {
+    errno = EIO;
+    return -1;
+  }
+  return gate_pwrite (io, buf, n, off);
+}
+
+static const struct qcow2_io_ops wbt_ops = {
+  .pread = gate_pread, .pwrite = wbt_pwrite, .flush = gate_flush,
+  .size = gate_size, .truncate = gate_truncate, .close = gate_close,
+};
+
+static void
+test_flush_wb_threads (void)
+{
+  struct qcow2_create_options co = { .size = 4 << 20, .cluster_size = 512 };
+  char dir[] = "/tmp/test-core-XXXXXX", path[64];
+  struct qcow2_config cfg = { 0 };
+  struct qcow2_image *img, *ro;
+  struct qcow2_io *inner, *dio;
+  struct gate_io *g;
+  uint8_t buf[512], *b, *copy;
+  const uint8_t *d;
+  size_t size, msize;
+  uint64_t i, t7;
+  int r;
+  FILE *fp;
+
+  assert (mkdtemp (dir));
+  snprintf (path, sizeof path, "%s/disk.qcow2", dir);
+  assert (qcow2_create (path, &co) == 0);
+  fp = fopen (path, "r");
+  assert (fp);
+  b = malloc (1 << 20);
+  assert (b);
+  size = fread (b, 1, 1 << 20, fp);
+  fclose (fp);
+  unlink (path);
+  rmdir (dir);
+
+  wbt_main = pthread_self ();
+  g = gate_new (b, size);
+  g->io.ops = &wbt_ops;
+  g->keep_inner = true;
+  inner = g->inner;
+  dio = qcow2_io_direct_over (&g->io, 512, 512);
+  assert (dio);
+  img = qcow2_open_io (dio, "test.qcow2", NULL, &cfg);
+  assert (img);
+  /* One cluster in each of 40 L2 tables (64 entries each). */
+  for (i = 0; i < 40; i++) {
+    memset (buf, 0x10 + i, sizeof buf);
+    assert (qcow2_pwrite (img, buf, sizeof buf, i * 64 * 512, 0) == 0);
+  }
+  assert (qcow2_flush (img) == 0);
+  /* Dirty all 40 again (new clusters), fail table 7's slice (written
+   * by a worker thread: slices are dealt out round robin).
+   */
+  for (i = 0; i < 40; i++) {
+    memset (buf, 0x60 + i, sizeof buf);
+    assert (qcow2_pwrite (img, buf, sizeof buf, (i * 64 + 1) * 512, 0) == 0);
+  }
+  t7 = img->l1[7] & L1E_OFFSET_MASK;
+  __atomic_store_n (&wbt_other_thread_writes, 0, __ATOMIC_RELAXED);
+  __atomic_store_n (&wbt_fail_off, t7, __ATOMIC_RELEASE);
+  r = qcow2_flush (img);
+  if (__atomic_load_n (&wbt_fail_off, __ATOMIC_ACQUIRE) != UINT64_MAX) {
+    fprintf (stderr, "test_flush_wb_threads: table 7's slice at %#" PRIx64
+             " was never written\n", t7);
+    abort ();
+  }
+  if (wbt_other_thread_writes == 0) {
+    fprintf (stderr, "test_flush_wb_threads: no write-back worker thread "
+             "wrote anything\n");
+    abort ();
+  }
+  if (r != -1) {
+    fprintf (stderr, "test_flush_wb_threads: a flush whose slice write "
+             "failed returned %d (want -1)\n", r);
+    abort ();
+  }
+  assert (qcow2_flush (img) == 0);
+  d = qcow2_io_memory_data (inner, &msize);
+  copy = malloc (msize);
+  assert (copy);
+  memcpy (copy, d, msize);
+  ro = open_buf (copy, msize);
+  assert (ro);
+  for (i = 0; i < 40; i++) {
+    assert (qcow2_pread (ro, buf, 512, (i * 64 + 1) * 512) == 0);
+    if (!all_bytes (buf, 512, 0x60 + i)) {
+      fprintf (stderr, "test_flush_wb_threads: table %" PRIu64 "'s new "
+               "entry is not in the file after the second flush\n", i);
+      abort ();
+    }
+  }
+  qcow2_close (ro);
+  free (copy);
+  qcow2_close (img);
+  io_close (inner);
+  free (b);
+}
+
 static void
 test_refcount_widths (void)
 {
@@ -1628,6 +1747,7 @@ main (void)
   test_flush_frees ();
   test_flush_trim_during ();
   test_flush_sealed_extend ();
+  test_flush_wb_threads ();
   test_refcount_widths ();
   test_pending_frees ();
   test_compressed_writes (false, 16);
