@@ -553,8 +553,9 @@ cache_flush (struct cache *c)
  * write-back (without the ordering, which is the owner's business
  * here); if one refuses, nothing is taken and -1 is returned.  Returns
  * 1 when taken (maybe none: nothing was dirty), 0 when there are more
- * than max_bytes of them or they fill more than half the cache (nothing
- * taken: write them back the usual way), -1 on error.
+ * than max_bytes of them, they fill more than half the cache or memory
+ * for the copies cannot be had (nothing taken: write them back the
+ * usual way, which needs no copies), -1 when check refused.
  */
 int
 cache_wb_begin (struct cache *c, uint64_t max_bytes,
@@ -575,7 +576,7 @@ cache_wb_begin (struct cache *c, uint64_t max_bytes,
   if (c->ndirty > c->wb_alloc) {
     struct wb_slice *w = realloc (c->wb, c->ndirty * sizeof *w);
     if (w == NULL)
-      return -1;
+      return 0;                 /* no room for copies: the usual way */
     memset (w + c->wb_alloc, 0, (c->ndirty - c->wb_alloc) * sizeof *w);
     c->wb = w;
     c->wb_alloc = c->ndirty;
@@ -587,7 +588,7 @@ cache_wb_begin (struct cache *c, uint64_t max_bytes,
     if (check && check (opaque, e->offset, len) == -1)
       return -1;
     if (c->wb[n].copy == NULL && (c->wb[n].copy = slice_alloc (c)) == NULL)
-      return -1;
+      return 0;                 /* (the copies made are kept for later) */
     c->wb[n].e = e;
     c->wb[n].offset = e->offset;
     n++;

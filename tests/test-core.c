@@ -22,6 +22,7 @@
 #include <inttypes.h>
 
 #include <pthread.h>
+#include <dlfcn.h>
 #include <unistd.h>
 
 #include "internal.h"
@@ -1172,20 +1173,13 @@ static const struct qcow2_io_ops wbt_ops = {
   .size = gate_size, .truncate = gate_truncate, .close = gate_close,
 };
 
-static void
-test_flush_wb_threads (void)
+/* A new 4 MiB image with 512-byte clusters, in memory. */
+static uint8_t *
+create_512 (size_t *size)
 {
   struct qcow2_create_options co = { .size = 4 << 20, .cluster_size = 512 };
   char dir[] = "/tmp/test-core-XXXXXX", path[64];
-  struct qcow2_config cfg = { 0 };
-  struct qcow2_image *img, *ro;
-  struct qcow2_io *inner, *dio;
-  struct gate_io *g;
-  uint8_t buf[512], *b, *copy;
-  const uint8_t *d;
-  size_t size, msize;
-  uint64_t i, t7;
-  int r;
+  uint8_t *b;
   FILE *fp;
 
   assert (mkdtemp (dir));
@@ -1195,10 +1189,27 @@ test_flush_wb_threads (void)
   assert (fp);
   b = malloc (1 << 20);
   assert (b);
-  size = fread (b, 1, 1 << 20, fp);
+  *size = fread (b, 1, 1 << 20, fp);
   fclose (fp);
   unlink (path);
   rmdir (dir);
+  return b;
+}
+
+static void
+test_flush_wb_threads (void)
+{
+  struct qcow2_config cfg = { 0 };
+  struct qcow2_image *img, *ro;
+  struct qcow2_io *inner, *dio;
+  struct gate_io *g;
+  uint8_t buf[512], *b, *copy;
+  const uint8_t *d;
+  size_t size, msize;
+  uint64_t i, t7;
+  int r;
+
+  b = create_512 (&size);
 
   wbt_main = pthread_self ();
   g = gate_new (b, size);
@@ -1256,6 +1267,78 @@ test_flush_wb_threads (void)
       abort ();
     }
   }
+  qcow2_close (ro);
+  free (copy);
+  qcow2_close (img);
+  io_close (inner);
+  free (b);
+}
+
+/* No memory for the write-back's copies: a guest flush writes back
+ * with the lock held instead of failing.  The copies of slices of a
+ * direct io come from posix_memalign (cache.c: slice_alloc), which
+ * this program replaces so that the next call may fail.
+ */
+static int memalign_fail;       /* calls left to fail */
+
+int
+posix_memalign (void **p, size_t a, size_t n)
+{
+  static int (*real) (void **, size_t, size_t);
+
+  if (__atomic_load_n (&memalign_fail, __ATOMIC_ACQUIRE) > 0 &&
+      __atomic_sub_fetch (&memalign_fail, 1, __ATOMIC_ACQ_REL) >= 0)
+    return ENOMEM;
+  if (real == NULL)
+    real = (int (*) (void **, size_t, size_t))
+      dlsym (RTLD_NEXT, "posix_memalign");
+  assert (real);
+  return real (p, a, n);
+}
+
+static void
+test_flush_wb_enomem (void)
+{
+  struct qcow2_config cfg = { 0 };
+  struct qcow2_image *img, *ro;
+  struct qcow2_io *inner, *dio;
+  struct gate_io *g;
+  uint8_t buf[512], *b, *copy;
+  const uint8_t *d;
+  size_t size, msize;
+  int r;
+
+  b = create_512 (&size);
+  g = gate_new (b, size);
+  g->keep_inner = true;
+  inner = g->inner;
+  dio = qcow2_io_direct_over (&g->io, 512, 512);
+  assert (dio);
+  img = qcow2_open_io (dio, "test.qcow2", NULL, &cfg);
+  assert (img);
+  memset (buf, 0x3c, sizeof buf);
+  assert (qcow2_pwrite (img, buf, sizeof buf, 5 * 512, 0) == 0);
+  __atomic_store_n (&memalign_fail, 1, __ATOMIC_RELEASE);
+  r = qcow2_flush (img);
+  if (__atomic_load_n (&memalign_fail, __ATOMIC_ACQUIRE) != 0) {
+    fprintf (stderr, "test_flush_wb_enomem: the flush allocated no "
+             "copy\n");
+    abort ();
+  }
+  if (r != 0) {
+    fprintf (stderr, "test_flush_wb_enomem: a flush with no memory for "
+             "the write-back's copies failed: %m\n");
+    abort ();
+  }
+  /* That flush's data is in the file. */
+  d = qcow2_io_memory_data (inner, &msize);
+  copy = malloc (msize);
+  assert (copy);
+  memcpy (copy, d, msize);
+  ro = open_buf (copy, msize);
+  assert (ro);
+  assert (qcow2_pread (ro, buf, 512, 5 * 512) == 0);
+  assert (all_bytes (buf, 512, 0x3c));
   qcow2_close (ro);
   free (copy);
   qcow2_close (img);
@@ -1748,6 +1831,7 @@ main (void)
   test_flush_trim_during ();
   test_flush_sealed_extend ();
   test_flush_wb_threads ();
+  test_flush_wb_enomem ();
   test_refcount_widths ();
   test_pending_frees ();
   test_compressed_writes (false, 16);
