@@ -62,8 +62,10 @@
  * again, unpins them, and on failure marks them dirty again.  Until
  * then the owner must not let anything else write those slices back
  * (a newer copy written first and the older one after would go back in
- * time): l2.c makes every other write-back wait for the end.  The
- * copies are kept for the next write-back; the owner bounds them.
+ * time): l2.c makes every other write-back wait for the end, so
+ * meanwhile a miss evicts a clean unpinned slice if there is one
+ * (victim) rather than write a dirty one back.  The copies are kept for
+ * the next write-back; the owner bounds them.
  *
  * Locking: all functions are called with the owner's lock (the image's
  * img->lock) held exclusively,
@@ -298,12 +300,15 @@ slice_alloc (struct cache *c)
 }
 
 /* Find an entry to reuse: a fresh one while the cache is filling, else
- * the least recently used one that nobody holds.
+ * the least recently used one that nobody holds.  While a write-back
+ * without the lock is in progress (nwb > 0), a clean one is preferred:
+ * writing a dirty one back waits for that write-back's end (l2.c), its
+ * syncs included, with the owner's lock held.
  */
 static struct cache_entry *
 victim (struct cache *c)
 {
-  struct cache_entry *e;
+  struct cache_entry *e, *dirty = NULL;
 
   if (c->used < c->nr) {
     e = &c->entries[c->used];
@@ -326,6 +331,12 @@ victim (struct cache *c)
       lru_push_front (c, e);
     }
     else if (e->pins == 0) {
+      if (e->dirty && c->nwb > 0) {
+        if (dirty == NULL)
+          dirty = e;
+        e = newer;
+        continue;
+      }
       if (e->dirty && write_back (c, e) == -1)
         return NULL;
       lru_unlink (e);
@@ -334,6 +345,13 @@ victim (struct cache *c)
       return e;
     }
     e = newer;
+  }
+  if (dirty) {                  /* no clean one: wait after all */
+    if (write_back (c, dirty) == -1)
+      return NULL;
+    lru_unlink (dirty);
+    hash_remove (c, dirty);
+    return dirty;
   }
   nbdkit_error ("%s: table cache exhausted (all %" PRIu32 " entries in use)",
                 c->name, c->nr);

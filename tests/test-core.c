@@ -504,6 +504,78 @@ test_cache (void)
  * from a staged copy of the slice, which goes into the cache at the next
  * drain, unless it may be stale by then.
  */
+/* While a write-back without the lock is in progress, a miss evicts a
+ * clean slice rather than write a dirty one back (which would wait for
+ * that write-back's end, l2.c); with only dirty ones left it writes one.
+ */
+static unsigned victim_writes;
+
+static int
+count_write (void *opaque, uint64_t off, uint32_t len)
+{
+  victim_writes++;
+  return 0;
+}
+
+static void
+test_cache_victim_during_wb (void)
+{
+  size_t size;
+  uint8_t *b = build (12, 4, &size);
+  struct qcow2_image *img = open_buf (b, size);
+  struct cache *c;
+  struct cache_entry *e;
+  uint64_t i;
+
+  assert (img);
+  c = cache_create (img->io, "test.qcow2", "L2", 9, 16 * 512,
+                    count_write, NULL);
+  assert (c && cache_nr_entries (c) == 16);
+  for (i = 0; i < 16; i++) {
+    assert (cache_get (c, i * 512, true, &e));
+    cache_put (c, e);
+  }
+  /* Slice 15 is taken by the write-back (pinned, clean). */
+  assert (cache_get (c, 15 * 512, true, &e));
+  cache_mark_dirty (c, e);
+  cache_put (c, e);
+  assert (cache_wb_begin (c, UINT64_MAX, NULL, NULL) == 1);
+  /* Slices 0 and 1 dirty since, and the least recently used. */
+  for (i = 0; i < 2; i++) {
+    assert (cache_get (c, i * 512, true, &e));
+    cache_mark_dirty (c, e);
+    cache_put (c, e);
+  }
+  for (i = 2; i < 15; i++) {
+    assert (cache_get (c, i * 512, true, &e));
+    cache_put (c, e);
+  }
+  victim_writes = 0;
+  assert (cache_get (c, 16 * 512, true, &e));
+  cache_put (c, e);
+  if (victim_writes != 0) {
+    fprintf (stderr, "test_cache_victim_during_wb: a miss during a "
+             "write-back wrote a dirty slice back (%u writes) although "
+             "clean ones were free\n", victim_writes);
+    abort ();
+  }
+  /* Every unpinned slice dirty: one is written back after all. */
+  for (i = 0; i < 17; i++) {
+    if (i == 2 || i == 15)      /* evicted; taken */
+      continue;
+    assert (cache_get (c, i * 512, true, &e));
+    cache_mark_dirty (c, e);
+    cache_put (c, e);
+  }
+  assert (cache_get (c, 17 * 512, true, &e));
+  cache_put (c, e);
+  assert (victim_writes == 1);
+  cache_wb_end (c, true);
+  cache_destroy (c);
+  qcow2_close (img);
+  free (b);
+}
+
 static void
 test_stage (void)
 {
@@ -1823,6 +1895,7 @@ main (void)
   test_header_validation ();
   test_corrupt_l2 ();
   test_cache ();
+  test_cache_victim_during_wb ();
   test_stage ();
   test_empty_slices ();
   test_inflight ();
