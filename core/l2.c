@@ -37,9 +37,10 @@
  * refcount increment it depends on (rules 1 and 2 broken), since the
  * disk may persist writes between two syncs in any order.  When it has
  * none, everything was written before the barrier's sync began, and
- * (unless requests wrote meanwhile) core/io.c skips the final sync as it skips every sync with nothing
- * written through the io since the last successful one began
- * ("Skipped flushes" there): so there is no special case here, and
+ * (unless requests wrote meanwhile) core/io.c skips the final sync as
+ * it skips every sync with nothing written through the io since the
+ * last successful one began ("Skipped flushes" there): so there is no
+ * special case here, and
  * the second sync goes only where nothing depends on it.  (A flush
  * that finds nothing new at all costs no sync, for the same reason.)
  * The data file is an io of its own, synced by the barrier (and by
@@ -62,8 +63,16 @@
  *                      the L1 entries dirty again and sets need_sync
  *
  * Requests go on meanwhile, and may change the very slices taken (they
- * are dirty again, for the next write-back).  Why the image stays
- * consistent:
+ * are dirty again, for the next write-back).  But a request that must
+ * write an L2 slice or L1 entry itself waits for run's end (both syncs)
+ * in l2_write_back_wait, holding img->lock exclusively, so every other
+ * request queues behind it: a miss in the L2 cache when every unpinned
+ * slice is dirty (while a write-back is in progress the cache evicts a
+ * clean slice when it has one: cache.c, victim), and a trim or zero
+ * that has to commit its frees at once (too many pending, or a large
+ * one: rw.c, flush_locked).  So does, rarely, the give-back of a failed
+ * disk-space reservation (it takes io_lock exclusively, which run holds
+ * shared).  Why the image stays consistent:
  *
  *  - rules 1 and 2 for what run writes: every entry in a copy was
  *    linked before begin, so its data was written and need_sync set
@@ -95,6 +104,12 @@
  *    a range that was pending at begin).  Any other commit (l2_write_
  *    back's callers) writes back and syncs everything first, so it
  *    commits them all.
+ *  - rule 4: the overlap check of every slice taken and of the L1
+ *    entries runs at begin, with the lock held (check_slice_write,
+ *    l1_prepare); run writes later without it, and that is still safe
+ *    because nothing checked at begin can have become something else
+ *    by then: a table or cluster is freed (and so reused) only with
+ *    io_lock held exclusively, which run holds shared.
  *  - rule 5: a guest flush reads done_gen and begins with img->lock
  *    held, so every request it must cover has its entries in the
  *    copies (or written by an eviction before), its data and
