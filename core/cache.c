@@ -350,7 +350,8 @@ victim (struct cache *c)
     if (write_back (c, dirty) == -1)
       return NULL;
     lru_unlink (dirty);
-    hash_remove (c, dirty);
+    if (dirty->valid)
+      hash_remove (c, dirty);
     return dirty;
   }
   nbdkit_error ("%s: table cache exhausted (all %" PRIu32 " entries in use)",
