@@ -51,11 +51,28 @@
  * L2 slice that turns out all zero is not kept at all: cluster.c
  * remembers it as one bit, see "Empty slices" there.)
  *
+ * Write-back without the lock: the owner may write its dirty slices
+ * back with its lock dropped, so that others go on changing the cache
+ * meanwhile (l2.c does, for a guest flush).  cache_wb_begin, with the
+ * lock held, copies every dirty slice aside, pins it (so it is neither
+ * evicted nor dropped) and marks it clean: a change made afterwards
+ * marks it dirty again, for a later write-back.  cache_wb_write then
+ * writes the copies, with no lock held (it touches no entry, only the
+ * copies, which nobody else uses), and cache_wb_end, with the lock held
+ * again, unpins them, and on failure marks them dirty again.  Until
+ * then the owner must not let anything else write those slices back
+ * (a newer copy written first and the older one after would go back in
+ * time): l2.c makes every other write-back wait for the end, so
+ * meanwhile a miss evicts a clean unpinned slice if there is one
+ * (victim) rather than write a dirty one back.  The copies are kept for
+ * the next write-back; the owner bounds them.
+ *
  * Locking: all functions are called with the owner's lock (the image's
  * img->lock) held exclusively,
  * except cache_peek, cache_stage_get, cache_stage_ready and
  * cache_stage_abort, which need it held at least shared (the staging
- * slots have their own mutex).
+ * slots have their own mutex), and cache_wb_write, which needs no lock
+ * (but an owner's write-back in progress).
  */
 
 #ifdef HAVE_CONFIG_H
@@ -98,6 +115,12 @@ struct cache_entry {
   void *data;
 };
 
+struct wb_slice {
+  struct cache_entry *e;
+  uint64_t offset;
+  void *copy;
+};
+
 struct cache {
   struct qcow2_io *io;
   const char *name;             /* the file, for messages */
@@ -113,6 +136,14 @@ struct cache {
   struct cache_entry lru;       /* sentinel: next = most recent */
   uint32_t ndirty;
   uint64_t hits, misses;
+
+  /* Write-back with the owner's lock dropped (see "Write-back without
+   * the lock" above): the entries taken by cache_wb_begin, pinned, and
+   * their copies.  Only the owner's one write-back in progress uses
+   * these; the copies stay allocated for the next one.
+   */
+  struct wb_slice *wb;
+  uint32_t nwb, wb_alloc;
 
   /* Staging (see the top of this file).  gen changes only with
    * img->lock held exclusively; the slots are guarded by stage_lock.
@@ -197,6 +228,9 @@ cache_destroy (struct cache *c)
     free (c->entries[i].data);
   for (i = 0; i < c->nslots; i++)
     free (c->slots[i].data);
+  for (i = 0; i < c->wb_alloc; i++)
+    free (c->wb[i].copy);
+  free (c->wb);
   if (c->nslots)
     pthread_mutex_destroy (&c->stage_lock);
   free (c->entries);
@@ -266,12 +300,15 @@ slice_alloc (struct cache *c)
 }
 
 /* Find an entry to reuse: a fresh one while the cache is filling, else
- * the least recently used one that nobody holds.
+ * the least recently used one that nobody holds.  While a write-back
+ * without the lock is in progress (nwb > 0), a clean one is preferred:
+ * writing a dirty one back waits for that write-back's end (l2.c), its
+ * syncs included, with the owner's lock held.
  */
 static struct cache_entry *
 victim (struct cache *c)
 {
-  struct cache_entry *e;
+  struct cache_entry *e, *dirty = NULL;
 
   if (c->used < c->nr) {
     e = &c->entries[c->used];
@@ -294,6 +331,12 @@ victim (struct cache *c)
       lru_push_front (c, e);
     }
     else if (e->pins == 0) {
+      if (e->dirty && c->nwb > 0) {
+        if (dirty == NULL)
+          dirty = e;
+        e = newer;
+        continue;
+      }
       if (e->dirty && write_back (c, e) == -1)
         return NULL;
       lru_unlink (e);
@@ -302,6 +345,14 @@ victim (struct cache *c)
       return e;
     }
     e = newer;
+  }
+  if (dirty) {                  /* no clean one: wait after all */
+    if (write_back (c, dirty) == -1)
+      return NULL;
+    lru_unlink (dirty);
+    if (dirty->valid)
+      hash_remove (c, dirty);
+    return dirty;
   }
   nbdkit_error ("%s: table cache exhausted (all %" PRIu32 " entries in use)",
                 c->name, c->nr);
@@ -513,6 +564,156 @@ cache_flush (struct cache *c)
       return -1;
   }
   return 0;
+}
+
+/* Write-back without the lock (see the top of this file), with the
+ * lock held: take every dirty slice, if their copies fit in max_bytes.
+ * check (may be NULL) runs for each first, as before_write does for a
+ * write-back (without the ordering, which is the owner's business
+ * here); if one refuses, nothing is taken and -1 is returned.  Returns
+ * 1 when taken (maybe none: nothing was dirty), 0 when there are more
+ * than max_bytes of them, they fill more than half the cache or memory
+ * for the copies cannot be had (nothing taken: write them back the
+ * usual way, which needs no copies), -1 when check refused.
+ */
+int
+cache_wb_begin (struct cache *c, uint64_t max_bytes,
+                cache_before_write_fn check, void *opaque)
+{
+  size_t len = (size_t) 1 << c->slice_bits;
+  uint32_t i, n = 0;
+
+  if (c->nwb != 0) {            /* one write-back at a time */
+    errno = EBUSY;
+    return -1;
+  }
+  /* Pinned, they cannot make room: leave at least half the cache to
+   * the requests that go on meanwhile.
+   */
+  if ((uint64_t) c->ndirty * len > max_bytes || c->ndirty > c->nr / 2)
+    return 0;
+  if (c->ndirty > c->wb_alloc) {
+    struct wb_slice *w = realloc (c->wb, c->ndirty * sizeof *w);
+    if (w == NULL)
+      return 0;                 /* no room for copies: the usual way */
+    memset (w + c->wb_alloc, 0, (c->ndirty - c->wb_alloc) * sizeof *w);
+    c->wb = w;
+    c->wb_alloc = c->ndirty;
+  }
+  for (i = 0; i < c->used && n < c->ndirty; i++) {
+    struct cache_entry *e = &c->entries[i];
+    if (!e->valid || !e->dirty)
+      continue;
+    if (check && check (opaque, e->offset, len) == -1)
+      return -1;
+    if (c->wb[n].copy == NULL && (c->wb[n].copy = slice_alloc (c)) == NULL)
+      return 0;                 /* (the copies made are kept for later) */
+    c->wb[n].e = e;
+    c->wb[n].offset = e->offset;
+    n++;
+  }
+  /* Nothing can fail from here on. */
+  for (i = 0; i < n; i++) {
+    struct cache_entry *e = c->wb[i].e;
+    memcpy (c->wb[i].copy, e->data, len);
+    e->pins++;
+    e->dirty = false;
+  }
+  c->ndirty -= n;
+  c->nwb = n;
+  return 1;
+}
+
+/* With no lock held: write the copies taken by cache_wb_begin, those
+ * from i on in steps of 'step'.
+ */
+struct wb_job {
+  struct cache *c;
+  uint32_t first, step;
+  int r, err;
+};
+
+static void *
+wb_write_some (void *arg)
+{
+  struct wb_job *j = arg;
+  struct cache *c = j->c;
+  size_t len = (size_t) 1 << c->slice_bits;
+  uint32_t i;
+
+  j->r = 0;
+  for (i = j->first; i < c->nwb; i += j->step) {
+    if (io_pwrite (c->io, c->wb[i].copy, len, c->wb[i].offset) == -1) {
+      nbdkit_error ("%s: writing %s slice at %#" PRIx64 ": %m", c->name,
+                    c->what, c->wb[i].offset);
+      j->r = -1;
+      j->err = errno;
+      break;
+    }
+  }
+  return NULL;
+}
+
+/* With no lock held: write the copies taken by cache_wb_begin.  With
+ * direct I/O each write waits for the disk, and the slices of a
+ * write-back are scattered (one per table written to): up to
+ * WB_THREADS threads write them at once.  They are all written between
+ * the same two syncs (the owner's), so their order never mattered.
+ */
+#define WB_THREADS 4
+#define WB_PER_THREAD 8         /* fewer slices: fewer threads */
+
+int
+cache_wb_write (struct cache *c)
+{
+  struct wb_job jobs[WB_THREADS];
+  pthread_t t[WB_THREADS];
+  bool started[WB_THREADS] = { false };
+  uint32_t n = 1, i;
+  int r = 0;
+
+  if (c->io->direct)
+    n = c->nwb / WB_PER_THREAD;
+  if (n > WB_THREADS)
+    n = WB_THREADS;
+  if (n < 1)
+    n = 1;
+  for (i = 0; i < n; i++)
+    jobs[i] = (struct wb_job) { c, i, n, 0, 0 };
+  for (i = 1; i < n; i++)
+    started[i] = pthread_create (&t[i], NULL, wb_write_some, &jobs[i]) == 0;
+  /* This thread writes its share, and any share no thread took. */
+  for (i = 0; i < n; i++)
+    if (i == 0 || !started[i])
+      wb_write_some (&jobs[i]);
+  for (i = 1; i < n; i++)
+    if (started[i])
+      pthread_join (t[i], NULL);
+  for (i = 0; i < n && r == 0; i++)
+    if (jobs[i].r == -1) {
+      errno = jobs[i].err;
+      r = -1;
+    }
+  return r;
+}
+
+/* With the lock held again: the write-back is over; ok says whether
+ * every copy was written (if not, the slices are dirty again).
+ */
+void
+cache_wb_end (struct cache *c, bool ok)
+{
+  uint32_t i;
+
+  for (i = 0; i < c->nwb; i++) {
+    struct cache_entry *e = c->wb[i].e;
+    e->pins--;
+    if (!ok && !e->dirty) {
+      e->dirty = true;
+      c->ndirty++;
+    }
+  }
+  c->nwb = 0;
 }
 
 /* Forget slices in [off, off+len): their clusters were freed.  Any

@@ -54,5 +54,10 @@ extern bool cache_stage_ready (struct cache *c, int slot, uint64_t off,
 extern void cache_stage_abort (struct cache *c, int slot);
 extern void cache_stage_invalidate (struct cache *c);
 extern void cache_stage_drain (struct cache *c);
+/* Write-back without the owner's lock (cache.c explains). */
+extern int cache_wb_begin (struct cache *c, uint64_t max_bytes,
+                           cache_before_write_fn check, void *opaque);
+extern int cache_wb_write (struct cache *c);
+extern void cache_wb_end (struct cache *c, bool ok);
 
 #endif /* QCOW2_CACHE_H */

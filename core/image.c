@@ -206,6 +206,10 @@ image_free (struct qcow2_image *img)
   pthread_rwlock_destroy (&img->io_lock);
   pthread_mutex_destroy (&img->inflight_lock);
   pthread_cond_destroy (&img->inflight_done);
+  pthread_mutex_destroy (&img->flush_lock);
+  pthread_mutex_destroy (&img->wb_lock);
+  pthread_cond_destroy (&img->wb_done);
+  free (img->wb_l1);
   free (img->pending);
   free (img->name);
   free (img->dir);
@@ -299,6 +303,9 @@ image_open (struct qcow2_io *io, const char *name, const char *dir,
   pthread_rwlock_init (&img->io_lock, NULL);
   pthread_mutex_init (&img->inflight_lock, NULL);
   pthread_cond_init (&img->inflight_done, NULL);
+  pthread_mutex_init (&img->flush_lock, NULL);
+  pthread_mutex_init (&img->wb_lock, NULL);
+  pthread_cond_init (&img->wb_done, NULL);
   img->io = io;
   img->give_back_reservation = rw_give_back_reservation;
   img->cfg = *cfg;

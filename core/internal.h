@@ -204,9 +204,29 @@ struct qcow2_image {
    * (with 'lock' held exclusively).
    */
   uint64_t done_gen, flushed_gen;
+  /* One guest flush at a time (rw.c); taken before 'lock'. */
+  pthread_mutex_t flush_lock;
+  /* A guest flush's write-back with 'lock' dropped (l2.c, "Write-back
+   * without the lock"): wb_state (WB_*) and wb_failed change with
+   * wb_lock held (wb_done signals the end of the unlocked part); the
+   * rest is the flusher's while it runs.
+   */
+  pthread_mutex_t wb_lock;
+  pthread_cond_t wb_done;
+  int wb_state;
+  bool wb_failed;
+  bool wb_sync_first;           /* the barrier's sync is the flusher's */
+  uint64_t *wb_l1;              /* L1 entries to write (big-endian) */
+  uint64_t wb_l1_off, wb_l1_len;
+  uint32_t wb_l1_lo, wb_l1_hi;  /* the dirty entries among them */
   struct pending_free *pending; /* deferred refcount decrements */
   size_t nr_pending, pending_alloc;
   uint64_t pending_clusters;
+  /* The first pending_sealed ranges were pending when a guest flush's
+   * write-back without the lock began (l2.c): only they may be
+   * committed after it, and no later free extends them.
+   */
+  size_t pending_sealed;
   bool l1_dirty;                /* L1 entries changed since last write */
   uint32_t l1_dirty_lo, l1_dirty_hi;
   /* Data I/O done outside 'lock' holds this shared; committing frees
@@ -489,7 +509,12 @@ extern int l2_free_entry_later (struct qcow2_image *img, uint64_t e,
                                 uint64_t guest, uint64_t bound);
 extern int l2_check_old_entries (struct qcow2_image *img, uint64_t c0,
                                  uint64_t n);
+enum { WB_IDLE, WB_RUNNING, WB_ENDED };
 extern int l2_write_back (struct qcow2_image *img);
+extern int l2_write_back_begin (struct qcow2_image *img);
+extern int l2_write_back_run (struct qcow2_image *img);
+extern void l2_write_back_end (struct qcow2_image *img, int r);
+extern void l2_write_back_wait (struct qcow2_image *img);
 extern int l2_barrier (struct qcow2_image *img);
 extern void l2_set_l1 (struct qcow2_image *img, uint64_t i, uint64_t v);
 extern int l2_write_l1 (struct qcow2_image *img);
@@ -642,7 +667,7 @@ extern void refcount_unalloc (struct qcow2_image *img, uint64_t off,
                               uint64_t n);
 extern int refcount_free_later (struct qcow2_image *img, uint64_t off,
                                 uint64_t n);
-extern int refcount_commit_frees (struct qcow2_image *img);
+extern int refcount_commit_frees (struct qcow2_image *img, size_t limit);
 extern int refcount_write_back (struct qcow2_image *img);
 extern void refcount_give_back_reservation (struct qcow2_image *img);
 

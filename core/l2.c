@@ -26,7 +26,9 @@
  *     first, so no entry points at unwritten data;
  *  4. the table's range passes the overlap check.
  *
- * Syncs per flush.  l2_write_back syncs the image file up to twice:
+ * Syncs per flush.  l2_write_back (and a guest flush's write-back
+ * without the lock, below, in the same order) syncs the image file up
+ * to twice:
  * the barrier's (refcount blocks and data made durable before the
  * first L2 slice or L1 entry that may point at them is written) and
  * the final one.  When the flush has L2 slices or L1 entries to write,
@@ -35,19 +37,101 @@
  * refcount increment it depends on (rules 1 and 2 broken), since the
  * disk may persist writes between two syncs in any order.  When it has
  * none, everything was written before the barrier's sync began, and
- * core/io.c skips the final sync as it skips every sync with nothing
- * written through the io since the last successful one began
- * ("Skipped flushes" there): so there is no special case here, and
+ * (unless requests wrote meanwhile) core/io.c skips the final sync as
+ * it skips every sync with nothing written through the io since the
+ * last successful one began ("Skipped flushes" there): so there is no
+ * special case here, and
  * the second sync goes only where nothing depends on it.  (A flush
  * that finds nothing new at all costs no sync, for the same reason.)
  * The data file is an io of its own, synced by the barrier (and by
  * qcow2_flush) through that io.
  *
+ * Write-back without the lock.  A guest flush (rw.c) would hold
+ * img->lock exclusively through both syncs and every slice write, and
+ * with cache=none each is a trip to the disk: no request could even
+ * link its entries meanwhile.  So it runs in three parts:
+ *
+ *   begin (lock held)  write the dirty refcount blocks; take the dirty
+ *                      L2 slices (cache.c copies them aside, pins them,
+ *                      marks them clean), the dirty L1 entries (a
+ *                      big-endian copy) and need_sync (cleared)
+ *   run (lock dropped, io_lock shared)
+ *                      sync if need_sync was set (the barrier); write
+ *                      the copies and the L1 entries; sync
+ *   end                whoever next holds the lock settles it: unpins
+ *                      the slices and, if run failed, marks them and
+ *                      the L1 entries dirty again and sets need_sync
+ *
+ * Requests go on meanwhile, and may change the very slices taken (they
+ * are dirty again, for the next write-back).  But a request that must
+ * write an L2 slice or L1 entry itself waits for run's end (both syncs)
+ * in l2_write_back_wait, holding img->lock exclusively, so every other
+ * request queues behind it: a miss in the L2 cache when every unpinned
+ * slice is dirty (while a write-back is in progress the cache evicts a
+ * clean slice when it has one: cache.c, victim), and a trim or zero
+ * that has to commit its frees at once (too many pending, or a large
+ * one: rw.c, flush_locked).  So does, rarely, the give-back of a failed
+ * disk-space reservation (it takes io_lock exclusively, which run holds
+ * shared).  Why the image stays consistent:
+ *
+ *  - rules 1 and 2 for what run writes: every entry in a copy was
+ *    linked before begin, so its data was written and need_sync set
+ *    before begin, and its refcount increment was in the refcount
+ *    cache, which begin writes; run's first sync starts after all of
+ *    that and completes before any copy is written.  Whatever changed
+ *    after begin is not in the copies.
+ *  - rules 1 and 2 for everything else: every other write of an L2
+ *    slice or L1 entry (an eviction, another write-back, a repair, a
+ *    bitmap table) first waits for run to end and settles it
+ *    (l2_write_back_wait, from l2_barrier and l2_write_back); then
+ *    need_sync is true if anything was written since run's first sync
+ *    began that an entry may depend on: begin cleared it, every
+ *    request that wrote data, a new table or a refcount block since
+ *    set it again, and a failed run sets it again.  So its own barrier
+ *    syncs what it must, as before.
+ *  - no older copy over a newer slice: a slice taken is pinned, so not
+ *    evicted; every other write-back waits for run; so nothing writes
+ *    it between begin and the end of run, and the newer contents go
+ *    after the copy, in a later write-back, after a sync.
+ *  - rule 3: run holds io_lock shared, and frees are committed with it
+ *    held exclusively (rw.c), so no table run writes is freed (and
+ *    reused) before run is done; the flush commits its frees only
+ *    after run's final sync, under the lock again, and only those that
+ *    were pending at begin (img->pending_sealed: their entries were
+ *    cleared before begin, so in the copies or written before).  A
+ *    trim or zero during run clears entries that run does not write:
+ *    its frees wait for a later write-back (and no later free extends
+ *    a range that was pending at begin).  Any other commit (l2_write_
+ *    back's callers) writes back and syncs everything first, so it
+ *    commits them all.
+ *  - rule 4: the overlap check of every slice taken and of the L1
+ *    entries runs at begin, with the lock held (check_slice_write,
+ *    l1_prepare); run writes later without it, and that is still safe
+ *    because nothing checked at begin can have become something else
+ *    by then: a table or cluster is freed (and so reused) only with
+ *    io_lock held exclusively, which run holds shared.
+ *  - rule 5: a guest flush reads done_gen and begins with img->lock
+ *    held, so every request it must cover has its entries in the
+ *    copies (or written by an eviction before), its data and
+ *    refcounts written before run's syncs start; the flush returns
+ *    after the final sync.  Guest flushes are serialized (rw.c:
+ *    flush_lock), so only one write-back runs at a time.
+ *  - a failure: the slices and entries are dirty again and need_sync
+ *    set before anyone else can write one (settling comes before any
+ *    other L2 or L1 write, and before l2_write_back looks for dirty
+ *    slices), so nothing is lost and the next write-back syncs first.
+ *
+ * The copies are bounded (WB_MAX_BYTES, and half the L2 cache, since
+ * pinned slices cannot make room for the requests that go on): past
+ * that, the flush writes back with the lock held, as l2_write_back.
+ *
  * And rule 3's guard: what an entry references is checked before it is
  * freed or copied from (l2_entry_host_range), so that a corrupt entry
  * pointing at metadata never hands that metadata to the allocator.
  *
- * Locking: none taken; everything here needs img->lock exclusively.
+ * Locking: everything here needs img->lock exclusively, but
+ * l2_write_back_run and l2_write_back_end, which run without it; only
+ * wb_lock is taken here (l2_write_back_wait, l2_write_back_end).
  */
 
 #ifdef HAVE_CONFIG_H
@@ -62,12 +146,52 @@
 #include "internal.h"
 #include "overlap.h"
 
+/* With img->lock held exclusively: wait until a guest flush's
+ * write-back running with the lock dropped has ended, and settle it
+ * (see "Write-back without the lock"): its slices unpinned and, if it
+ * failed, its slices and L1 entries dirty again and need_sync set, so
+ * that whatever comes next writes them again after a sync.  Every other
+ * write of an L2 slice or L1 entry comes here first (l2_barrier,
+ * l2_write_back).
+ */
+void
+l2_write_back_wait (struct qcow2_image *img)
+{
+  pthread_mutex_lock (&img->wb_lock);
+  while (img->wb_state == WB_RUNNING)
+    pthread_cond_wait (&img->wb_done, &img->wb_lock);
+  if (img->wb_state == WB_ENDED) {
+    cache_wb_end (img->l2_cache, !img->wb_failed);
+    if (img->wb_l1) {
+      if (img->wb_failed) {
+        uint32_t lo = img->wb_l1_lo, hi = img->wb_l1_hi;
+        if (!img->l1_dirty) {
+          img->l1_dirty = true;
+          img->l1_dirty_lo = lo;
+          img->l1_dirty_hi = hi;
+        }
+        if (lo < img->l1_dirty_lo)
+          img->l1_dirty_lo = lo;
+        if (hi > img->l1_dirty_hi)
+          img->l1_dirty_hi = hi;
+      }
+      free (img->wb_l1);
+      img->wb_l1 = NULL;
+    }
+    if (img->wb_failed)
+      img->need_sync = true;
+    img->wb_state = WB_IDLE;
+  }
+  pthread_mutex_unlock (&img->wb_lock);
+}
+
 /* Rules 1 and 2: before an L2 slice or L1 entry is written (and a
  * bitmap table, bitmap.c).
  */
 int
 l2_barrier (struct qcow2_image *img)
 {
+  l2_write_back_wait (img);
   if (cache_flush (img->rc_cache) == -1)
     return -1;
   if (img->need_sync) {
@@ -95,25 +219,31 @@ l2_before_slice_write (void *opaque, uint64_t off, uint32_t len)
   return overlap_check_write (img, off, len, OV_ACTIVE_L2);
 }
 
-/* Write the dirty L1 entries (after rules 1 and 2).  With direct I/O
- * the entries written are widened to whole blocks of the io's
- * alignment inside the table (io_widen_write): img->l1 holds the whole
- * table, the entries around the dirty ones as they are on disk, so
- * writing them again changes nothing and spares io.c reading the block
- * first.  The overlap check covers exactly what is written (all of it
- * inside the L1 table).
+/* Rule 4 alone, for the slices a write-back without the lock takes
+ * (the ordering is l2_write_back_run's).
  */
-int
-l2_write_l1 (struct qcow2_image *img)
+static int
+check_slice_write (void *opaque, uint64_t off, uint32_t len)
+{
+  return overlap_check_write (opaque, off, len, OV_ACTIVE_L2);
+}
+
+/* The dirty L1 entries as they are to be written: *be (malloc'd) holds
+ * entries [*lo, *hi] big-endian, which pass the overlap check.  With
+ * direct I/O the entries written are widened to whole blocks of the
+ * io's alignment inside the table (io_widen_write): img->l1 holds the
+ * whole table, the entries around the dirty ones as they are on disk,
+ * so writing them again changes nothing and spares io.c reading the
+ * block first.  The overlap check covers exactly what is written (all
+ * of it inside the L1 table).
+ */
+static int
+l1_prepare (struct qcow2_image *img, uint64_t **bep, uint32_t *lop,
+            uint32_t *hip)
 {
   uint32_t lo = img->l1_dirty_lo, hi = img->l1_dirty_hi, i;
   uint64_t *be, start, end;
-  int r = -1;
 
-  if (!img->l1_dirty)
-    return 0;
-  if (l2_barrier (img) == -1)
-    return -1;
   start = img->l1_offset + (uint64_t) lo * 8;
   end = img->l1_offset + ((uint64_t) hi + 1) * 8;
   if ((img->l1_offset & 7) == 0) {
@@ -122,18 +252,36 @@ l2_write_l1 (struct qcow2_image *img)
     lo = (start - img->l1_offset) / 8;
     hi = (end - img->l1_offset) / 8 - 1;
   }
+  if (overlap_check_write (img, img->l1_offset + (uint64_t) lo * 8,
+                           (uint64_t) (hi - lo + 1) * 8, OV_ACTIVE_L1) == -1)
+    return -1;
   be = malloc ((size_t) (hi - lo + 1) * 8);
   if (be == NULL)
     return -1;
   for (i = lo; i <= hi; i++)
     be[i - lo] = htobe64 (img->l1[i]);
-  if (overlap_check_write (img, img->l1_offset + (uint64_t) lo * 8,
-                           (uint64_t) (hi - lo + 1) * 8, OV_ACTIVE_L1) == 0) {
-    r = io_pwrite (img->io, be, (size_t) (hi - lo + 1) * 8,
-                   img->l1_offset + (uint64_t) lo * 8);
-    if (r == -1)
-      nbdkit_error ("%s: writing L1 table: %m", img->name);
-  }
+  *bep = be;
+  *lop = lo;
+  *hip = hi;
+  return 0;
+}
+
+/* Write the dirty L1 entries (after rules 1 and 2; see l1_prepare). */
+int
+l2_write_l1 (struct qcow2_image *img)
+{
+  uint32_t lo, hi;
+  uint64_t *be;
+  int r;
+
+  if (!img->l1_dirty)
+    return 0;
+  if (l2_barrier (img) == -1 || l1_prepare (img, &be, &lo, &hi) == -1)
+    return -1;
+  r = io_pwrite (img->io, be, (size_t) (hi - lo + 1) * 8,
+                 img->l1_offset + (uint64_t) lo * 8);
+  if (r == -1)
+    nbdkit_error ("%s: writing L1 table: %m", img->name);
   free (be);
   if (r == 0)
     img->l1_dirty = false;
@@ -460,11 +608,15 @@ l2_check_old_entries (struct qcow2_image *img, uint64_t c0, uint64_t n)
 
 
 /* Write the L2 cache's dirty slices and the dirty L1 entries back, in
- * order (rules 1 and 2 first), and sync.
+ * order (rules 1 and 2 first), and sync, all with img->lock held.
  */
 int
 l2_write_back (struct qcow2_image *img)
 {
+  /* Before the loop over the dirty slices: a failed write-back without
+   * the lock may make more of them dirty.
+   */
+  l2_write_back_wait (img);
   if (l2_barrier (img) == -1 ||
       cache_flush (img->l2_cache) == -1 ||
       l2_write_l1 (img) == -1)
@@ -474,4 +626,93 @@ l2_write_back (struct qcow2_image *img)
     return -1;
   }
   return 0;
+}
+
+/* A guest flush's write-back without the lock, first part, with
+ * img->lock held exclusively: write the dirty refcount blocks, take
+ * the dirty L2 slices and L1 entries (copies) and the need for the
+ * barrier's sync.  Returns 1: taken, the caller drops the lock (keeping
+ * io_lock shared) and calls l2_write_back_run, then l2_write_back_end;
+ * 0: done here with the lock held (l2_write_back: too many dirty
+ * slices to copy); -1: error.
+ */
+#define WB_MAX_BYTES (UINT64_C(4) << 20)
+
+int
+l2_write_back_begin (struct qcow2_image *img)
+{
+  uint32_t lo = 0, hi = 0;
+  uint64_t *be = NULL;
+  int r;
+
+  l2_write_back_wait (img);     /* (none runs: flushes are serialized) */
+  if (cache_flush (img->rc_cache) == -1)
+    return -1;
+  if (img->l1_dirty && l1_prepare (img, &be, &lo, &hi) == -1)
+    return -1;
+  r = cache_wb_begin (img->l2_cache, WB_MAX_BYTES, check_slice_write, img);
+  if (r != 1) {
+    free (be);
+    return r == 0 ? l2_write_back (img) : -1;
+  }
+  img->wb_l1 = be;
+  if (be) {
+    img->wb_l1_off = img->l1_offset + (uint64_t) lo * 8;
+    img->wb_l1_len = (uint64_t) (hi - lo + 1) * 8;
+    img->wb_l1_lo = img->l1_dirty_lo;
+    img->wb_l1_hi = img->l1_dirty_hi;
+    img->l1_dirty = false;
+  }
+  img->wb_sync_first = img->need_sync;
+  img->need_sync = false;
+  img->pending_sealed = img->nr_pending;
+  pthread_mutex_lock (&img->wb_lock);
+  img->wb_state = WB_RUNNING;
+  img->wb_failed = false;
+  pthread_mutex_unlock (&img->wb_lock);
+  return 1;
+}
+
+/* Second part, with img->lock dropped (io_lock held shared, so that no
+ * cluster is freed meanwhile): the barrier's sync, the copies, the
+ * final sync.
+ */
+int
+l2_write_back_run (struct qcow2_image *img)
+{
+  if (img->wb_sync_first) {
+    if (img->data_io != img->io && io_flush (img->data_io) == -1) {
+      nbdkit_error ("%s: syncing data file: %m", img->name);
+      return -1;
+    }
+    if (io_flush (img->io) == -1) {
+      nbdkit_error ("%s: sync: %m", img->name);
+      return -1;
+    }
+  }
+  if (cache_wb_write (img->l2_cache) == -1)
+    return -1;
+  if (img->wb_l1 &&
+      io_pwrite (img->io, img->wb_l1, img->wb_l1_len, img->wb_l1_off) == -1) {
+    nbdkit_error ("%s: writing L1 table: %m", img->name);
+    return -1;
+  }
+  if (io_flush (img->io) == -1) {
+    nbdkit_error ("%s: sync: %m", img->name);
+    return -1;
+  }
+  return 0;
+}
+
+/* Third part, with no lock held: the unlocked part returned r.  Whoever
+ * next holds img->lock settles it (l2_write_back_wait).
+ */
+void
+l2_write_back_end (struct qcow2_image *img, int r)
+{
+  pthread_mutex_lock (&img->wb_lock);
+  img->wb_state = WB_ENDED;
+  img->wb_failed = r == -1;
+  pthread_cond_broadcast (&img->wb_done);
+  pthread_mutex_unlock (&img->wb_lock);
 }

@@ -745,7 +745,9 @@ refcount_free_later (struct qcow2_image *img, uint64_t off, uint64_t n)
 
   if (n == 0)
     return 0;
-  last = img->nr_pending ? &img->pending[img->nr_pending - 1] : NULL;
+  /* (A sealed range is not extended: see pending_sealed.) */
+  last = img->nr_pending > img->pending_sealed
+    ? &img->pending[img->nr_pending - 1] : NULL;
   if (last && last->cluster + last->n == c) {
     last->n += n;
     img->pending_clusters += n;
@@ -804,17 +806,18 @@ commit_one (struct qcow2_image *img, uint64_t c)
   return 0;
 }
 
-/* Apply deferred frees (see above).  Freed clusters that held tables are
+/* Apply the first 'limit' ranges of deferred frees (see above; all of
+ * them when limit >= nr_pending).  Freed clusters that held tables are
  * forgotten by the L2 cache.  The list's memory is given back after a
  * large commit.
  */
 int
-refcount_commit_frees (struct qcow2_image *img)
+refcount_commit_frees (struct qcow2_image *img, size_t limit)
 {
   size_t i = 0;
   int r = 0;
 
-  while (i < img->nr_pending) {
+  while (i < img->nr_pending && i < limit) {
     struct pending_free *p = &img->pending[i];
 
     if (p->n == 0) {
@@ -833,6 +836,7 @@ refcount_commit_frees (struct qcow2_image *img)
   memmove (img->pending, img->pending + i,
            (img->nr_pending - i) * sizeof *img->pending);
   img->nr_pending -= i;
+  img->pending_sealed = img->pending_sealed > i ? img->pending_sealed - i : 0;
   if (img->nr_pending == 0 && img->pending_alloc > 64) {
     free (img->pending);
     img->pending = NULL;

@@ -4,9 +4,10 @@
  * qcow2_pread, qcow2_pwrite, qcow2_zero, qcow2_trim, qcow2_flush,
  * qcow2_extents, qcow2_prefetch and qcow2_check split a request into
  * runs (cluster.c maps them) and decide, run by run, which locks it
- * holds.  This is the only file that takes or drops img->lock, io_lock
- * or inflight_lock; the files below it say which lock they need and
- * never change it.
+ * holds.  This is the only file that takes or drops img->lock, io_lock,
+ * inflight_lock or flush_lock; the files below it say which lock they
+ * need and never change it (l2.c only waits, with img->lock held, on
+ * its own wb_lock, for a flush's write-back running without img->lock).
  *
  *   img->lock (rwlock)   shared: look up mappings in the caches (the
  *                        fast paths of reads and in-place writes);
@@ -15,8 +16,9 @@
  *                        dropped; exclusive: freeing clusters (the
  *                        commit of deferred frees) or cutting the file
  *   inflight_lock        the list of allocating writes in flight
+ *   flush_lock (mutex)   one guest flush at a time
  *
- * Lock order: img->lock, then io_lock, then inflight_lock.  Data I/O
+ * Lock order: flush_lock, img->lock, io_lock, inflight_lock.  Data I/O
  * takes io_lock shared before img->lock is dropped, so a cluster cannot
  * be freed between its mapping and the I/O (write.c, rule 3).
  *
@@ -68,16 +70,30 @@
  * img->done_gen as it returns (release), after its data is written
  * and its metadata is in the caches, and before its own FUA flush.  A
  * flush reads done_gen (acquire) when it is called, then waits for
- * img->lock exclusively; if a flush that completed meanwhile read a
- * count at least as high under that lock (img->flushed_gen, raised
- * only on success), everything this flush must cover was in the caches
- * or written when that one wrote back and synced, and it returns at
- * once.  This is QEMU's flush generation: a guest flush queued behind
- * another gets the work of that one, instead of syncing again for
- * requests that returned after it was called.  (io.c skips a sync
- * with nothing written through an io since the last one; this skips
- * the whole write-back, and also when requests that need not be
- * covered wrote meanwhile.)  Close flushes unconditionally.
+ * flush_lock (one guest flush at a time) and img->lock exclusively; if
+ * a flush that completed meanwhile read a count at least as high under
+ * that lock (img->flushed_gen, raised only on success), everything
+ * this flush must cover was in the caches or written when that one
+ * wrote back and synced, and it returns at once.  This is QEMU's flush
+ * generation: a guest flush queued behind another gets the work of
+ * that one, instead of syncing again for requests that returned after
+ * it was called.  (io.c skips a sync with nothing written through an
+ * io since the last one; this skips the whole write-back, and also
+ * when requests that need not be covered wrote meanwhile.)  Close
+ * flushes unconditionally.
+ *
+ * Flushes without the lock.  A guest flush writes back with img->lock
+ * dropped (l2.c, "Write-back without the lock", says why that keeps the
+ * image consistent): it takes the dirty metadata under the lock, syncs
+ * and writes it with only io_lock held shared, so that no cluster is
+ * freed meanwhile, and takes the lock again to settle and to commit the
+ * deferred frees (whose decrements depend on the synced entries).
+ * Requests go on meanwhile: allocating writes link their entries into
+ * the cache, and a flush called then waits on flush_lock and covers
+ * them next.  flush_lock comes before img->lock; the other callers of
+ * flush_locked (a commit of many frees, a large trim, check) hold
+ * img->lock and do not take it: their write-back waits for the
+ * running one instead (l2.c).
  */
 
 #ifdef HAVE_CONFIG_H
@@ -119,27 +135,45 @@ rw_give_back_reservation (struct qcow2_image *img)
   pthread_rwlock_unlock (&img->io_lock);
 }
 
-/* Write everything back in order and sync (l2.c), then apply the
- * deferred frees with io_lock held exclusively (rule 3) and write them.
+/* Apply the deferred frees with io_lock held exclusively (rule 3), once
+ * the metadata that referenced them is written and synced, and, if
+ * write, write the refcount blocks and sync.  A guest flush does not
+ * (write false): the decrements stay dirty in the refcount cache and
+ * go to the file with the next write-back's refcount blocks, before its
+ * barrier's sync (l2.c), or at close.  That spares a third sync per
+ * flush after a trim, and it is safe: until the decrements reach the
+ * file, a crash finds the refcounts too high (a leak, rule 6), never
+ * too low; a freed cluster used again meanwhile is counted 1 in the
+ * file all along, and nothing on disk points at it any more (the
+ * entries were cleared and synced before the commit).  A flush need
+ * not make frees durable (rule 5 is about what the guest reads).  A
+ * clean close, a check and a commit inside a request (many frees, a
+ * large trim) write them at once.
+ */
+static int
+commit_frees (struct qcow2_image *img, size_t limit, bool write)
+{
+  int r;
+
+  if (img->nr_pending == 0 || limit == 0)
+    return 0;
+  pthread_rwlock_wrlock (&img->io_lock);
+  r = refcount_commit_frees (img, limit);
+  pthread_rwlock_unlock (&img->io_lock);
+  if (r == -1 || !write)
+    return r;
+  return refcount_write_back (img);
+}
+
+/* Write everything back in order and sync (l2.c), then commit the
+ * deferred frees and write them, all with img->lock held.
  */
 static int
 flush_locked (struct qcow2_image *img)
 {
-  int r;
-
   if (l2_write_back (img) == -1)
     return -1;
-  if (img->nr_pending == 0)
-    return 0;
-  pthread_rwlock_wrlock (&img->io_lock);
-  r = refcount_commit_frees (img);
-  pthread_rwlock_unlock (&img->io_lock);
-  /* The decrements could wait for the next flush (until then a crash
-   * only leaks), but a clean close must not leak: write them now.
-   */
-  if (r == -1)
-    return -1;
-  return refcount_write_back (img);
+  return commit_frees (img, SIZE_MAX, true);
 }
 
 /* A write, zero or trim returns (see "Coalesced flushes"). */
@@ -759,7 +793,9 @@ qcow2_pwrite (struct qcow2_image *img, const void *buf, uint64_t count,
 }
 
 /* Write back and sync everything, unless a flush that completed since
- * 'seen' was read covered it (coalesce; see "Coalesced flushes").
+ * 'seen' was read covered it (coalesce; see "Coalesced flushes").  The
+ * write-back's syncs and writes run with img->lock dropped, when l2.c
+ * can (see "Flushes without the lock").
  */
 static int
 flush_image (struct qcow2_image *img, bool coalesce, uint64_t seen)
@@ -767,21 +803,44 @@ flush_image (struct qcow2_image *img, bool coalesce, uint64_t seen)
   uint64_t g;
   int r;
 
+  pthread_mutex_lock (&img->flush_lock);
   pthread_rwlock_wrlock (&img->lock);
   if (coalesce && img->flushed_gen > seen) {
     pthread_rwlock_unlock (&img->lock);
+    pthread_mutex_unlock (&img->flush_lock);
     return 0;
   }
   g = __atomic_load_n (&img->done_gen, __ATOMIC_ACQUIRE);
-  r = flush_locked (img);
-  if (r == 0 && img->data_io != img->io && io_flush (img->data_io) == -1) {
-    nbdkit_error ("%s: syncing data file: %m", img->name);
-    r = -1;
+  r = l2_write_back_begin (img);
+  if (r == 1) {
+    lock_for_io (img);
+    r = l2_write_back_run (img);
+    if (r == 0 && img->data_io != img->io && io_flush (img->data_io) == -1) {
+      nbdkit_error ("%s: syncing data file: %m", img->name);
+      r = -1;
+    }
+    pthread_rwlock_unlock (&img->io_lock);
+    l2_write_back_end (img, r);
+    pthread_rwlock_wrlock (&img->lock);
+    l2_write_back_wait (img);
+    /* Only the frees pending when it began: an entry cleared since
+     * (by a trim or zero meanwhile) was not in the copies written.
+     */
+    if (r == 0)
+      r = commit_frees (img, img->pending_sealed, !coalesce);
   }
-  /* Flushes hold the lock exclusively, so g never goes down here. */
+  else if (r == 0) {
+    r = commit_frees (img, SIZE_MAX, !coalesce);
+    if (r == 0 && img->data_io != img->io && io_flush (img->data_io) == -1) {
+      nbdkit_error ("%s: syncing data file: %m", img->name);
+      r = -1;
+    }
+  }
+  /* Flushes are serialized (flush_lock), so g never goes down here. */
   if (r == 0)
     img->flushed_gen = g + 1;
   pthread_rwlock_unlock (&img->lock);
+  pthread_mutex_unlock (&img->flush_lock);
   return r;
 }
 

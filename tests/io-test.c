@@ -67,6 +67,7 @@
 #include <string.h>
 #include <errno.h>
 #include <pthread.h>
+#include <unistd.h>
 #include <sched.h>
 
 #include "io-test.h"
@@ -394,6 +395,7 @@ struct rec_io {
   size_t nr_ops, alloc_ops;
   bool closed;                  /* io_close was called (by core) */
   bool freed;                   /* qcow2_recorder_free was called */
+  unsigned flush_delay_us;      /* a flush takes this long, at least */
 };
 
 /* Append an op (lock held).  data is copied. */
@@ -462,6 +464,8 @@ rec_flush (struct qcow2_io *io)
   covers = r->nr_ops;
   pthread_mutex_unlock (&r->lock);
   /* Ops logged from here until the flush is logged raced with it. */
+  if (r->flush_delay_us)
+    usleep (r->flush_delay_us);
   ret = io_flush (r->mem);
   if (ret == 0) {
     pthread_mutex_lock (&r->lock);
@@ -553,6 +557,14 @@ qcow2_io_new_recorder (const void *data, size_t size)
     memcpy (r->initial, data, size);
   r->initial_size = size;
   return &r->io;
+}
+
+void
+qcow2_recorder_set_flush_delay (struct qcow2_io *io, unsigned us)
+{
+  struct rec_io *r = (struct rec_io *) io;
+
+  r->flush_delay_us = us;
 }
 
 void

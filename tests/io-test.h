@@ -67,6 +67,11 @@ struct qcow2_rec_op {
 };
 extern struct qcow2_io *qcow2_io_new_recorder (const void *data, size_t size);
 extern void qcow2_recorder_free (struct qcow2_io *rec);
+/* Each flush waits us microseconds before it syncs (a disk's flush is
+ * not instant; requests can then run during one).
+ */
+extern void qcow2_recorder_set_flush_delay (struct qcow2_io *rec,
+                                            unsigned us);
 extern size_t qcow2_recorder_nr_ops (struct qcow2_io *rec);
 extern const struct qcow2_rec_op *qcow2_recorder_op (struct qcow2_io *rec,
                                                      size_t i);

@@ -5,7 +5,8 @@
  * opened through the memory io backend: reads of every cluster kind,
  * run merging, extents, header validation on corrupted headers, index
  * math, the table cache (hit, miss, LRU eviction, pinning, write-back,
- * staging, empty slices), in-flight writes, refcount entries of every
+ * staging, empty slices), in-flight writes, flushes that write back
+ * with the image lock dropped, refcount entries of every
  * width, deferred frees, compressed writes (compress=on) and the
  * give-back of a failed reservation.
  */
@@ -21,6 +22,7 @@
 #include <inttypes.h>
 
 #include <pthread.h>
+#include <dlfcn.h>
 #include <unistd.h>
 
 #include "internal.h"
@@ -502,6 +504,78 @@ test_cache (void)
  * from a staged copy of the slice, which goes into the cache at the next
  * drain, unless it may be stale by then.
  */
+/* While a write-back without the lock is in progress, a miss evicts a
+ * clean slice rather than write a dirty one back (which would wait for
+ * that write-back's end, l2.c); with only dirty ones left it writes one.
+ */
+static unsigned victim_writes;
+
+static int
+count_write (void *opaque, uint64_t off, uint32_t len)
+{
+  victim_writes++;
+  return 0;
+}
+
+static void
+test_cache_victim_during_wb (void)
+{
+  size_t size;
+  uint8_t *b = build (12, 4, &size);
+  struct qcow2_image *img = open_buf (b, size);
+  struct cache *c;
+  struct cache_entry *e;
+  uint64_t i;
+
+  assert (img);
+  c = cache_create (img->io, "test.qcow2", "L2", 9, 16 * 512,
+                    count_write, NULL);
+  assert (c && cache_nr_entries (c) == 16);
+  for (i = 0; i < 16; i++) {
+    assert (cache_get (c, i * 512, true, &e));
+    cache_put (c, e);
+  }
+  /* Slice 15 is taken by the write-back (pinned, clean). */
+  assert (cache_get (c, 15 * 512, true, &e));
+  cache_mark_dirty (c, e);
+  cache_put (c, e);
+  assert (cache_wb_begin (c, UINT64_MAX, NULL, NULL) == 1);
+  /* Slices 0 and 1 dirty since, and the least recently used. */
+  for (i = 0; i < 2; i++) {
+    assert (cache_get (c, i * 512, true, &e));
+    cache_mark_dirty (c, e);
+    cache_put (c, e);
+  }
+  for (i = 2; i < 15; i++) {
+    assert (cache_get (c, i * 512, true, &e));
+    cache_put (c, e);
+  }
+  victim_writes = 0;
+  assert (cache_get (c, 16 * 512, true, &e));
+  cache_put (c, e);
+  if (victim_writes != 0) {
+    fprintf (stderr, "test_cache_victim_during_wb: a miss during a "
+             "write-back wrote a dirty slice back (%u writes) although "
+             "clean ones were free\n", victim_writes);
+    abort ();
+  }
+  /* Every unpinned slice dirty: one is written back after all. */
+  for (i = 0; i < 17; i++) {
+    if (i == 2 || i == 15)      /* evicted; taken */
+      continue;
+    assert (cache_get (c, i * 512, true, &e));
+    cache_mark_dirty (c, e);
+    cache_put (c, e);
+  }
+  assert (cache_get (c, 17 * 512, true, &e));
+  cache_put (c, e);
+  assert (victim_writes == 1);
+  cache_wb_end (c, true);
+  cache_destroy (c);
+  qcow2_close (img);
+  free (b);
+}
+
 static void
 test_stage (void)
 {
@@ -670,6 +744,12 @@ struct gate_io {
   pthread_cond_t cv;
   uint64_t gate_from;
   bool armed, held, open;
+  /* The same for the first flush once flush_armed; it then fails with
+   * EIO if flush_fail.
+   */
+  bool flush_armed, flush_held, flush_open, flush_fail;
+  unsigned flushes;               /* calls that reached inner */
+  bool keep_inner;                /* close leaves inner to the test */
 };
 
 static int
@@ -698,7 +778,25 @@ gate_pwrite (struct qcow2_io *io, const void *buf, size_t n, uint64_t off)
 static int
 gate_flush (struct qcow2_io *io)
 {
-  return io_flush (((struct gate_io *) io)->inner);
+  struct gate_io *g = (struct gate_io *) io;
+  bool fail = false;
+
+  pthread_mutex_lock (&g->mu);
+  if (g->flush_armed) {
+    g->flush_armed = false;
+    g->flush_held = true;
+    pthread_cond_broadcast (&g->cv);
+    while (!g->flush_open)
+      pthread_cond_wait (&g->cv, &g->mu);
+    fail = g->flush_fail;
+  }
+  pthread_mutex_unlock (&g->mu);
+  if (fail) {
+    errno = EIO;
+    return -1;
+  }
+  __atomic_add_fetch (&g->flushes, 1, __ATOMIC_RELAXED);
+  return io_flush (g->inner);
 }
 
 static int64_t
@@ -719,7 +817,8 @@ gate_close (struct qcow2_io *io)
 {
   struct gate_io *g = (struct gate_io *) io;
 
-  io_close (g->inner);
+  if (!g->keep_inner)
+    io_close (g->inner);
   pthread_mutex_destroy (&g->mu);
   pthread_cond_destroy (&g->cv);
   free (g);
@@ -815,6 +914,507 @@ test_inflight (void)
 
   qcow2_close (img);
   free (buf);
+  free (b);
+}
+
+/* A guest flush writes back and syncs with img->lock dropped (l2.c,
+ * "Write-back without the lock"): held in its first sync, it must not
+ * hold up an allocating write into the very L2 slice it is writing
+ * back, and that write must reach the file at the next flush; and a
+ * write-back that failed must leave its slices dirty, written by the
+ * next flush.
+ */
+struct flush_job {
+  struct qcow2_image *img;
+  int r;
+  bool done;
+};
+
+static void *
+flush_job (void *arg)
+{
+  struct flush_job *j = arg;
+
+  j->r = qcow2_flush (j->img);
+  __atomic_store_n (&j->done, true, __ATOMIC_RELEASE);
+  return NULL;
+}
+
+static void *
+write_job (void *arg)
+{
+  struct flush_job *j = arg;
+  uint8_t buf[512];
+
+  memset (buf, 0x77, sizeof buf);
+  j->r = qcow2_pwrite (j->img, buf, sizeof buf, 9 * 4096, 0);
+  __atomic_store_n (&j->done, true, __ATOMIC_RELEASE);
+  return NULL;
+}
+
+static struct gate_io *
+gate_new (const uint8_t *b, size_t size)
+{
+  struct gate_io *g = calloc (1, sizeof *g);
+
+  assert (g);
+  g->inner = qcow2_io_new_memory (b, size);
+  assert (g->inner);
+  g->io.ops = &gate_ops;
+  g->io.fd = -1;
+  pthread_mutex_init (&g->mu, NULL);
+  pthread_cond_init (&g->cv, NULL);
+  return g;
+}
+
+/* Hold the next flush; wait until it is held. */
+static void
+gate_hold_flush (struct gate_io *g, bool fail, pthread_t *t,
+                 struct flush_job *j)
+{
+  pthread_mutex_lock (&g->mu);
+  g->flush_armed = true;
+  g->flush_held = g->flush_open = false;
+  g->flush_fail = fail;
+  pthread_mutex_unlock (&g->mu);
+  assert (pthread_create (t, NULL, flush_job, j) == 0);
+  pthread_mutex_lock (&g->mu);
+  while (!g->flush_held)
+    pthread_cond_wait (&g->cv, &g->mu);
+  pthread_mutex_unlock (&g->mu);
+}
+
+static void
+gate_open_flush (struct gate_io *g)
+{
+  pthread_mutex_lock (&g->mu);
+  g->flush_open = true;
+  pthread_cond_broadcast (&g->cv);
+  pthread_mutex_unlock (&g->mu);
+}
+
+/* The file as it is now, opened read-only: guest cluster c reads v? */
+static bool
+file_cluster_is (struct gate_io *g, uint64_t c, size_t len, uint8_t v)
+{
+  size_t size;
+  const uint8_t *d = qcow2_io_memory_data (g->inner, &size);
+  uint8_t *copy = malloc (size), *buf = malloc (len);
+  struct qcow2_image *ro;
+  bool ok;
+
+  assert (copy && buf);
+  memcpy (copy, d, size);
+  ro = open_buf (copy, size);
+  assert (ro);
+  assert (qcow2_pread (ro, buf, len, c * 4096) == 0);
+  ok = all_bytes (buf, len, v);
+  qcow2_close (ro);
+  free (buf);
+  free (copy);
+  return ok;
+}
+
+static void
+test_flush_unlocked (void)
+{
+  size_t size;
+  uint8_t *b = build (12, 4, &size);
+  struct gate_io *g = gate_new (b, size);
+  struct qcow2_config cfg = { 0 };
+  struct qcow2_image *img;
+  struct flush_job f = { 0 }, w = { 0 };
+  pthread_t tf, tw;
+  uint8_t buf[512];
+  int i;
+
+  img = qcow2_open_io (&g->io, "test.qcow2", NULL, &cfg);
+  assert (img);
+  f.img = w.img = img;
+
+  /* Guest cluster 8: allocated, its L2 slice dirty; the flush is held
+   * in its first sync, after it took the slice.
+   */
+  memset (buf, 0x55, sizeof buf);
+  assert (qcow2_pwrite (img, buf, sizeof buf, 8 * 4096, 0) == 0);
+  gate_hold_flush (g, false, &tf, &f);
+  assert (pthread_create (&tw, NULL, write_job, &w) == 0);
+  for (i = 0; i < 200 && !__atomic_load_n (&w.done, __ATOMIC_ACQUIRE); i++)
+    usleep (10000);
+  if (!__atomic_load_n (&w.done, __ATOMIC_ACQUIRE)) {
+    fprintf (stderr, "test_flush_unlocked: an allocating write waited 2 s "
+             "for a flush held in its sync\n");
+    abort ();
+  }
+  assert (w.r == 0);
+  assert (!f.done);
+  gate_open_flush (g);
+  assert (pthread_join (tf, NULL) == 0 && pthread_join (tw, NULL) == 0);
+  assert (f.r == 0);
+  /* The flush covered cluster 8; cluster 9's link, made in the slice
+   * being written back, goes with the next one.
+   */
+  assert (file_cluster_is (g, 8, 512, 0x55));
+  assert (qcow2_flush (img) == 0);
+  if (!file_cluster_is (g, 9, 512, 0x77)) {
+    fprintf (stderr, "test_flush_unlocked: a write linked during a flush's "
+             "write-back was not written by the next flush\n");
+    abort ();
+  }
+
+  /* A write-back that fails (its first sync) leaves the slice dirty:
+   * the next flush writes it.
+   */
+  memset (buf, 0x66, sizeof buf);
+  assert (qcow2_pwrite (img, buf, sizeof buf, 10 * 4096, 0) == 0);
+  f.done = false;
+  gate_hold_flush (g, true, &tf, &f);
+  gate_open_flush (g);
+  assert (pthread_join (tf, NULL) == 0);
+  assert (f.r == -1);
+  assert (qcow2_flush (img) == 0);
+  if (!file_cluster_is (g, 10, 512, 0x66)) {
+    fprintf (stderr, "test_flush_unlocked: after a failed flush, the next "
+             "one did not write the entries back\n");
+    abort ();
+  }
+
+  qcow2_close (img);
+  free (b);
+}
+
+/* A guest flush commits the frees of a trim but leaves the decrements
+ * in the refcount cache for the next write-back or close (rw.c:
+ * commit_frees): one sync (the final one; the trim wrote no data, so
+ * no barrier sync), not a second one for the refcount blocks.  Close
+ * writes them, and those of the frees it commits itself: the file
+ * checks with no leak.
+ */
+static void
+test_flush_frees (void)
+{
+  size_t size;
+  uint8_t *b = build (12, 4, &size);
+  struct gate_io *g = gate_new (b, size);
+  struct qcow2_config cfg = { 0 };
+  struct qcow2_check_result cr;
+  struct qcow2_image *img;
+  struct qcow2_io *inner = g->inner;
+  unsigned before;
+  const uint8_t *d;
+
+  img = qcow2_open_io (&g->io, "test.qcow2", NULL, &cfg);
+  assert (img);
+  g->keep_inner = true;
+  assert (qcow2_trim (img, 4096, 0, 0) == 0);   /* frees data cluster 5 */
+  before = g->flushes;
+  assert (qcow2_flush (img) == 0);
+  if (g->flushes - before != 1) {
+    fprintf (stderr, "test_flush_frees: a flush after a trim synced %u "
+             "times (want 1)\n", g->flushes - before);
+    abort ();
+  }
+  assert (img->nr_pending == 0);
+  /* Frees committed by close itself are written too. */
+  assert (qcow2_trim (img, 4096, 3 * 4096, 0) == 0);   /* data 6 */
+  qcow2_close (img);
+
+  d = qcow2_io_memory_data (inner, &size);
+  img = open_buf (d, size);
+  assert (img);
+  assert (qcow2_check (img, false, &cr) == 0);
+  if (cr.leaks != 0 || cr.corruptions != 0) {
+    fprintf (stderr, "test_flush_frees: after close: %" PRIu64 " leaks, %"
+             PRIu64 " corruptions\n", cr.leaks, cr.corruptions);
+    abort ();
+  }
+  qcow2_close (img);
+  io_close (inner);
+  free (b);
+}
+
+/* A trim during a flush's write-back without the lock: the entry it
+ * clears is not in the copies being written, so that flush must not
+ * commit its free (the file would still point at a cluster counted
+ * free); the next flush does.
+ */
+static void
+test_flush_trim_during (void)
+{
+  size_t size;
+  uint8_t *b = build (12, 4, &size);
+  struct gate_io *g = gate_new (b, size);
+  struct qcow2_config cfg = { 0 };
+  struct qcow2_image *img;
+  struct flush_job f = { 0 };
+  pthread_t tf;
+  uint8_t buf[512];
+  uint64_t v;
+
+  img = qcow2_open_io (&g->io, "test.qcow2", NULL, &cfg);
+  assert (img);
+  f.img = img;
+  memset (buf, 0x55, sizeof buf);
+  assert (qcow2_pwrite (img, buf, sizeof buf, 8 * 4096, 0) == 0);
+  gate_hold_flush (g, false, &tf, &f);
+  assert (qcow2_trim (img, 4096, 0, 0) == 0);   /* frees data cluster 5 */
+  gate_open_flush (g);
+  assert (pthread_join (tf, NULL) == 0);
+  assert (f.r == 0);
+  assert (refcount_get (img, 5, &v) == 0);
+  if (v != 1) {
+    fprintf (stderr, "test_flush_trim_during: the flush committed the free "
+             "of a trim made during its write-back (refcount %" PRIu64
+             ")\n", v);
+    abort ();
+  }
+  assert (qcow2_flush (img) == 0);
+  assert (refcount_get (img, 5, &v) == 0 && v == 0);
+  qcow2_close (img);
+  free (b);
+}
+
+/* A free during a held write-back that continues a sealed pending range
+ * (host-contiguous with it) must not extend it: the flush commits only
+ * the sealed ranges, and the later trim's entry was cleared after the
+ * copies were taken.
+ */
+static void
+test_flush_sealed_extend (void)
+{
+  size_t size;
+  uint8_t *b = build (12, 4, &size);
+  struct gate_io *g = gate_new (b, size);
+  struct qcow2_config cfg = { 0 };
+  struct qcow2_image *img;
+  struct flush_job f = { 0 };
+  pthread_t tf;
+  uint8_t buf[512];
+  uint64_t v6, v7;
+
+  img = qcow2_open_io (&g->io, "test.qcow2", NULL, &cfg);
+  assert (img);
+  f.img = img;
+  assert (qcow2_trim (img, 4096, 3 * 4096, 0) == 0);   /* data 6 pending */
+  memset (buf, 0x55, sizeof buf);
+  assert (qcow2_pwrite (img, buf, sizeof buf, 8 * 4096, 0) == 0);
+  gate_hold_flush (g, false, &tf, &f);
+  assert (qcow2_trim (img, 4096, 4 * 4096, 0) == 0);   /* data 7 */
+  gate_open_flush (g);
+  assert (pthread_join (tf, NULL) == 0);
+  assert (f.r == 0);
+  assert (refcount_get (img, 6, &v6) == 0 && refcount_get (img, 7, &v7) == 0);
+  if (v6 != 0 || v7 != 1) {
+    fprintf (stderr, "test_flush_sealed_extend: after the flush, refcount "
+             "of cluster 6 = %" PRIu64 " (want 0), cluster 7 = %" PRIu64
+             " (want 1: a free during the write-back extended a sealed "
+             "range)\n", v6, v7);
+    abort ();
+  }
+  assert (qcow2_flush (img) == 0);
+  assert (refcount_get (img, 7, &v7) == 0 && v7 == 0);
+  qcow2_close (img);
+  free (b);
+}
+
+/* The write-back's worker threads (direct I/O, >= 16 dirty slices): the
+ * data reaches the file; a failure in one worker's slice fails the
+ * flush, and the next flush writes every slice again.
+ */
+static uint64_t wbt_fail_off = UINT64_MAX;
+static pthread_t wbt_main;
+static unsigned wbt_other_thread_writes;
+
+static int
+wbt_pwrite (struct qcow2_io *io, const void *buf, size_t n, uint64_t off)
+{
+  uint64_t want = off;
+
+  if (!pthread_equal (pthread_self (), wbt_main))
+    __atomic_add_fetch (&wbt_other_thread_writes, 1, __ATOMIC_RELAXED);
+  if (__atomic_compare_exchange_n (&wbt_fail_off, &want, UINT64_MAX, false,
+                                   __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) {
+    errno = EIO;
+    return -1;
+  }
+  return gate_pwrite (io, buf, n, off);
+}
+
+static const struct qcow2_io_ops wbt_ops = {
+  .pread = gate_pread, .pwrite = wbt_pwrite, .flush = gate_flush,
+  .size = gate_size, .truncate = gate_truncate, .close = gate_close,
+};
+
+/* A new 4 MiB image with 512-byte clusters, in memory. */
+static uint8_t *
+create_512 (size_t *size)
+{
+  struct qcow2_create_options co = { .size = 4 << 20, .cluster_size = 512 };
+  char dir[] = "/tmp/test-core-XXXXXX", path[64];
+  uint8_t *b;
+  FILE *fp;
+
+  assert (mkdtemp (dir));
+  snprintf (path, sizeof path, "%s/disk.qcow2", dir);
+  assert (qcow2_create (path, &co) == 0);
+  fp = fopen (path, "r");
+  assert (fp);
+  b = malloc (1 << 20);
+  assert (b);
+  *size = fread (b, 1, 1 << 20, fp);
+  fclose (fp);
+  unlink (path);
+  rmdir (dir);
+  return b;
+}
+
+static void
+test_flush_wb_threads (void)
+{
+  struct qcow2_config cfg = { 0 };
+  struct qcow2_image *img, *ro;
+  struct qcow2_io *inner, *dio;
+  struct gate_io *g;
+  uint8_t buf[512], *b, *copy;
+  const uint8_t *d;
+  size_t size, msize;
+  uint64_t i, t7;
+  int r;
+
+  b = create_512 (&size);
+
+  wbt_main = pthread_self ();
+  g = gate_new (b, size);
+  g->io.ops = &wbt_ops;
+  g->keep_inner = true;
+  inner = g->inner;
+  dio = qcow2_io_direct_over (&g->io, 512, 512);
+  assert (dio);
+  img = qcow2_open_io (dio, "test.qcow2", NULL, &cfg);
+  assert (img);
+  /* One cluster in each of 40 L2 tables (64 entries each). */
+  for (i = 0; i < 40; i++) {
+    memset (buf, 0x10 + i, sizeof buf);
+    assert (qcow2_pwrite (img, buf, sizeof buf, i * 64 * 512, 0) == 0);
+  }
+  assert (qcow2_flush (img) == 0);
+  /* Dirty all 40 again (new clusters), fail table 7's slice (written
+   * by a worker thread: slices are dealt out round robin).
+   */
+  for (i = 0; i < 40; i++) {
+    memset (buf, 0x60 + i, sizeof buf);
+    assert (qcow2_pwrite (img, buf, sizeof buf, (i * 64 + 1) * 512, 0) == 0);
+  }
+  t7 = img->l1[7] & L1E_OFFSET_MASK;
+  __atomic_store_n (&wbt_other_thread_writes, 0, __ATOMIC_RELAXED);
+  __atomic_store_n (&wbt_fail_off, t7, __ATOMIC_RELEASE);
+  r = qcow2_flush (img);
+  if (__atomic_load_n (&wbt_fail_off, __ATOMIC_ACQUIRE) != UINT64_MAX) {
+    fprintf (stderr, "test_flush_wb_threads: table 7's slice at %#" PRIx64
+             " was never written\n", t7);
+    abort ();
+  }
+  if (wbt_other_thread_writes == 0) {
+    fprintf (stderr, "test_flush_wb_threads: no write-back worker thread "
+             "wrote anything\n");
+    abort ();
+  }
+  if (r != -1) {
+    fprintf (stderr, "test_flush_wb_threads: a flush whose slice write "
+             "failed returned %d (want -1)\n", r);
+    abort ();
+  }
+  assert (qcow2_flush (img) == 0);
+  d = qcow2_io_memory_data (inner, &msize);
+  copy = malloc (msize);
+  assert (copy);
+  memcpy (copy, d, msize);
+  ro = open_buf (copy, msize);
+  assert (ro);
+  for (i = 0; i < 40; i++) {
+    assert (qcow2_pread (ro, buf, 512, (i * 64 + 1) * 512) == 0);
+    if (!all_bytes (buf, 512, 0x60 + i)) {
+      fprintf (stderr, "test_flush_wb_threads: table %" PRIu64 "'s new "
+               "entry is not in the file after the second flush\n", i);
+      abort ();
+    }
+  }
+  qcow2_close (ro);
+  free (copy);
+  qcow2_close (img);
+  io_close (inner);
+  free (b);
+}
+
+/* No memory for the write-back's copies: a guest flush writes back
+ * with the lock held instead of failing.  The copies of slices of a
+ * direct io come from posix_memalign (cache.c: slice_alloc), which
+ * this program replaces so that the next call may fail.
+ */
+static int memalign_fail;       /* calls left to fail */
+
+int
+posix_memalign (void **p, size_t a, size_t n)
+{
+  static int (*real) (void **, size_t, size_t);
+
+  if (__atomic_load_n (&memalign_fail, __ATOMIC_ACQUIRE) > 0 &&
+      __atomic_sub_fetch (&memalign_fail, 1, __ATOMIC_ACQ_REL) >= 0)
+    return ENOMEM;
+  if (real == NULL)
+    real = (int (*) (void **, size_t, size_t))
+      dlsym (RTLD_NEXT, "posix_memalign");
+  assert (real);
+  return real (p, a, n);
+}
+
+static void
+test_flush_wb_enomem (void)
+{
+  struct qcow2_config cfg = { 0 };
+  struct qcow2_image *img, *ro;
+  struct qcow2_io *inner, *dio;
+  struct gate_io *g;
+  uint8_t buf[512], *b, *copy;
+  const uint8_t *d;
+  size_t size, msize;
+  int r;
+
+  b = create_512 (&size);
+  g = gate_new (b, size);
+  g->keep_inner = true;
+  inner = g->inner;
+  dio = qcow2_io_direct_over (&g->io, 512, 512);
+  assert (dio);
+  img = qcow2_open_io (dio, "test.qcow2", NULL, &cfg);
+  assert (img);
+  memset (buf, 0x3c, sizeof buf);
+  assert (qcow2_pwrite (img, buf, sizeof buf, 5 * 512, 0) == 0);
+  __atomic_store_n (&memalign_fail, 1, __ATOMIC_RELEASE);
+  r = qcow2_flush (img);
+  if (__atomic_load_n (&memalign_fail, __ATOMIC_ACQUIRE) != 0) {
+    fprintf (stderr, "test_flush_wb_enomem: the flush allocated no "
+             "copy\n");
+    abort ();
+  }
+  if (r != 0) {
+    fprintf (stderr, "test_flush_wb_enomem: a flush with no memory for "
+             "the write-back's copies failed: %m\n");
+    abort ();
+  }
+  /* That flush's data is in the file. */
+  d = qcow2_io_memory_data (inner, &msize);
+  copy = malloc (msize);
+  assert (copy);
+  memcpy (copy, d, msize);
+  ro = open_buf (copy, msize);
+  assert (ro);
+  assert (qcow2_pread (ro, buf, 512, 5 * 512) == 0);
+  assert (all_bytes (buf, 512, 0x3c));
+  qcow2_close (ro);
+  free (copy);
+  qcow2_close (img);
+  io_close (inner);
   free (b);
 }
 
@@ -1295,9 +1895,16 @@ main (void)
   test_header_validation ();
   test_corrupt_l2 ();
   test_cache ();
+  test_cache_victim_during_wb ();
   test_stage ();
   test_empty_slices ();
   test_inflight ();
+  test_flush_unlocked ();
+  test_flush_frees ();
+  test_flush_trim_during ();
+  test_flush_sealed_extend ();
+  test_flush_wb_threads ();
+  test_flush_wb_enomem ();
   test_refcount_widths ();
   test_pending_frees ();
   test_compressed_writes (false, 16);

@@ -10,7 +10,9 @@
  * and runs a random guest workload through core: writes of every size
  * and alignment, zero (with and without may_trim), trim, FUA writes and
  * flushes, then close.  Three workloads send their requests from four
- * threads at once, into stripes that share clusters.
+ * threads at once, into stripes that share clusters; there each host
+ * flush takes 1 ms, so that requests run (and complete) during a guest
+ * flush's write-back without the lock (core/l2.c).
  *
  * Then it replays crash states in log order, for every epoch between
  * two host flushes: the crash in order at every op (all earlier
@@ -248,6 +250,8 @@ struct run {
 
 static uint64_t total_states, total_leaky, total_dirty_stale,
   total_followups, total_nested, total_qemu_checks, total_failures;
+static uint64_t total_inside_flush;     /* threaded: requests that ran
+                                           wholly inside a guest flush */
 static double scale = 1;
 static double states_scale = 1;
 static const char *keep_dir = "/tmp";
@@ -507,6 +511,7 @@ run_threaded (struct run *r, struct qcow2_image *img)
   size_t i, n;
 
   assert (jobs && all && nstripes >= nt);
+  qcow2_recorder_set_flush_delay (r->rec, 1000);
   for (k = 0; k < rounds; k++) {
     size_t start;
     jobs[nt].n = 2;
@@ -559,6 +564,18 @@ run_threaded (struct run *r, struct qcow2_image *img)
         all[n++] = &jobs[t].reqs[i];
     qsort (all, n, sizeof *all, cmp_seq_end);
     for (i = 0; i < n; i++) {
+      size_t f;
+      if (all[i]->kind == G_FLUSH)
+        continue;
+      for (f = 0; f < n; f++)
+        if (all[f]->kind == G_FLUSH &&
+            all[f]->seq_start < all[i]->seq_start &&
+            all[i]->seq_end < all[f]->seq_end) {
+          total_inside_flush++;
+          break;
+        }
+    }
+    for (i = 0; i < n; i++) {
       struct treq *q = all[i];
       struct gop *g = new_gop (r, q->kind, q->kind == G_FLUSH ? 0 : q->off,
                                q->len, q->data);
@@ -577,6 +594,7 @@ run_threaded (struct run *r, struct qcow2_image *img)
   }
   free (jobs);
   free (all);
+  qcow2_recorder_set_flush_delay (r->rec, 0);
   {
     size_t start = qcow2_recorder_nr_ops (r->rec);
     assert (qcow2_close (img) == 0);
@@ -1456,5 +1474,7 @@ main (void)
           PRIu64 " qemu-img checks, %" PRIu64 " failures\n",
           total_states, total_leaky, total_dirty_stale, total_followups,
           total_nested, total_qemu_checks, total_failures);
+  printf ("test-crash: %" PRIu64 " requests of the threaded workloads "
+          "ran wholly inside a guest flush\n", total_inside_flush);
   return total_failures ? 1 : 0;
 }
