@@ -185,6 +185,21 @@ l2_write_back_wait (struct qcow2_image *img)
   pthread_mutex_unlock (&img->wb_lock);
 }
 
+/* The barrier's sync: the data file (if separate), then the image. */
+static int
+sync_for_entries (struct qcow2_image *img)
+{
+  if (img->data_io != img->io && io_flush (img->data_io) == -1) {
+    nbdkit_error ("%s: syncing data file: %m", img->name);
+    return -1;
+  }
+  if (io_flush (img->io) == -1) {
+    nbdkit_error ("%s: sync: %m", img->name);
+    return -1;
+  }
+  return 0;
+}
+
 /* Rules 1 and 2: before an L2 slice or L1 entry is written (and a
  * bitmap table, bitmap.c).
  */
@@ -195,14 +210,8 @@ l2_barrier (struct qcow2_image *img)
   if (cache_flush (img->rc_cache) == -1)
     return -1;
   if (img->need_sync) {
-    if (img->data_io != img->io && io_flush (img->data_io) == -1) {
-      nbdkit_error ("%s: syncing data file: %m", img->name);
+    if (sync_for_entries (img) == -1)
       return -1;
-    }
-    if (io_flush (img->io) == -1) {
-      nbdkit_error ("%s: sync: %m", img->name);
-      return -1;
-    }
     img->need_sync = false;
   }
   return 0;
@@ -680,16 +689,8 @@ l2_write_back_begin (struct qcow2_image *img)
 int
 l2_write_back_run (struct qcow2_image *img)
 {
-  if (img->wb_sync_first) {
-    if (img->data_io != img->io && io_flush (img->data_io) == -1) {
-      nbdkit_error ("%s: syncing data file: %m", img->name);
-      return -1;
-    }
-    if (io_flush (img->io) == -1) {
-      nbdkit_error ("%s: sync: %m", img->name);
-      return -1;
-    }
-  }
+  if (img->wb_sync_first && sync_for_entries (img) == -1)
+    return -1;
   if (cache_wb_write (img->l2_cache) == -1)
     return -1;
   if (img->wb_l1 &&
