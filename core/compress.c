@@ -206,9 +206,17 @@ struct compressor {
 #define NR_TYPES 3
 
 static pthread_mutex_t pool_lock = PTHREAD_MUTEX_INITIALIZER;
-static pthread_cond_t pool_cond = PTHREAD_COND_INITIALIZER;
+/* One condition a type: a put wakes a waiter for that type.  (With one
+ * for all, a put could wake a waiter for another type, which would wait
+ * again, while a waiter for the type put kept sleeping beside an idle
+ * one until some later put.)
+ */
+static pthread_cond_t pool_cond[NR_TYPES] = {
+  PTHREAD_COND_INITIALIZER, PTHREAD_COND_INITIALIZER,
+  PTHREAD_COND_INITIALIZER
+};
 static struct compressor *pool_idle[NR_TYPES];
-static unsigned pool_count[NR_TYPES];   /* idle and in use */
+static unsigned pool_count[NR_TYPES];   /* in use */
 static unsigned pool_max;               /* 0: not computed yet */
 static uint64_t pool_created;           /* for the unit test */
 static uint64_t decoders_created;       /* likewise */
@@ -301,7 +309,7 @@ compressor_get (uint8_t type)
   if (pool_max == 0)
     pool_max = compute_pool_max ();
   while (pool_idle[type] == NULL && pool_count[type] >= pool_max)
-    pthread_cond_wait (&pool_cond, &pool_lock);
+    pthread_cond_wait (&pool_cond[type], &pool_lock);
   c = pool_idle[type];
   if (c != NULL)
     pool_idle[type] = c->next;
@@ -314,7 +322,7 @@ compressor_get (uint8_t type)
   pthread_mutex_lock (&pool_lock);
   if (c == NULL) {
     pool_count[type]--;
-    pthread_cond_signal (&pool_cond);
+    pthread_cond_signal (&pool_cond[type]);
   }
   else if (type == POOL_ZSTD_DECODE)
     decoders_created++;
@@ -338,7 +346,7 @@ compressor_put (uint8_t type, struct compressor *c)
     pool_idle[type] = c;
   }
   pool_count[type]--;
-  pthread_cond_signal (&pool_cond);
+  pthread_cond_signal (&pool_cond[type]);
   pthread_mutex_unlock (&pool_lock);
   if (!c->ok)
     compressor_free (type, c);
