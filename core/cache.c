@@ -299,6 +299,20 @@ slice_alloc (struct cache *c)
   return p;
 }
 
+/* Take unpinned e out of the cache for reuse, written back first if
+ * dirty.  NULL if that write fails.
+ */
+static struct cache_entry *
+evict (struct cache *c, struct cache_entry *e)
+{
+  if (e->dirty && write_back (c, e) == -1)
+    return NULL;
+  lru_unlink (e);
+  if (e->valid)
+    hash_remove (c, e);
+  return e;
+}
+
 /* Find an entry to reuse: a fresh one while the cache is filling, else
  * the least recently used one that nobody holds.  While a write-back
  * without the lock is in progress (nwb > 0), a clean one is preferred:
@@ -337,23 +351,12 @@ victim (struct cache *c)
         e = newer;
         continue;
       }
-      if (e->dirty && write_back (c, e) == -1)
-        return NULL;
-      lru_unlink (e);
-      if (e->valid)
-        hash_remove (c, e);
-      return e;
+      return evict (c, e);
     }
     e = newer;
   }
-  if (dirty) {                  /* no clean one: wait after all */
-    if (write_back (c, dirty) == -1)
-      return NULL;
-    lru_unlink (dirty);
-    if (dirty->valid)
-      hash_remove (c, dirty);
-    return dirty;
-  }
+  if (dirty)                    /* no clean one: wait after all */
+    return evict (c, dirty);
   nbdkit_error ("%s: table cache exhausted (all %" PRIu32 " entries in use)",
                 c->name, c->nr);
   errno = ENOMEM;
