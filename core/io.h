@@ -196,13 +196,16 @@ io_widen_write (const struct qcow2_io *io, uint64_t *start, uint64_t *end,
   *end = e < hi ? e : hi;
 }
 
-/* Ask the kernel to start writing the file's dirty pages back, without
- * waiting: a hint, whose failure changes nothing.  It does something
- * only for a file in the page cache that is synced at all: not with
- * direct I/O, nor with no_sync, nor when evicting (which starts
- * write-back itself), nor for a memory io.
+/* Ask the kernel to start writing the file's dirty pages back, and
+ * start an early sync (io.c: "Early syncs") unless one is running,
+ * without waiting for either: a hint, whose failure changes nothing
+ * (an early sync's error is reported by the next flush).  Only for a
+ * file io that is synced at all (not no_sync); the write-back part
+ * only in the page cache and not when evicting (which starts
+ * write-back itself).  Nothing for a memory io or a direct io over
+ * another io.
  */
-extern void io_start_writeback (const struct qcow2_io *io);
+extern void io_start_writeback (struct qcow2_io *io);
 
 /* The file descriptor, for locks and identity checks, or -1. */
 static inline int

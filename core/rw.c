@@ -40,12 +40,13 @@
  * allocating write (write.c); what is not stored compressed (edges,
  * clusters that do not compress or hold data) is written as above.
  * Such writes usually fill a new image from end to end (a conversion,
- * a backup), and in the page cache the whole image would only go to
- * disk at the final flush, with the CPUs idle meanwhile: so every
- * WRITEBACK_KICK bytes of compressed clusters, the kernel is asked to
- * start writing the file back (start_writeback), and the final flush
- * finds little left to do.  This changes nothing about what a flush
- * guarantees, only when the disk starts working.
+ * a backup), and the whole image would only go to disk, and through
+ * the disk's write cache, at the final flush, with the CPUs idle
+ * meanwhile: so every WRITEBACK_KICK bytes of compressed clusters, the
+ * kernel is asked to start writing the file back and an early sync is
+ * started in the background (start_writeback; io.c "Early syncs"), and
+ * the final flush finds little left to do.  This changes nothing about
+ * what a flush guarantees, only when the disk starts working.
  * Deferred frees are committed here (flush_locked): at a flush, after
  * a request once too many are pending, and in the middle of a large
  * zero or trim.
@@ -581,9 +582,10 @@ write_data (struct qcow2_image *img, const uint8_t *p, uint64_t count,
 #define WRITEBACK_KICK (UINT64_C(4) << 20)
 
 /* Ask the kernel to start writing the image file's dirty pages to disk,
- * without waiting for it (the whole file: the pages already clean or
- * under write-back are skipped; io.c decides when it applies: not with
- * direct I/O, cache=unsafe, eviction or the tests' memory files).
+ * and start an early sync, without waiting for either (the whole file:
+ * the pages already clean or under write-back are skipped; io.c
+ * decides what applies: nothing with cache=unsafe or the tests' memory
+ * files, only the early sync with direct I/O or eviction).
  */
 static void
 start_writeback (struct qcow2_image *img)

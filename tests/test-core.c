@@ -24,6 +24,7 @@
 #include <pthread.h>
 #include <dlfcn.h>
 #include <unistd.h>
+#include <fcntl.h>
 
 #include "internal.h"
 
@@ -1368,6 +1369,111 @@ posix_memalign (void **p, size_t a, size_t n)
   return real (p, a, n);
 }
 
+/* Early syncs (io.c): an error of the background fdatasync that
+ * io_start_writeback starts must be reported by the next flush, even
+ * though the flush's own fdatasync then succeeds (Linux reports a
+ * write-back error to one fdatasync only), and a later early sync must
+ * not hide it.  This program replaces fdatasync so that the calls on
+ * one fd can be counted and made to fail.
+ */
+static int fdatasync_fd = -1;   /* the fd watched, or -1 */
+static unsigned fdatasync_calls; /* calls on it */
+static int fdatasync_fail;      /* calls on it left to fail */
+
+int
+fdatasync (int fd)
+{
+  static int (*real) (int);
+
+  if (fd == __atomic_load_n (&fdatasync_fd, __ATOMIC_ACQUIRE)) {
+    __atomic_add_fetch (&fdatasync_calls, 1, __ATOMIC_ACQ_REL);
+    if (__atomic_load_n (&fdatasync_fail, __ATOMIC_ACQUIRE) > 0 &&
+        __atomic_sub_fetch (&fdatasync_fail, 1, __ATOMIC_ACQ_REL) >= 0) {
+      errno = EIO;
+      return -1;
+    }
+  }
+  if (real == NULL)
+    real = (int (*) (int)) dlsym (RTLD_NEXT, "fdatasync");
+  assert (real);
+  return real (fd);
+}
+
+/* Wait up to ms milliseconds for fdatasync_calls to reach n. */
+static bool
+wait_fdatasync_calls (unsigned n, unsigned ms)
+{
+  while (__atomic_load_n (&fdatasync_calls, __ATOMIC_ACQUIRE) < n) {
+    if (ms-- == 0)
+      return false;
+    usleep (1000);
+  }
+  return true;
+}
+
+static void
+test_early_sync_error (void)
+{
+  struct qcow2_create_options co = { .size = 4 << 20, .cluster_size = 512 };
+  struct qcow2_config cfg = { 0 };
+  char dir[] = "/tmp/test-core-XXXXXX", path[64];
+  struct qcow2_image *img;
+  struct qcow2_io *io;
+  uint8_t buf[512];
+  int fd, r;
+
+  assert (mkdtemp (dir));
+  snprintf (path, sizeof path, "%s/disk.qcow2", dir);
+  assert (qcow2_create (path, &co) == 0);
+  fd = open (path, O_RDWR | O_CLOEXEC);
+  assert (fd >= 0);
+  io = qcow2_io_from_fd (fd, false);
+  assert (io);
+  img = qcow2_open_io (io, path, NULL, &cfg);
+  assert (img);
+  memset (buf, 0x5a, sizeof buf);
+  assert (qcow2_pwrite (img, buf, sizeof buf, 0, 0) == 0);
+  assert (qcow2_flush (img) == 0);
+
+  /* An early sync that fails. */
+  assert (qcow2_pwrite (img, buf, sizeof buf, 512, 0) == 0);
+  __atomic_store_n (&fdatasync_fail, 1, __ATOMIC_RELEASE);
+  __atomic_store_n (&fdatasync_fd, fd, __ATOMIC_RELEASE);
+  io_start_writeback (io);
+  if (!wait_fdatasync_calls (1, 5000)) {
+    fprintf (stderr, "test_early_sync_error: io_start_writeback started "
+             "no fdatasync\n");
+    abort ();
+  }
+  /* Another early sync, which would succeed: it must not sync (and
+   * mark everything synced) before a flush has reported the error.
+   */
+  assert (qcow2_pwrite (img, buf, sizeof buf, 1024, 0) == 0);
+  io_start_writeback (io);
+  if (wait_fdatasync_calls (2, 300)) {
+    fprintf (stderr, "test_early_sync_error: an early sync ran after "
+             "one had failed, before a flush reported it\n");
+    abort ();
+  }
+  errno = 0;
+  r = qcow2_flush (img);
+  if (r != -1 || errno != EIO) {
+    fprintf (stderr, "test_early_sync_error: the flush after a failed "
+             "early sync returned %d (%m), want -1 (EIO)\n", r);
+    abort ();
+  }
+  /* Reported once, as by fdatasync itself: the next flush syncs. */
+  if (qcow2_flush (img) != 0) {
+    fprintf (stderr, "test_early_sync_error: the flush after the one "
+             "that reported the error failed: %m\n");
+    abort ();
+  }
+  __atomic_store_n (&fdatasync_fd, -1, __ATOMIC_RELEASE);
+  assert (qcow2_close (img) == 0);
+  unlink (path);
+  rmdir (dir);
+}
+
 static void
 test_flush_wb_enomem (void)
 {
@@ -1916,6 +2022,7 @@ main (void)
   test_flush_sealed_extend ();
   test_flush_wb_threads ();
   test_flush_wb_enomem ();
+  test_early_sync_error ();
   test_refcount_widths ();
   test_pending_frees ();
   test_compressed_writes (false, 16);
