@@ -6,8 +6,11 @@
 #   bench/ab-bench.sh                     # A: no bitmaps, B: two bitmaps
 #   B_BITMAPS=0 B_ARGS=detect-zeroes=on bench/ab-bench.sh
 #
-# One alternating run (A, B, A, B, ... with the order swapped every
-# other round) of the plugin on images made the same way; B's image
+# One alternating run (each round runs A and B, in an order drawn at
+# random, or with ORDER=abba swapped every other round: A B B A A B
+# ..., whose period a periodic disturbance of the host can match, so
+# that it always hits the same configuration) of the plugin on images
+# made the same way; B's image
 # gets B_BITMAPS (default 1: two enabled bitmaps, 64 KiB and 4 KiB
 # granularity; A_BITMAPS default 0), and each server gets its A_ARGS /
 # B_ARGS plugin parameters (default none), for:
@@ -30,7 +33,7 @@
 # the median of the per-round ratios is what to quote, with enough
 # rounds (ROUNDS=14 RUNTIME=5 gives 14 pairs in about 7 minutes).
 #
-# Knobs: FRESH (0; 1 makes randwrite4k's image anew for every run, as
+# Knobs: ORDER (random or abba), FRESH (0; 1 makes randwrite4k's image anew for every run, as
 # alloc-randwrite4k's always is), PERF (0; 1 adds a perf profile of B
 # per workload), ROUNDS (5), RUNTIME (10 s), BENCH_DIR (/dev/shm), PLUGIN (this
 # tree's build), WORKLOADS ("randwrite4k alloc-randwrite4k").
@@ -39,7 +42,7 @@ set -eu
 : "${ROUNDS:=5}" "${RUNTIME:=10}" "${BENCH_DIR:=/dev/shm}"
 : "${WORKLOADS:=randwrite4k alloc-randwrite4k}"
 : "${A_BITMAPS:=0}" "${B_BITMAPS:=1}" "${A_ARGS:=}" "${B_ARGS:=}"
-: "${FRESH:=0}"
+: "${FRESH:=0}" "${ORDER:=random}"
 src=$(cd "$(dirname "$0")/.." && pwd)
 : "${PLUGIN:=$src/plugin/.libs/nbdkit-qcow2-plugin.so}"
 PATH=/usr/bin:/usr/sbin:$PATH
@@ -73,11 +76,15 @@ cpu_ticks () { awk '{ print $14 + $15 }' "/proc/$1/stat"; }
 # costs; the kernel's share follows the system calls, which
 # bench/syscount.sh counts).
 user_ticks () { awk '{ print $14 }' "/proc/$1/stat"; }
+# minflt PID: minor page faults of a process so far (on some VMs, a
+# fault costs far more than on bare metal: a feature that touches new
+# memory in the write path shows here).
+minflt () { awk '{ print $10 }' "/proc/$1/stat"; }
 
 # run WORKLOAD CFG(A|B) ROUND
 run ()
 {
-    local w=$1 b=$2 img spid fpid iops cpu ucpu c0 c1 u0 u1 t0 t1 i
+    local w=$1 b=$2 img spid fpid iops cpu ucpu flt c0 c1 u0 u1 f0 f1 t0 t1 i
     case $w in
     randwrite4k)
         img=$dir/over-$b.qcow2
@@ -103,18 +110,20 @@ run ()
     fpid=$!
     # The server's CPU time over the measured part (after the ramp).
     sleep 1
-    c0=$(cpu_ticks $spid) u0=$(user_ticks $spid)
+    c0=$(cpu_ticks $spid) u0=$(user_ticks $spid) f0=$(minflt $spid)
     if [ "$3" = perf ]; then
         perf record -q -p "$spid" -o "$dir/perf.data" -- sleep "$((RUNTIME - 1))" \
             >/dev/null 2>&1 || true
     fi
     wait $fpid
-    c1=$(cpu_ticks $spid) u1=$(user_ticks $spid)
+    c1=$(cpu_ticks $spid) u1=$(user_ticks $spid) f1=$(minflt $spid)
     iops=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["jobs"][0]["write"]["iops"])' "$dir/fio.json")
     cpu=$(python3 -c 'import os,sys; t,i,r=map(float,sys.argv[1:]); print(t/os.sysconf("SC_CLK_TCK")*1e6/(i*r))' \
           "$((c1 - c0))" "$iops" "$RUNTIME")
     ucpu=$(python3 -c 'import os,sys; t,i,r=map(float,sys.argv[1:]); print(t/os.sysconf("SC_CLK_TCK")*1e6/(i*r))' \
           "$((u1 - u0))" "$iops" "$RUNTIME")
+    flt=$(python3 -c 'import sys; f,i,r=map(float,sys.argv[1:]); print(f/(i*r))' \
+          "$((f1 - f0))" "$iops" "$RUNTIME")
     t0=$(date +%s.%N)
     kill -TERM $spid
     wait $spid || true
@@ -123,9 +132,9 @@ run ()
         echo "$0: bitmaps still in use after a clean stop" >&2
         exit 1
     fi
-    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$w" "$b" "$3" "$iops" \
-        "$(echo "$t1 - $t0" | bc)" "$cpu" "$ucpu" >> "$results"
-    echo "ab-bench: $w $b round $3: $iops IOPS, server $cpu us CPU/write ($ucpu us user)" >&2
+    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$w" "$b" "$3" "$iops" \
+        "$(echo "$t1 - $t0" | bc)" "$cpu" "$ucpu" "$flt" >> "$results"
+    echo "ab-bench: $w $b round $3: $iops IOPS, server $cpu us CPU/write ($ucpu us user), $flt faults/write" >&2
     if [ "$3" = perf ]; then
         perf report -i "$dir/perf.data" --stdio --sort symbol 2>/dev/null |
             grep -v '^#' | grep -v '^$' > "$dir/perf-$w.txt" || true
@@ -134,7 +143,9 @@ run ()
 
 for w in $WORKLOADS; do
     for r in $(seq "$ROUNDS"); do
-        if (( r % 2 )); then order="A B"; else order="B A"; fi
+        if [ "$ORDER" = random ]; then
+            if (( RANDOM % 2 )); then order="A B"; else order="B A"; fi
+        elif (( r % 2 )); then order="A B"; else order="B A"; fi
         for b in $order; do run "$w" "$b" "$r"; done
     done
 done
@@ -148,22 +159,23 @@ if [ "${PERF:-0}" = 1 ]; then
     done
 fi
 
-echo "A: bitmaps=$A_BITMAPS args=${A_ARGS:-none}; B: bitmaps=$B_BITMAPS args=${B_ARGS:-none}; $ROUNDS rounds of $RUNTIME s, $BENCH_DIR"
+echo "A: bitmaps=$A_BITMAPS args=${A_ARGS:-none}; B: bitmaps=$B_BITMAPS args=${B_ARGS:-none}; $ROUNDS rounds of $RUNTIME s, order $ORDER, $BENCH_DIR"
 python3 - "$results" <<'EOF'
 import statistics, sys
 rows = [l.split("\t") for l in open(sys.argv[1]).read().splitlines()]
-print("| workload | A, IOPS | B, IOPS | B/A | server CPU us/write A | B | CPU B/A | user CPU us/write A | B | user CPU B/A | stop time (s) A / B |")
-print("|---|---|---|---|---|---|---|---|---|---|---|")
+print("| workload | A, IOPS | B, IOPS | B/A | server CPU us/write A | B | CPU B/A | user CPU us/write A | B | user CPU B/A | page faults/write A / B | stop time (s) A / B |")
+print("|---|---|---|---|---|---|---|---|---|---|---|---|")
 for w in dict.fromkeys(r[0] for r in rows):
     col = lambda k: {b: [float(r[k]) for r in rows if r[0] == w and r[1] == b] for b in "AB"}
-    v, t, c, u = col(3), col(4), col(5), col(6)
+    v, t, c, u, pf = col(3), col(4), col(5), col(6), col(7)
     f = lambda x: "%.0f (%.0f-%.0f)" % (statistics.median(x), min(x), max(x))
     g = lambda x: "%.2f (%.2f-%.2f)" % (statistics.median(x), min(x), max(x))
     h = lambda x: "%.3f (%.3f-%.3f)" % (statistics.median(x), min(x), max(x))
     ratio = lambda d: h([b / a for a, b in zip(d["A"], d["B"])])
-    print("| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %.2f / %.2f |" % (
+    print("| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %.3f / %.3f | %.2f / %.2f |" % (
         w, f(v["A"]), f(v["B"]), ratio(v), g(c["A"]), g(c["B"]), ratio(c),
         g(u["A"]), g(u["B"]), ratio(u),
+        statistics.median(pf["A"]), statistics.median(pf["B"]),
         statistics.median(t["A"]), statistics.median(t["B"])))
 EOF
 if [ "${PERF:-0}" = 1 ]; then

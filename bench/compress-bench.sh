@@ -21,7 +21,9 @@
 # server and nbdcopy, or qemu-img), the output's size and its
 # compressed/allocated clusters.  The summary gives the medians (and
 # min-max) of both times, the plugin's speed-up over each competitor by
-# wall and by CPU time, the plugin's file size against qemu-img convert
+# wall and by CPU time (ratios of the medians), the median and range
+# of the speed-ups by wall time within each round (steadier on a
+# machine whose speed drifts), the plugin's file size against qemu-img convert
 # -c, its compressed share (issue 18 wants >= 60%), `qemu-img check` of
 # every output and `qemu-img compare` of the plugin's last output with
 # the source.  Exits 1 if a check or the compare fails.  Run it from
@@ -89,7 +91,7 @@ sync
 echo "compress-bench: $size $type, $rounds rounds, $(nproc) cores," \
      "load average $(cut -d' ' -f1-3 /proc/loadavg)"
 
-declare -A wall cpu bytes share
+declare -A wall cpu bytes share rwall
 fail=0
 for r in $(seq 1 "$rounds"); do
     # Alternate the order from round to round.
@@ -116,6 +118,7 @@ for r in $(seq 1 "$rounds"); do
         printf 'round %d  %-9s %6.2f s wall %6.2f s cpu  %11d bytes  compressed/allocated %s\n' \
                "$r" "$way" "$t" "$c" "$b" "${comp/ //}"
         wall[$way]="${wall[$way]:-} $t"
+        rwall[$way,$r]=$t
         cpu[$way]="${cpu[$way]:-} $c"
         bytes[$way]=$b
         share[$way]=$comp
@@ -141,6 +144,19 @@ echo "speed-up by wall: $(ratio "${wall[convert]}" "${wall[plugin]}")x over conv
      "$(ratio "${wall[qemu_nbd]}" "${wall[plugin]}")x over qemu-nbd (goal >= 1.5)"
 echo "speed-up by cpu:  $(ratio "${cpu[convert]}" "${cpu[plugin]}")x over convert," \
      "$(ratio "${cpu[qemu_nbd]}" "${cpu[plugin]}")x over qemu-nbd"
+# The same by wall time within each round (the three copies of a round
+# ran within seconds of each other, so a slow phase of the machine
+# that lasts longer than a round cancels out of these): the median and
+# the range of the per-round ratios.
+round_ratios () {
+    local r out=
+    for r in $(seq 1 "$rounds"); do
+        out="$out $(echo "scale=4; ${rwall[$1,$r]} / ${rwall[plugin,$r]}" | bc)"
+    done
+    printf '%.2f (%s)' "$(median "$out")" "$(spread "$out")"
+}
+echo "speed-up by wall, per round: $(round_ratios convert)x over convert," \
+     "$(round_ratios qemu_nbd)x over qemu-nbd"
 set -- ${share[plugin]}
 echo "plugin file: ${bytes[plugin]} bytes, $(echo "scale=2; 100 * ${bytes[plugin]} / ${bytes[convert]}" | bc)% of convert's ${bytes[convert]} (goal <= 105%);" \
      "compressed $1 of $2 allocated clusters, $(echo "scale=1; 100 * $1 / $2" | bc)% (goal >= 60%)"
