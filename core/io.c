@@ -120,16 +120,22 @@
  * written since the last one, even after the kernel has written
  * the pages (sync_file_range only starts that).  So io_start_writeback
  * also wakes one thread per file io that runs gen_flush with an
- * fdatasync of its own ("early sync"), if it is not already running
- * one: the final flush then finds little left.  It orders nothing and
+ * fdatasync of its own ("early sync"; a call while one runs queues at
+ * most one more): the final flush then finds little left.  It orders nothing and
  * changes nothing about what a flush guarantees.  What it must not do
  * is hide an error: Linux reports a failed write-back to one fdatasync
  * per open file, which may be the early one.  So every fdatasync of
  * the file runs under sync_lock; an early sync that fails records its
- * errno (bg_error); the next flush of the io, after its own fdatasync,
- * fails with it (once, like an fdatasync would); and until then an
- * early sync fails at once, without syncing, so that it cannot raise
- * 'synced' and let a flush skip past the error.
+ * errno (bg_error); the next flush of the io (a guest flush, or a sync
+ * that orders metadata inside a request, which then fails), after its
+ * own fdatasync, fails with it (once, like an fdatasync would); and
+ * until then an early sync fails at once, without syncing, so that it
+ * cannot raise 'synced' and let a flush skip past the error.  The
+ * eviction of cache=auto waits for write-back with sync_file_range,
+ * which reports errors the same way: it too runs under sync_lock and
+ * keeps its error in bg_error.  The thread is started at the first
+ * call, while serving (nbdkit forks for --run before that), and a
+ * failure to start it only loses the hint.
  *
  * XXX nbdkit 1.32 hands the plugin malloc'd request buffers, 16-byte
  * aligned: with cache=none every data request goes through the bounce
@@ -190,7 +196,8 @@ struct file_io {
   /* Early syncs (see "Early syncs" above). */
   pthread_mutex_t sync_lock;            /* held through every fdatasync */
   int bg_error;                         /* (sync_lock) errno of a failed
-                                           early sync, not yet reported */
+                                           early sync or eviction wait,
+                                           not yet reported */
   pthread_mutex_t bg_lock;              /* the four below */
   pthread_cond_t bg_cond;
   pthread_t bg_thread;
@@ -504,15 +511,23 @@ direct_pwrite (struct file_io *f, const char *p, size_t count,
 
 /* -- eviction (cache=auto without O_DIRECT) -- */
 
+/* Waiting for write-back reports (and consumes, for this open file) a
+ * write-back error as fdatasync does: so it runs under sync_lock, and
+ * an error is kept for the next flush to report (see "Early syncs").
+ */
 static void
-evict_range (int fd, struct range r)
+evict_range (struct file_io *f, struct range r)
 {
   if (r.count == 0)
     return;
-  sync_file_range (fd, r.offset, r.count,
-                   SYNC_FILE_RANGE_WAIT_BEFORE | SYNC_FILE_RANGE_WRITE |
-                   SYNC_FILE_RANGE_WAIT_AFTER);
-  posix_fadvise (fd, r.offset, r.count, POSIX_FADV_DONTNEED);
+  pthread_mutex_lock (&f->sync_lock);
+  if (sync_file_range (f->io.fd, r.offset, r.count,
+                       SYNC_FILE_RANGE_WAIT_BEFORE | SYNC_FILE_RANGE_WRITE |
+                       SYNC_FILE_RANGE_WAIT_AFTER) == -1 &&
+      f->bg_error == 0)
+    f->bg_error = errno;
+  pthread_mutex_unlock (&f->sync_lock);
+  posix_fadvise (f->io.fd, r.offset, r.count, POSIX_FADV_DONTNEED);
 }
 
 /* Start writing the range back now, and drop the range written
@@ -530,7 +545,7 @@ evict_written (struct file_io *f, uint64_t offset, uint64_t count)
   f->recent[f->recent_next] = (struct range) { offset, count };
   f->recent_next = (f->recent_next + 1) % EVICT_WINDOW;
   pthread_mutex_unlock (&f->evict_lock);
-  evict_range (f->io.fd, old);
+  evict_range (f, old);
 }
 
 /* After a flush everything written is clean: drop it all. */
@@ -545,7 +560,7 @@ evict_all (struct file_io *f)
   memset (f->recent, 0, sizeof f->recent);
   pthread_mutex_unlock (&f->evict_lock);
   for (i = 0; i < EVICT_WINDOW; i++)
-    evict_range (f->io.fd, all[i]);
+    evict_range (f, all[i]);
 }
 
 /* -- write generation (see "Skipped flushes" above) -- */
