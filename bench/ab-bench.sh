@@ -36,7 +36,8 @@
 # Knobs: ORDER (random or abba), FRESH (0; 1 makes randwrite4k's image anew for every run, as
 # alloc-randwrite4k's always is), PERF (0; 1 adds a perf profile of B
 # per workload), ROUNDS (5), RUNTIME (10 s), BENCH_DIR (/dev/shm), PLUGIN (this
-# tree's build), WORKLOADS ("randwrite4k alloc-randwrite4k").
+# tree's build; A_PLUGIN and B_PLUGIN, default PLUGIN, compare two
+# builds), WORKLOADS ("randwrite4k alloc-randwrite4k").
 
 set -eu
 : "${ROUNDS:=5}" "${RUNTIME:=10}" "${BENCH_DIR:=/dev/shm}"
@@ -45,6 +46,7 @@ set -eu
 : "${FRESH:=0}" "${ORDER:=random}"
 src=$(cd "$(dirname "$0")/.." && pwd)
 : "${PLUGIN:=$src/plugin/.libs/nbdkit-qcow2-plugin.so}"
+: "${A_PLUGIN:=$PLUGIN}" "${B_PLUGIN:=$PLUGIN}"
 PATH=/usr/bin:/usr/sbin:$PATH
 
 dir=$(mktemp -d "$BENCH_DIR/ab-bench.XXXXXX")
@@ -65,6 +67,7 @@ make_image ()
 # bitmaps CFG, args CFG: of configuration A or B.
 bitmaps () { if [ "$1" = A ]; then echo "$A_BITMAPS"; else echo "$B_BITMAPS"; fi; }
 args () { if [ "$1" = A ]; then echo "$A_ARGS"; else echo "$B_ARGS"; fi; }
+plugin () { if [ "$1" = A ]; then echo "$A_PLUGIN"; else echo "$B_PLUGIN"; fi; }
 
 for b in A B; do
     make_image "$dir/over-$b.qcow2" 4G preallocation=metadata "$(bitmaps $b)"
@@ -99,7 +102,7 @@ run ()
     esac
     rm -f "$sock"
     # shellcheck disable=SC2046
-    nbdkit -f -U "$sock" "$PLUGIN" file="$img" $(args $b) \
+    nbdkit -f -U "$sock" "$(plugin $b)" file="$img" $(args $b) \
         2>>"$dir/server.log" &
     spid=$!
     for i in $(seq 500); do [ -S "$sock" ] && break; sleep 0.02; done
@@ -159,6 +162,7 @@ if [ "${PERF:-0}" = 1 ]; then
     done
 fi
 
+[ "$A_PLUGIN" = "$B_PLUGIN" ] || echo "A: $A_PLUGIN; B: $B_PLUGIN"
 echo "A: bitmaps=$A_BITMAPS args=${A_ARGS:-none}; B: bitmaps=$B_BITMAPS args=${B_ARGS:-none}; $ROUNDS rounds of $RUNTIME s, order $ORDER, $BENCH_DIR"
 python3 - "$results" <<'EOF'
 import statistics, sys

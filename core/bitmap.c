@@ -85,6 +85,31 @@ table_entries (const struct qcow2_image *img, unsigned gran_bits)
   return (granules + (UINT64_C(1) << page_bits (img)) - 1) >> page_bits (img);
 }
 
+/* Zeroed memory of whole cache lines to itself: what every write reads
+ * (the bitmaps' array, tables, page pointers and flags) must not share
+ * a line with anything that other threads write all the time, or each
+ * read is a cache miss.
+ */
+#define LINE 64
+
+static void *
+calloc_lines (size_t n, size_t size)
+{
+  void *p;
+  size_t len;
+
+  if (size && n > (SIZE_MAX - LINE) / size) {
+    errno = ENOMEM;
+    return NULL;
+  }
+  len = (n * size + LINE - 1) & ~(size_t) (LINE - 1);
+  if (len == 0)
+    len = LINE;
+  if ((errno = posix_memalign (&p, LINE, len)) != 0)
+    return NULL;
+  return memset (p, 0, len);
+}
+
 /* ---- loading and checking ----------------------------------------- */
 
 /* Has every cluster of [off, off+len) refcount 1? */
@@ -156,9 +181,9 @@ load_table (struct qcow2_image *img, struct bitmap *bm, uint64_t *owned,
     errno = EINVAL;
     return -1;
   }
-  bm->table = malloc (len);
-  bm->pages = calloc (bm->table_size, sizeof *bm->pages);
-  bm->page_flags = calloc (bm->table_size, 1);
+  bm->table = calloc_lines (bm->table_size, 8);
+  bm->pages = calloc_lines (bm->table_size, sizeof *bm->pages);
+  bm->page_flags = calloc_lines (bm->table_size, 1);
   if (bm->table == NULL || bm->pages == NULL || bm->page_flags == NULL) {
     nbdkit_error ("%s: bitmap '%s': %m", img->name, bm->name);
     return -1;
@@ -286,7 +311,7 @@ load_all (struct qcow2_image *img)
   int r = -1;
 
   img->bitmap_dir = malloc (img->bitmap_dir_size);
-  img->bitmaps = calloc (img->nb_bitmaps, sizeof *img->bitmaps);
+  img->bitmaps = calloc_lines (img->nb_bitmaps, sizeof *img->bitmaps);
   if (img->bitmap_dir == NULL || img->bitmaps == NULL) {
     nbdkit_error ("%s: bitmap directory: %m", img->name);
     return -1;
