@@ -26,7 +26,8 @@
 # machine whose speed drifts), the plugin's file size against qemu-img convert
 # -c, its compressed share (issue 18 wants >= 60%), `qemu-img check` of
 # every output and `qemu-img compare` of the plugin's last output with
-# the source.  Exits 1 if a check or the compare fails.  Run it from
+# the source.  Exits 1 if a check or the compare fails.  NBDKIT_ARGS
+# (default none) adds server options to the plugin's way, e.g. "-t 4".  Run it from
 # the top of a built tree; the machine should be otherwise idle (say
 # what else ran when quoting its numbers: the load average is printed;
 # CPU times are less disturbed by other load than wall times).
@@ -43,7 +44,8 @@ top=$(cd "$(dirname "$0")/.." && pwd)
 if [ "${1:-}" = --one ]; then
     case $2 in
     plugin)
-        nbdkit -U - "$PLUGIN" file="$DIR/out.qcow2" create=true \
+        # shellcheck disable=SC2086
+        nbdkit $NBDKIT_ARGS -U - "$PLUGIN" file="$DIR/out.qcow2" create=true \
                size="$VSIZE" compression-type="$TYPE" compress=on \
                --run "nbdcopy --flush '$DIR/src.raw' \"\$uri\""
         ;;
@@ -85,10 +87,10 @@ trap cleanup EXIT
 python3=/usr/bin/python3
 $python3 "$top/tests/mkmixed.py" "$dir/src.raw" "$size"
 vsize=$(stat -c %s "$dir/src.raw")
-export DIR=$dir PLUGIN=$plugin TYPE=$type VSIZE=$vsize
+export DIR=$dir PLUGIN=$plugin TYPE=$type VSIZE=$vsize NBDKIT_ARGS=${NBDKIT_ARGS:-}
 sync
 
-echo "compress-bench: $size $type, $rounds rounds, $(nproc) cores," \
+echo "compress-bench: $size $type, $rounds rounds, nbdkit options: ${NBDKIT_ARGS:-none}, $(nproc) cores," \
      "load average $(cut -d' ' -f1-3 /proc/loadavg)"
 
 declare -A wall cpu bytes share rwall
