@@ -199,11 +199,11 @@ io_widen_write (const struct qcow2_io *io, uint64_t *start, uint64_t *end,
 /* Ask the kernel to start writing the file's dirty pages back, and
  * start an early sync (io.c: "Early syncs"; queued if one is running),
  * without waiting for either: a hint, whose failure changes nothing
- * (an early sync's error is reported by the next flush of the io).  Only for a
- * file io that is synced at all (not no_sync); the write-back part
- * only in the page cache and not when evicting (which starts
- * write-back itself).  Nothing for a memory io or a direct io over
- * another io.
+ * (an early sync's error is reported by the next flush of the io).
+ * Only for a file io that is synced at all (not no_sync); the
+ * write-back part only in the page cache and not when evicting (which
+ * starts write-back itself).  Nothing for a memory io or a direct io
+ * over another io.
  */
 extern void io_start_writeback (struct qcow2_io *io);
 

@@ -1016,21 +1016,35 @@ file_cluster_is (struct gate_io *g, uint64_t c, size_t len, uint8_t v)
   return ok;
 }
 
+/* The image the flush tests use (build (12, 4)), opened over a gate
+ * io; *b is its buffer, for the caller to free.
+ */
+static struct qcow2_image *
+open_gated (uint8_t **b, struct gate_io **g)
+{
+  struct qcow2_config cfg = { 0 };
+  struct qcow2_image *img;
+  size_t size;
+
+  *b = build (12, 4, &size);
+  *g = gate_new (*b, size);
+  img = qcow2_open_io (&(*g)->io, "test.qcow2", NULL, &cfg);
+  assert (img);
+  return img;
+}
+
 static void
 test_flush_unlocked (void)
 {
-  size_t size;
-  uint8_t *b = build (12, 4, &size);
-  struct gate_io *g = gate_new (b, size);
-  struct qcow2_config cfg = { 0 };
+  uint8_t *b;
+  struct gate_io *g;
   struct qcow2_image *img;
   struct flush_job f = { 0 }, w = { 0 };
   pthread_t tf, tw;
   uint8_t buf[512];
   int i;
 
-  img = qcow2_open_io (&g->io, "test.qcow2", NULL, &cfg);
-  assert (img);
+  img = open_gated (&b, &g);
   f.img = w.img = img;
 
   /* Guest cluster 8: allocated, its L2 slice dirty; the flush is held
@@ -1095,17 +1109,16 @@ static void
 test_flush_frees (void)
 {
   size_t size;
-  uint8_t *b = build (12, 4, &size);
-  struct gate_io *g = gate_new (b, size);
-  struct qcow2_config cfg = { 0 };
+  uint8_t *b;
+  struct gate_io *g;
   struct qcow2_check_result cr;
   struct qcow2_image *img;
-  struct qcow2_io *inner = g->inner;
+  struct qcow2_io *inner;
   unsigned before;
   const uint8_t *d;
 
-  img = qcow2_open_io (&g->io, "test.qcow2", NULL, &cfg);
-  assert (img);
+  img = open_gated (&b, &g);
+  inner = g->inner;
   g->keep_inner = true;
   assert (qcow2_trim (img, 4096, 0, 0) == 0);   /* frees data cluster 5 */
   before = g->flushes;
@@ -1142,18 +1155,15 @@ test_flush_frees (void)
 static void
 test_flush_trim_during (void)
 {
-  size_t size;
-  uint8_t *b = build (12, 4, &size);
-  struct gate_io *g = gate_new (b, size);
-  struct qcow2_config cfg = { 0 };
+  uint8_t *b;
+  struct gate_io *g;
   struct qcow2_image *img;
   struct flush_job f = { 0 };
   pthread_t tf;
   uint8_t buf[512];
   uint64_t v;
 
-  img = qcow2_open_io (&g->io, "test.qcow2", NULL, &cfg);
-  assert (img);
+  img = open_gated (&b, &g);
   f.img = img;
   memset (buf, 0x55, sizeof buf);
   assert (qcow2_pwrite (img, buf, sizeof buf, 8 * 4096, 0) == 0);
@@ -1183,18 +1193,15 @@ test_flush_trim_during (void)
 static void
 test_flush_sealed_extend (void)
 {
-  size_t size;
-  uint8_t *b = build (12, 4, &size);
-  struct gate_io *g = gate_new (b, size);
-  struct qcow2_config cfg = { 0 };
+  uint8_t *b;
+  struct gate_io *g;
   struct qcow2_image *img;
   struct flush_job f = { 0 };
   pthread_t tf;
   uint8_t buf[512];
   uint64_t v6, v7;
 
-  img = qcow2_open_io (&g->io, "test.qcow2", NULL, &cfg);
-  assert (img);
+  img = open_gated (&b, &g);
   f.img = img;
   assert (qcow2_trim (img, 4096, 3 * 4096, 0) == 0);   /* data 6 pending */
   memset (buf, 0x55, sizeof buf);
