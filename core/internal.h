@@ -641,6 +641,7 @@ struct compress_stats {
   uint64_t decoders_created;    /* zstd decompression contexts */
   unsigned max;                 /* of each, at once */
   uint64_t deflate_skipped;
+  uint64_t moved;               /* idle ones taken on another core */
 };
 extern void compress_stats (struct compress_stats *st);
 

@@ -22,6 +22,7 @@
 #include <errno.h>
 #include <inttypes.h>
 #include <pthread.h>
+#include <sched.h>
 
 #define ZLIB_CONST 1
 #include <zlib.h>
@@ -546,6 +547,60 @@ test_pool_reuse (const struct codec *c, fresh_fn fresh)
   free (out);
 }
 
+/* Compressors stay on their core (compress.c): a thread pinned to one
+ * core and then to another gets a new compressor on the second while
+ * the pool has room, not the idle one just used on the first, and back
+ * on each core it gets that core's own again.  Runs first, on an empty
+ * pool.  Skipped with fewer than two cores to pin to.
+ */
+static void
+test_pool_cores (const struct codec *c)
+{
+  const size_t len = 65536;
+  unsigned char *text = xmalloc (len), *out = xmalloc (capacity (len));
+  struct compress_stats before, after;
+  cpu_set_t saved, one;
+  int cores[2], n = 0, i, round;
+
+  assert (sched_getaffinity (0, sizeof saved, &saved) == 0);
+  for (i = 0; i < CPU_SETSIZE && n < 2; i++)
+    if (CPU_ISSET (i, &saved))
+      cores[n++] = i;
+  fill_buffer (text, len, FILL_TEXT);
+  compress_stats (&before);
+  assert (before.created == 0 && before.max >= 2);
+  for (round = 0; n == 2 && round < 3; round++)
+    for (i = 0; i < 2; i++) {
+      size_t clen = capacity (len);
+
+      CPU_ZERO (&one);
+      CPU_SET (cores[i], &one);
+      if (sched_setaffinity (0, sizeof one, &one) == -1 ||
+          sched_getcpu () != cores[i])
+        n = 0;                  /* cannot pin: skip */
+      else
+        assert (c->compress (text, len, out, &clen) == 0);
+    }
+  assert (sched_setaffinity (0, sizeof saved, &saved) == 0);
+  if (n < 2) {
+    printf ("%s: compressors stay on their core: skipped (cannot pin "
+            "to two cores)\n", c->name);
+    goto out;
+  }
+  compress_stats (&after);
+  if (after.created - before.created != 2 || after.moved != before.moved) {
+    fprintf (stderr, "%s: 6 calls on 2 cores made %" PRIu64
+             " compressors and moved %" PRIu64 " (want 2 and 0)\n",
+             c->name, after.created - before.created,
+             after.moved - before.moved);
+    exit (EXIT_FAILURE);
+  }
+  printf ("%s: compressors stay on their core: ok\n", c->name);
+ out:
+  free (text);
+  free (out);
+}
+
 /* Many threads at once: every stream decodes to its own input (no
  * compressor is shared by two threads), and no more compressors exist
  * than the pool allows (the rest waited).
@@ -773,6 +828,7 @@ main (void)
   };
 #endif
 
+  test_pool_cores (&deflate_codec);
   test_codec (&deflate_codec);
   test_deflate_bad_block_type (&deflate_codec);
   test_deflate_window (&deflate_codec);
