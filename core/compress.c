@@ -180,19 +180,21 @@ compress_inflate (const void *in, size_t in_len, void *out, size_t out_len)
  * would only take turns on the cores while keeping their tables out
  * of each other's caches.
  *
- * Caches decide the speed: a compressor's tables and buffers are warm
- * in the cache of the core that used it last, so a thread takes, in
- * this order, an idle compressor last used on its own core, a new one
- * while fewer than pool_max exist, any idle one, else it waits.  With
- * plain last-in-first-out reuse, compressors went from core to core
- * with every cluster, and zstd took 15% more CPU time in a compressed
- * copy (bench/results-20261203-s11.md).  A compressor is held only inside
- * compress_cluster, and a zstd decompression context (pooled the same
- * way, as a third type) only inside compress_zstd_decompress: the
- * holder never waits for a lock or for I/O (a waiter may hold the
- * image lock, when a write copies a compressed cluster), so a waiter
- * always gets one.  The pool is freed when the plugin is unloaded (the
- * destructor below); nothing else is shared.
+ * Caches decide the speed.  A compressor's tables are warm in the
+ * cache of the core that used it last, so a thread takes, in this
+ * order: an idle compressor last used on its own core; a new one
+ * while fewer than pool_max exist; any idle one; else it waits.
+ * (Reused last in, first out, compressors went from core to core with
+ * nearly every cluster, and zstd took 17% more CPU time in a
+ * compressed copy: bench/results-20261203-s11.md.)
+ *
+ * A compressor is held only inside compress_cluster, and a zstd
+ * decompression context (pooled the same way, as a third type) only
+ * inside compress_zstd_decompress: the holder never waits for a lock
+ * or for I/O (a waiter may hold the image lock, when a write copies a
+ * compressed cluster), so a waiter always gets one.  The pool is freed
+ * when the plugin is unloaded (the destructor below); nothing else is
+ * shared.
  */
 
 struct compressor {
