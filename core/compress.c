@@ -174,19 +174,23 @@ compress_inflate (const void *in, size_t in_len, void *out, size_t out_len)
  * ZSTD_CCtx_reset), which gives the same output as a new one.
  *
  * The pool is bounded: at most pool_max compressors of a type exist,
- * and a thread that finds none idle waits for one.  Compression is
- * pure CPU, so more compressors than cores buys nothing: nbdkit runs
- * up to 16 threads a connection, and with one compressor each they
- * would only take turns on the cores while keeping their tables out
- * of each other's caches.
+ * two a core, and a thread that finds none idle waits for one.
+ * Compression is pure CPU, so more buys nothing (a compressed copy on
+ * 2 cores took the same time with 8 as with 4, and 3% and 10% longer
+ * with 3 and 2): nbdkit runs up to 16 threads a connection, and with a
+ * compressor each they would only take turns on the cores while keeping
+ * their tables out of each other's caches.
  *
  * Caches decide the speed.  A compressor's tables are warm in the
  * cache of the core that used it last, so a thread takes, in this
- * order: an idle compressor last used on its own core; a new one
- * while fewer than pool_max exist; any idle one; else it waits.
- * (Reused last in, first out, compressors went from core to core with
- * nearly every cluster, and zstd took 17% more CPU time in a
- * compressed copy: bench/results-20261203-s11.md.)
+ * order: an idle compressor last used on its own core; else the one
+ * idle longest (whose core is the least likely to want it back); else
+ * a new one, while fewer than pool_max exist; else it waits.  No more
+ * are made than before this order: a new one only when none is idle.
+ * Reused last in, first out, 7-9% of the clusters of a compressed copy
+ * on 2 cores got a compressor last used on the other core, and each of
+ * those took 275 us of CPU time against 170 us (one in 50 with this
+ * order; bench/results-20261203-s11.md).
  *
  * A compressor is held only inside compress_cluster, and a zstd
  * decompression context (pooled the same way, as a third type) only
@@ -312,25 +316,26 @@ compressor_new (uint8_t type)
 }
 
 /* A compressor of type (0, 1 or 2): an idle one last used on this
- * core, a new one if there is room, any idle one, else wait for one.
- * NULL with errno only when a new one fails.
+ * core, else the one idle longest, else a new one if there is room,
+ * else wait for one.  NULL with errno only when a new one fails.
  */
 static struct compressor *
 compressor_get (uint8_t type)
 {
-  struct compressor *c, **p;
-  int cpu = sched_getcpu ();    /* -1 (unknown) as any other core */
+  struct compressor *c, **p, **oldest = NULL;
+  int cpu;
 
   pthread_mutex_lock (&pool_lock);
   if (pool_max == 0)
     pool_max = compute_pool_max ();
   while (pool_idle[type] == NULL && pool_count[type] >= pool_max)
     pthread_cond_wait (&pool_cond[type], &pool_lock);
+  cpu = sched_getcpu ();        /* -1 (unknown) as any other core */
   for (p = &pool_idle[type]; *p != NULL && (*p)->cpu != cpu;
        p = &(*p)->next)
-    ;
-  if (*p == NULL && pool_count[type] >= pool_max)
-    p = &pool_idle[type];       /* no room for a new one: any idle one */
+    oldest = p;                 /* the list is newest first */
+  if (*p == NULL && oldest != NULL)
+    p = oldest;
   c = *p;
   if (c != NULL) {
     *p = c->next;
