@@ -184,13 +184,14 @@ compress_inflate (const void *in, size_t in_len, void *out, size_t out_len)
  * Caches decide the speed.  A compressor's tables are warm in the
  * cache of the core that used it last, so a thread takes, in this
  * order: an idle compressor last used on its own core; else the one
- * idle longest (whose core is the least likely to want it back); else
- * a new one, while fewer than pool_max exist; else it waits.  No more
- * are made than before this order: a new one only when none is idle.
- * Reused last in, first out, 7-9% of the clusters of a compressed copy
- * on 2 cores got a compressor last used on the other core, and each of
- * those took 275 us of CPU time against 170 us (one in 50 with this
- * order; bench/results-20261203-s11.md).
+ * put back last; else a new one, while fewer than pool_max exist; else
+ * it waits.  So a new one is made only when none is idle.  Reused
+ * last in, first out, 7-13% of the clusters of a compressed copy on 2
+ * cores got a compressor last used on the other core, and each of
+ * those took 240-275 us of CPU time against 150-170 us; zstd took 15%
+ * more CPU time in all (with this order, 1 cluster in 70 moves;
+ * bench/results-20261203-s11.md).  Making a new one rather than taking
+ * another core's, or taking the one idle longest, measured the same.
  *
  * A compressor is held only inside compress_cluster, and a zstd
  * decompression context (pooled the same way, as a third type) only
@@ -316,13 +317,13 @@ compressor_new (uint8_t type)
 }
 
 /* A compressor of type (0, 1 or 2): an idle one last used on this
- * core, else the one idle longest, else a new one if there is room,
+ * core, else the one put back last, else a new one if there is room,
  * else wait for one.  NULL with errno only when a new one fails.
  */
 static struct compressor *
 compressor_get (uint8_t type)
 {
-  struct compressor *c, **p, **oldest = NULL;
+  struct compressor *c, **p;
   int cpu;
 
   pthread_mutex_lock (&pool_lock);
@@ -333,9 +334,9 @@ compressor_get (uint8_t type)
   cpu = sched_getcpu ();        /* -1 (unknown) as any other core */
   for (p = &pool_idle[type]; *p != NULL && (*p)->cpu != cpu;
        p = &(*p)->next)
-    oldest = p;                 /* the list is newest first */
-  if (*p == NULL && oldest != NULL)
-    p = oldest;
+    ;
+  if (*p == NULL)
+    p = &pool_idle[type];       /* none of this core's: the newest */
   c = *p;
   if (c != NULL) {
     *p = c->next;
