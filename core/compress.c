@@ -186,10 +186,10 @@ compress_inflate (const void *in, size_t in_len, void *out, size_t out_len)
  * order: an idle compressor last used on its own core; else the one
  * put back last; else a new one, while fewer than pool_max exist; else
  * it waits.  So a new one is made only when none is idle.  Reused
- * last in, first out, 7-13% of the clusters of a compressed copy on 2
+ * last in, first out, 6-14% of the clusters of a compressed copy on 2
  * cores got a compressor last used on the other core, and each of
- * those took 240-275 us of CPU time against 150-170 us; zstd took 15%
- * more CPU time in all (with this order, 1 cluster in 70 moves;
+ * those took 240-275 us of CPU time against 150-170 us; zstd took
+ * about 17% more CPU time in all (with this order, 1 cluster in 70 moves;
  * bench/results-20261203-s11.md).  Making a new one rather than taking
  * another core's, or taking the one idle longest, measured the same.
  *
@@ -233,7 +233,7 @@ static pthread_cond_t pool_cond[NR_TYPES] = {
   PTHREAD_COND_INITIALIZER
 };
 static struct compressor *pool_idle[NR_TYPES];
-static unsigned pool_count[NR_TYPES];   /* in use or idle */
+static unsigned pool_count[NR_TYPES];   /* existing or being made */
 static unsigned pool_max;               /* 0: not computed yet */
 static uint64_t pool_created;           /* for the unit test */
 static uint64_t decoders_created;       /* likewise */
@@ -241,7 +241,7 @@ static uint64_t deflate_skipped;        /* likewise */
 static uint64_t pool_moved;             /* likewise */
 
 /* Two a core (one waiting to run as soon as another finishes), at
- * least 4.
+ * least 4, at most 128.
  */
 static unsigned
 compute_pool_max (void)

@@ -634,8 +634,9 @@ extern int compress_zstd_compress (const void *in, size_t in_len,
 extern int compress_cluster (uint8_t type, const void *in, size_t in_len,
                              void *out, size_t *out_len);
 /* For the unit test: compressors made so far, how many of a type may
- * exist at once, deflates skipped as hopeless, idle compressors taken
- * on another core than the one that used them last.
+ * exist at once, deflates skipped as hopeless, idle compressors (and
+ * zstd decoders) taken on another core than the one that used them
+ * last.
  */
 struct compress_stats {
   uint64_t created;             /* compressors */
